@@ -1,0 +1,25 @@
+# The embedded default's data: generated coloured shapes, written once as an image folder with
+# metadata.jsonl and read by the same loader as any user folder. No network needed.
+# PGV25_CACHE moves the cache (default ~/.cache/pgv25).
+tiny_assets = dict(
+    root='{{$PGV25_CACHE:~/.cache/pgv25}}/tiny_shapes',
+    image_size=64,
+    per_caption=8,  # images per caption: 90 captions
+    vae_steps=1000,  # steps to train the tiny VAE on the shapes
+    seed=0,
+)
+train_dataloader = dict(
+    batch_size=16,
+    num_workers=0,  # the images are tiny: worker start-up would cost more than it saves
+    dataset=dict(
+        dataset=None,
+        data_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/tiny_shapes/shapes',
+        split='train',
+        image_column='image',
+        caption_column='text',
+        resolution=64,
+        center_crop=False,
+        random_flip=True,
+        caption_dropout=0.1,
+    ),
+)

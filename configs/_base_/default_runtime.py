@@ -1,0 +1,20 @@
+default_hooks = dict(
+    logger=dict(interval=10),  # iterations between progress lines / TensorBoard points
+    # Every `interval` iterations: a resumable checkpoint and an export to work_dir/step<N>/.
+    checkpoint=dict(interval=1000),
+)
+randomness = dict(seed=0)
+work_dir = None  # default: work_dirs/<config name>
+export = dict(
+    dtype='fp32',  # dtype of the exported UNet weights: 'fp32' | 'fp16' | 'bf16'
+)
+# After training: a labelled grid of images from the exported pipeline, at work_dir/samples_step<N>.png.
+sample_grid = dict(
+    prompts=[],
+    seed=0,
+    scheduler='dpmpp',  # 'dpmpp' (EDM DPM++ 2M Karras) or 'euler' (EDM Euler)
+    steps=50,
+    guidance_scale=3.0,
+    width=None,  # None: the training resolution
+    height=None,
+)

@@ -1,0 +1,17 @@
+# Playground v2.5: the SDXL UNet trained with Playground's EDM schedule; text encoders and VAE frozen.
+model = dict(
+    # A hub id or a local diffusers pipeline folder (what `huggingface-cli download ... --local-dir` makes).
+    pretrained_model_name_or_path='playgroundai/playground-v2.5-1024px-aesthetic',
+    # σ sampling. 'karras_index': uniform over the scheduler's 1000-step Karras grid (median σ ≈ 2.5),
+    # as diffusers' --do_edm_style_training and sdxlengine do. Or dict(type='lognormal', P_mean=-1.2, P_std=1.2),
+    # the EDM paper's choice.
+    sigma_sampler=dict(type='karras_index'),
+    # 'none' (the public path) or 'edm': λ(σ) = (σ² + σ_d²) / (σ·σ_d)².
+    loss_weighting='none',
+    # dtype of the frozen text encoders on a GPU ('fp32' is always used on a CPU).
+    weight_dtype='bf16',
+    # The SDXL VAE overflows in fp16; it stays fp32 unless set otherwise.
+    vae_dtype='fp32',
+    # Trade compute for memory in the UNet's backward pass.
+    gradient_checkpointing=False,
+)

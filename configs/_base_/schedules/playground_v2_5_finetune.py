@@ -1,0 +1,11 @@
+# Full fine-tune of the Playground v2.5 UNet, in line with sdxlengine's recipe.
+# One iteration = one optimizer update (of `accumulative_counts` micro-batches).
+optim_wrapper = dict(
+    optimizer=dict(type='AdamW', lr=1e-5, weight_decay=1e-2, betas=(0.9, 0.999), eps=1e-8),
+    clip_grad=dict(max_norm=1.0),  # gradient-norm clipping; None to disable
+    accumulative_counts=1,  # gradient accumulation
+    mixed_precision='bf16',  # 'no' | 'fp16' | 'bf16' autocast on GPU; a CPU always trains in fp32
+)
+# Any schedule name of diffusers.optimization: 'constant', 'constant_with_warmup', 'cosine', 'linear', ...
+param_scheduler = dict(type='constant_with_warmup', warmup_iters=0)
+train_cfg = dict(max_iters=10000)

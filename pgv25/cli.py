@@ -1,0 +1,147 @@
+"""`pgv25` command line: thin argument parsing over library functions, run in-process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+# Library chatter (missing optional backends, deprecations) is not for our users' terminals.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def cmd_train(args) -> int:
+    from .config import load_config, parse_cfg_options
+
+    cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    if args.dry_run:
+        print(cfg.pretty_text)
+        return 0
+    from .engine.runner import train
+
+    step_dir, grid = train(cfg, resume=args.resume)
+    print(f"exported: {step_dir}")
+    if grid:
+        print(f"samples: {grid}")
+    return 0
+
+
+def cmd_list_cfg(args) -> int:
+    from .config import list_configs
+
+    configs = list_configs(args.pattern)
+    if not configs:
+        raise UserError(f"no config matches '{args.pattern}'")
+    for name, path in configs.items():
+        print(f"{name:40s} {path}")
+    return 0
+
+
+def cmd_copy_cfg(args) -> int:
+    """Write the config with its `_base_` files merged in: one standalone file to edit."""
+    from .config import load_config
+
+    cfg = load_config(args.name)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / f"{cfg.config_name}.py"
+    if dest.exists():
+        raise UserError(f"{dest} already exists; choose another destination")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        cfg.dump(str(dest))
+    except OSError as error:
+        raise UserError(f"cannot write {dest}: {error.strerror or error}") from None
+    print(dest)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import DEFAULT_GUIDANCE, generate, load_pipeline, write_outputs
+
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot write to {out.parent}: {error.strerror or error}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write to {out.parent}: permission denied")
+    pipe = load_pipeline(args.model, args.scheduler)
+    guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[args.scheduler]
+    prompts = args.prompt
+    images = generate(
+        pipe, prompts, seed=args.seed, steps=args.steps, guidance_scale=guidance, negative_prompt=args.negative_prompt,
+        width=args.width, height=args.height, num_images=args.num_images,
+    )
+    labels = [p for p in prompts for _ in range(args.num_images)]
+    for path in write_outputs(images, labels, out):
+        print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgv25", description="Fine-tune Playground v2.5 with its EDM schedule; export diffusers pipelines.")
+    p.add_argument("--version", action="version", version=f"pgv25 {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a config (a name under configs/ or a path)")
+    t.add_argument("config", help="config name (see list-cfg) or path to a .py config")
+    t.add_argument("--work-dir", help="output folder (default work_dirs/<config name>)")
+    t.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", default=[], help="override config keys, e.g. train_cfg.max_iters=100")
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="continue from the latest checkpoint in the work dir, or from CKPT")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=cmd_train)
+
+    ls = sub.add_parser("list-cfg", help="list the available configs")
+    ls.add_argument("pattern", nargs="?", help="only names containing this")
+    ls.set_defaults(func=cmd_list_cfg)
+
+    cp = sub.add_parser("copy-cfg", help="write a config, its _base_ files merged in, to a file you can edit")
+    cp.add_argument("name")
+    cp.add_argument("dest")
+    cp.set_defaults(func=cmd_copy_cfg)
+
+    g = sub.add_parser("generate", help="generate images from an exported pipeline folder")
+    g.add_argument("--model", required=True, help="a diffusers pipeline folder, e.g. work_dirs/<cfg>/step<N>")
+    g.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
+    g.add_argument("--negative-prompt")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, help="classifier-free guidance (default 3.0 for dpmpp, 5.0 for euler)")
+    g.add_argument("--scheduler", choices=["dpmpp", "euler"], default="dpmpp",
+                   help="EDM DPM++ 2M Karras (default) or EDM Euler")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--out", required=True, help="output PNG (a labelled grid when several images)")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"pgv25: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pgv25: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Find, load and override MMEngine-style config files, with one-line errors for every user mistake."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+
+def config_roots() -> list[Path]:
+    """Where config names are looked up: $PGV25_CONFIG_DIR, ./configs, then the checkout's configs/."""
+    roots = []
+    if os.environ.get("PGV25_CONFIG_DIR"):
+        roots.append(Path(os.environ["PGV25_CONFIG_DIR"]))
+    roots += [Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"]
+    unique = []
+    for root in roots:
+        if root.is_dir() and root.resolve() not in [u.resolve() for u in unique]:
+            unique.append(root)
+    return unique
+
+
+def list_configs(pattern: str | None = None) -> dict[str, Path]:
+    """Leaf config names (files outside `_base_`) → path; the first root wins on a clash."""
+    found: dict[str, Path] = {}
+    for root in config_roots():
+        for path in sorted(root.rglob("*.py")):
+            if "_base_" in path.relative_to(root).parts:
+                continue
+            if pattern is None or pattern.lower() in path.stem.lower():
+                found.setdefault(path.stem, path)
+    return found
+
+
+def find_config(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".py" or os.sep in name_or_path:
+        if not path.is_file():
+            raise UserError(f"config file {name_or_path} does not exist")
+        return path
+    configs = list_configs()
+    if name_or_path in configs:
+        return configs[name_or_path]
+    close = difflib.get_close_matches(name_or_path, configs, n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `pgv25 list-cfg` shows them all"
+    raise UserError(f"no config named '{name_or_path}'{hint}")
+
+
+def load_config(name_or_path: str, cfg_options: dict | None = None):
+    """mmengine `Config` with `_base_` inheritance, then validated `--cfg-options` merged in."""
+    from mmengine.config import Config
+
+    path = find_config(name_or_path)
+    try:
+        cfg = Config.fromfile(str(path))
+    except SyntaxError as error:
+        raise UserError(f"{error.filename or path}:{error.lineno}: syntax error: {error.msg}") from None
+    except (FileNotFoundError, KeyError, NameError, TypeError, ValueError, ImportError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read config {path}: {detail}") from None
+    cfg.config_name = path.stem
+    if cfg_options:
+        check_option_keys(cfg, cfg_options)
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def flat_keys(tree, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        if isinstance(value, dict):
+            keys += flat_keys(value, full + ".")
+    return keys
+
+
+def check_option_keys(cfg, options: dict) -> None:
+    """Refuse an override of a key the config does not have: a typo must not silently add a new key."""
+    known = flat_keys(cfg.to_dict())
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"--cfg-options: the config has no key '{key}'{hint}")
+
+
+def parse_cfg_options(pairs: list[str]) -> dict:
+    """`k=v` strings → dict; values parsed like MMEngine's DictAction (numbers, bools, None, lists)."""
+    from mmengine.config import DictAction
+
+    options = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--cfg-options expects key=value, got '{pair}'")
+        key, value = pair.split("=", 1)
+        options[key] = DictAction._parse_iterable(value)
+    return options

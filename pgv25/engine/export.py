@@ -1,0 +1,73 @@
+"""Export a trained UNet as a complete diffusers pipeline folder: `work_dir/step<N>/`.
+
+The frozen parts (tokenizers, text encoders, VAE, scheduler, model_index.json) are hard-linked
+(or copied, across file systems) from the base pipeline folder byte for byte, so an export never
+changes them, even when training kept them in bf16. Only `unet/` is written. The folder is
+assembled under a temporary name and renamed, so a `step<N>` that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import UserError
+
+FROZEN = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "scheduler")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    src = src.resolve()  # hub snapshots are symlinks into the blob store
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_dir():
+            _link_tree(item, dst / item.name)
+        else:
+            _link_or_copy(item, dst / item.name)
+
+
+def save_unet(unet, folder: Path, dtype: str = "fp32") -> None:
+    """`config.json` + `diffusion_pytorch_model.safetensors`, the layout `from_pretrained` reads."""
+    if dtype not in DTYPES:
+        raise UserError(f"export.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.save_config(folder)
+    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in unet.state_dict().items()}
+    save_file(state, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+
+
+def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "fp32") -> Path:
+    """Write `out_dir` as a diffusers pipeline: the base pipeline's frozen parts + this UNet."""
+    base_folder = Path(base_folder)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        _link_or_copy(base_folder / "model_index.json", tmp / "model_index.json")
+        for name in FROZEN:
+            _link_tree(base_folder / name, tmp / name)
+        save_unet(unet, tmp / "unet", dtype)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write export {out_dir}: {error.strerror or error}") from None
+    return out_dir
+
+
+def read_model_index(folder: Path) -> dict:
+    return json.loads((Path(folder) / "model_index.json").read_text())

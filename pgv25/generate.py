@@ -1,0 +1,90 @@
+"""Generate images from an exported (or any Playground/SDXL) pipeline with plain diffusers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import UserError
+from .models.loading import check_pipeline_folder
+
+logger = logging.getLogger(__name__)
+
+# Playground v2.5's model card: EDM DPM++ 2M (Karras) at guidance 3, or EDM Euler at guidance 5.
+DEFAULT_GUIDANCE = {"dpmpp": 3.0, "euler": 5.0}
+
+
+def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str | None = None, dtype: torch.dtype | None = None):
+    """`StableDiffusionXLPipeline.from_pretrained` on a folder; `euler` swaps in `EDMEulerScheduler`."""
+    from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler, StableDiffusionXLPipeline
+
+    if scheduler not in DEFAULT_GUIDANCE:
+        raise UserError(f"--scheduler must be one of {', '.join(DEFAULT_GUIDANCE)}, got '{scheduler}'")
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model directory {model_dir} does not exist")
+    check_pipeline_folder(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=dtype)
+    scheduler_class = EDMEulerScheduler if scheduler == "euler" else EDMDPMSolverMultistepScheduler
+    if not isinstance(pipe.scheduler, scheduler_class):
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if getattr(pipe.vae.config, "force_upcast", False) and dtype == torch.float16:
+        pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 50, guidance_scale: float = 3.0,
+             negative_prompt: str | None = None, width: int | None = None, height: int | None = None,
+             num_images: int = 1) -> list[Image.Image]:
+    """`num_images` per prompt; image j of every prompt uses seed `seed + j`, so runs are comparable."""
+    images = []
+    for prompt in prompts:
+        for j in range(num_images):
+            generator = torch.Generator("cpu").manual_seed(seed + j)
+            images += pipe(
+                prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                width=width, height=height, generator=generator,
+            ).images
+    return images
+
+
+def labelled_grid(images: list[Image.Image], labels: list[str], columns: int = 4, cell: int = 192) -> Image.Image:
+    """Images scaled to `cell` px (nearest, so small samples stay crisp) with their prompt underneath."""
+    font = ImageFont.load_default()
+    label_h = 28
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell, rows * (cell + label_h)), (128, 128, 128))
+    pen = ImageDraw.Draw(grid)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x, y = (i % columns) * cell, (i // columns) * (cell + label_h)
+        scale = cell / max(image.size)
+        resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+        grid.paste(resized, (x, y))
+        words, lines = label.split(), [""]
+        for word in words:  # wrap into at most two lines
+            if len(lines[-1]) + len(word) > cell // 6 and len(lines) < 2:
+                lines.append("")
+            lines[-1] = (lines[-1] + " " + word).strip()
+        pen.text((x + 3, y + cell + 2), "\n".join(lines), fill=(255, 255, 255), font=font)
+    return grid
+
+
+def write_outputs(images: list[Image.Image], labels: list[str], out: Path) -> list[Path]:
+    """One image: `out` itself. Several: `out` is a labelled grid and each image is saved beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(images) == 1:
+        images[0].save(out)
+        return [out]
+    paths = []
+    for i, image in enumerate(images):
+        path = out.with_name(f"{out.stem}_{i:02d}{out.suffix}")
+        image.save(path)
+        paths.append(path)
+    labelled_grid(images, labels).save(out)
+    return [out, *paths]

@@ -1,0 +1,102 @@
+"""Load a Playground-v2.5 / SDXL pipeline's parts with `from_pretrained`, from a hub id or a folder.
+
+Every failure a user can cause becomes one `UserError` line: a folder that lacks a component, a
+hub id that cannot be reached (with how to point at a local copy instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "unet", "scheduler")
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: object
+    text_encoder_2: object
+    vae: object
+    unet: object
+    scheduler_config: dict
+    force_zeros_for_empty_prompt: bool
+    source: str  # the folder they were read from
+
+
+def hub_unreachable_message(name: str, what: str, key: str) -> str:
+    return (
+        f"cannot reach the Hugging Face Hub to fetch {what} '{name}' and no local copy is cached; "
+        f"download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) "
+        f"and run with --cfg-options {key}=DIR"
+    )
+
+
+def resolve_pretrained(name: str, key: str = "model.pretrained_model_name_or_path") -> Path:
+    """A local pipeline folder for `name`: the folder itself, or the hub snapshot (cached or downloaded)."""
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        check_pipeline_folder(path)
+        return path
+    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"model '{name}' is neither a directory nor a Hugging Face hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=patterns, local_files_only=_offline()))
+    except Exception as error:  # noqa: BLE001 — any network/hub failure means the same thing to the user
+        if _is_missing_repo(error):
+            raise UserError(f"model '{name}' does not exist on the Hugging Face Hub (or needs a login)") from None
+        raise UserError(hub_unreachable_message(name, "model", key)) from None
+    check_pipeline_folder(folder)
+    return folder
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _is_missing_repo(error: Exception) -> bool:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    return isinstance(error, (RepositoryNotFoundError, GatedRepoError))
+
+
+def check_pipeline_folder(folder: Path) -> None:
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"model directory {folder} has no model_index.json: it is not a diffusers pipeline folder")
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise UserError(f"model directory {folder} lacks {', '.join(m + '/' for m in missing)} (an SDXL pipeline needs {', '.join(COMPONENTS)})")
+
+
+def load_components(name: str, weight_dtype=None, unet_path: str | None = None) -> Components:
+    """Tokenizers, both text encoders, VAE, UNet and the scheduler config, each via `from_pretrained`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = resolve_pretrained(name)
+    index = json.loads((folder / "model_index.json").read_text())
+    try:
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        frozen = dict(torch_dtype=weight_dtype) if weight_dtype is not None else {}
+        return Components(
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **frozen),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **frozen),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),  # dtype chosen by the caller (fp16 overflow)
+            unet=UNet2DConditionModel.from_pretrained(unet_path or folder, subfolder=None if unet_path else "unet"),
+            scheduler_config=scheduler_config,
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+            source=str(folder),
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load the pipeline in {folder}: {first_line}") from None

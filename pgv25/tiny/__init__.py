@@ -1,0 +1,72 @@
+"""The embedded default's assets: the shapes dataset and the tiny base pipeline, built once and cached.
+
+A stamp file records the parameters they were built with; a different request rebuilds them, the
+same one returns at once. Each is built in a temporary folder and renamed into place, so an
+interrupted build never leaves a half-written cache that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .base_pipeline import build_base_pipeline
+from .shapes import write_shapes_dataset
+
+logger = logging.getLogger(__name__)
+ASSETS_VERSION = 1  # bump when the builders change what they write
+STAMP = "pgv25_assets.json"
+
+
+def _read_stamp(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _build_atomically(target: Path, params: dict, build) -> dict:
+    stamp = _read_stamp(target)
+    if stamp is not None and stamp.get("params") == params:
+        return stamp
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        facts = build(tmp) or {}
+        stamp = {"params": params, **facts}
+        (tmp / STAMP).write_text(json.dumps(stamp, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stamp
+
+
+def ensure_tiny_assets(root: str | Path, image_size: int = 64, per_caption: int = 8, vae_steps: int = 1200, seed: int = 0) -> dict:
+    """Make sure `root/shapes` and `root/playground-v2.5-tiny` exist for these parameters.
+
+    Returns the pipeline's stamp (it holds the VAE's PSNR and the measured latents_mean/std).
+    """
+    root = Path(os.path.expanduser(str(root)))
+    data_params = {"version": ASSETS_VERSION, "image_size": image_size, "per_caption": per_caption, "seed": seed}
+    shapes = root / "shapes"
+    data_stamp = _read_stamp(shapes)
+    if data_stamp is None or data_stamp.get("params") != data_params:
+        logger.info("writing the shapes dataset to %s", shapes)
+    _build_atomically(
+        shapes, data_params, lambda d: {"images": write_shapes_dataset(d, image_size, per_caption, seed)}
+    )
+    model_params = {**data_params, "vae_steps": vae_steps}
+    model = root / "playground-v2.5-tiny"
+    if _read_stamp(model) is None or _read_stamp(model).get("params") != model_params:
+        logger.info("building the tiny Playground v2.5 base pipeline in %s (VAE: %d steps)", model, vae_steps)
+    stamp = _build_atomically(
+        model, model_params, lambda d: build_base_pipeline(d, shapes, image_size, vae_steps, seed)
+    )
+    logger.info("tiny base pipeline ready: VAE reconstruction PSNR %.2f dB", stamp["vae_psnr_db"])
+    return stamp

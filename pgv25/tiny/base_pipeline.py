@@ -1,0 +1,216 @@
+"""A tiny Playground-v2.5-architecture base pipeline, built locally with no download.
+
+Same component classes and scheduler config as `playgroundai/playground-v2.5-1024px-aesthetic`,
+tiny widths: CLIP-style BPE tokenizers trained here on the shapes captions, two random frozen CLIP
+text encoders (the second with a projection), a random SDXL-style UNet with `text_time` added
+conditioning, and a VAE trained on the shapes until it reconstructs them, with `latents_mean/std`
+measured on the data exactly as Playground's VAE config carries them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+# Playground v2.5's scheduler_config.json, field for field.
+PLAYGROUND_SCHEDULER_CONFIG = dict(
+    algorithm_type="dpmsolver++",
+    dynamic_thresholding_ratio=0.995,
+    euler_at_final=False,
+    final_sigmas_type="zero",
+    lower_order_final=True,
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    rho=7.0,
+    sample_max_value=1.0,
+    sigma_data=0.5,
+    sigma_max=80.0,
+    sigma_min=0.002,
+    solver_order=2,
+    solver_type="midpoint",
+    thresholding=False,
+)
+PLAYGROUND_VAE_SCALING_FACTOR = 0.5
+TEXT_WIDTH = 32  # each encoder's hidden size; the UNet's cross-attention sees both concatenated
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte → printable-character table, the base alphabet of its BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def train_clip_bpe(corpus: list[str], num_merges: int = 400) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-format vocabulary and merge list: 256 byte symbols, the same with `</w>`, learned
+    merges, then `<|startoftext|>` and `<|endoftext|>` last, as in OpenAI's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    alphabet = list(bytes_to_unicode().values())
+    base = alphabet + [a + "</w>" for a in alphabet]
+    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(base) + num_merges, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+    )
+    tokenizer.train_from_iterator([c.lower() for c in corpus], trainer=trainer)
+    merges = [" ".join(pair) if isinstance(pair, (tuple, list)) else pair for pair in json.loads(tokenizer.to_str())["model"]["merges"]]
+    vocab = {token: i for i, token in enumerate(base)}
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def build_tokenizers(corpus: list[str]):
+    """Both tokenizers from `vocab.json`/`merges.txt` files, the format every transformers version reads."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = train_clip_bpe(corpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab))
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return [CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77) for _ in range(2)]
+
+
+def build_text_encoders(vocab_size: int, bos_id: int, eos_id: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def config(projection_dim):
+        return CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH, num_hidden_layers=3,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=projection_dim,
+            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id, hidden_act="gelu",
+        )
+
+    return CLIPTextModel(config(TEXT_WIDTH)).eval(), CLIPTextModelWithProjection(config(TEXT_WIDTH)).eval()
+
+
+def build_unet(sample_size: int):
+    """SDXL's UNet layout (3 levels, cross-attention on the lower two, `text_time` added
+    conditioning from the pooled text embedding and six micro-conditioning numbers), tiny widths."""
+    from diffusers import UNet2DConditionModel
+
+    time_embed_dim = 8
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 1),
+        attention_head_dim=(2, 4, 8),
+        norm_num_groups=32,
+        cross_attention_dim=2 * TEXT_WIDTH,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + TEXT_WIDTH,
+    )
+
+
+def build_vae(sample_size: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64, 64),  # three levels: 4× downsampling
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=sample_size,
+        scaling_factor=PLAYGROUND_VAE_SCALING_FACTOR,
+        force_upcast=False,
+    )
+
+
+def load_images(folder: Path) -> torch.Tensor:
+    """All dataset images as one (N, 3, H, W) tensor in [-1, 1]."""
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    arrays = [np.asarray(Image.open(folder / r["file_name"]).convert("RGB"), dtype=np.float32) for r in rows]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = float(((a.clamp(-1, 1) - b) ** 2).mean())
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, seed: int, batch_size: int = 16, lr: float = 2e-3, kl_weight: float = 1e-6):
+    """Fit the VAE to the shapes (MSE + a small KL term, as SD VAEs are trained minus the GAN)."""
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    vae.train()
+    for step in range(steps):
+        batch = images[torch.randint(0, len(images), (batch_size,), generator=g)]
+        posterior = vae.encode(batch).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        reconstruction = vae.decode(z).sample
+        loss = torch.nn.functional.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            logger.info("tiny VAE step %d/%d  loss %.5f", step + 1, steps, float(loss))
+    return vae.eval()
+
+
+@torch.no_grad()
+def measure_vae(vae, images: torch.Tensor, seed: int) -> tuple[list[float], list[float], float]:
+    """Per-channel mean/std of sampled latents over the data, and reconstruction PSNR."""
+    g = torch.Generator().manual_seed(seed)
+    latents, scores = [], []
+    for batch in images.split(64):
+        posterior = vae.encode(batch).latent_dist
+        latents.append(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g))
+        scores.append(psnr(vae.decode(posterior.mean).sample, batch))
+    z = torch.cat(latents).transpose(0, 1).flatten(1)
+    return z.mean(1).tolist(), z.std(1).tolist(), float(np.mean(scores))
+
+
+def build_base_pipeline(out_dir: str | Path, shapes_dir: str | Path, image_size: int, vae_steps: int, seed: int) -> dict:
+    """Build and `save_pretrained` the tiny pipeline into `out_dir`; returns facts for the stamp."""
+    from diffusers import EDMDPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+    start = time.time()
+    shapes_dir = Path(shapes_dir)
+    captions = [json.loads(line)["text"] for line in open(shapes_dir / "metadata.jsonl")]
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tokenizers(captions + ["a photo of an object in the middle of the picture"])
+    text_encoder, text_encoder_2 = build_text_encoders(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    vae_scale = 4
+    unet = build_unet(image_size // vae_scale)
+    images = load_images(shapes_dir)
+    vae = train_vae(build_vae(image_size), images, vae_steps, seed)
+    mean, std, score = measure_vae(vae, images, seed)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    scheduler = EDMDPMSolverMultistepScheduler(**PLAYGROUND_SCHEDULER_CONFIG)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return {"vae_psnr_db": round(score, 2), "latents_mean": mean, "latents_std": std, "build_seconds": round(time.time() - start, 1)}
