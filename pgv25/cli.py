@@ -15,6 +15,8 @@ from .errors import UserError
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def cmd_train(args) -> int:
@@ -128,11 +130,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_libraries() -> None:
+    """Progress bars and INFO lines of the libraries underneath would drown our progress line."""
+    import warnings
+
+    for noisy in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub", "httpx", "mmengine"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    from mmengine.logging import MMLogger
+
+    MMLogger.get_instance("mmengine").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_libraries()
     try:
         return args.func(args)
     except UserError as error:

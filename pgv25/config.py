@@ -56,7 +56,8 @@ def load_config(name_or_path: str, cfg_options: dict | None = None):
     try:
         cfg = Config.fromfile(str(path))
     except SyntaxError as error:
-        raise UserError(f"{error.filename or path}:{error.lineno}: syntax error: {error.msg}") from None
+        located = locate_syntax_error(path) or error  # mmengine parses without a file name
+        raise UserError(f"{located.filename or path}:{located.lineno}: syntax error: {located.msg}") from None
     except (FileNotFoundError, KeyError, NameError, TypeError, ValueError, ImportError) as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot read config {path}: {detail}") from None
@@ -65,6 +66,32 @@ def load_config(name_or_path: str, cfg_options: dict | None = None):
         check_option_keys(cfg, cfg_options)
         cfg.merge_from_dict(cfg_options)
     return cfg
+
+
+def locate_syntax_error(path: Path, seen: set | None = None) -> SyntaxError | None:
+    """Compile `path`, then the `_base_` files it names, and return the first SyntaxError with its file."""
+    import ast
+
+    seen = seen if seen is not None else set()
+    if path in seen or not path.is_file():
+        return None
+    seen.add(path)
+    source = path.read_text()
+    try:
+        tree = compile(source, str(path), "exec", ast.PyCF_ONLY_AST)
+    except SyntaxError as error:
+        return error
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_base_" for t in node.targets):
+            try:
+                bases = ast.literal_eval(node.value)
+            except ValueError:
+                return None
+            for base in [bases] if isinstance(bases, str) else bases:
+                found = locate_syntax_error((path.parent / base).resolve(), seen)
+                if found:
+                    return found
+    return None
 
 
 def flat_keys(tree, prefix: str = "") -> list[str]:

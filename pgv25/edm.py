@@ -73,7 +73,9 @@ class KarrasIndexSampler:
     """
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, num_train_timesteps: int = 1000):
-        self.sigmas = karras_sigmas(num_train_timesteps, sigma_min, sigma_max, rho)
+        # diffusers' EDM schedulers build the training grid on the ramp i/N, i = 0..N (N+1 points), and
+        # the public training path draws i uniformly in [0, N): the same grid, the same draw here.
+        self.sigmas = karras_sigmas(num_train_timesteps + 1, sigma_min, sigma_max, rho)[:num_train_timesteps]
 
     def __call__(self, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
         index = torch.randint(0, len(self.sigmas), (batch_size,), generator=generator, device=generator.device)

@@ -47,7 +47,7 @@ def _build_atomically(target: Path, params: dict, build) -> dict:
     return stamp
 
 
-def ensure_tiny_assets(root: str | Path, image_size: int = 64, per_caption: int = 8, vae_steps: int = 1200, seed: int = 0) -> dict:
+def ensure_tiny_assets(root: str | Path, image_size: int = 64, per_caption: int = 8, vae_steps: int = 800, seed: int = 0) -> dict:
     """Make sure `root/shapes` and `root/playground-v2.5-tiny` exist for these parameters.
 
     Returns the pipeline's stamp (it holds the VAE's PSNR and the measured latents_mean/std).

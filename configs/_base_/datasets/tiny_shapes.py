@@ -5,7 +5,7 @@ tiny_assets = dict(
     root='{{$PGV25_CACHE:~/.cache/pgv25}}/tiny_shapes',
     image_size=64,
     per_caption=8,  # images per caption: 90 captions
-    vae_steps=1000,  # steps to train the tiny VAE on the shapes
+    vae_steps=800,  # steps to train the tiny VAE on the shapes
     seed=0,
 )
 train_dataloader = dict(

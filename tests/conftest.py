@@ -1,0 +1,49 @@
+"""Shared fixtures: one small set of tiny assets per test session, built locally (never the Hub)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Small enough to build in seconds; the VAE need not reconstruct well for plumbing tests.
+TINY = dict(image_size=64, per_caption=2, vae_steps=20, seed=0)
+TINY_OPTIONS = [f"tiny_assets.{k}={v}" for k, v in TINY.items()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_cache(tmp_path_factory):
+    """Point the configs' cache at a session folder and make any hub access fail fast."""
+    cache = tmp_path_factory.mktemp("pgv25_cache")
+    os.environ["PGV25_CACHE"] = str(cache)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(offline_cache):
+    from pgv25.tiny import ensure_tiny_assets
+
+    root = offline_cache / "tiny_shapes"
+    stamp = ensure_tiny_assets(root, **TINY)
+    return {"root": root, "model": root / "playground-v2.5-tiny", "shapes": root / "shapes", "stamp": stamp}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_assets):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_assets["model"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_cfg(work_dir, *options: str):
+    """The embedded default's config, shrunk for tests, with extra `key=value` overrides."""
+    from pgv25.config import load_config, parse_cfg_options
+
+    base = TINY_OPTIONS + ["train_dataloader.batch_size=4", "default_hooks.logger.interval=1", "sample_grid.steps=4"]
+    cfg = load_config("playgroundv2_5_tiny_shapes", parse_cfg_options(base + list(options)))
+    cfg.work_dir = str(work_dir)
+    return cfg

@@ -1,0 +1,100 @@
+"""The CLI's promises: one clear line and a non-zero exit for every user mistake, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY_OPTIONS
+from pgv25.cli import main
+
+
+def run(*args, **env):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "pgv25.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and "pgv25" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "train" in capsys.readouterr().out
+
+
+def test_unknown_config():
+    one_line_error(run("train", "playgroundv2_5_pokemon"), "no config named", "did you mean")
+
+
+def test_unknown_cfg_option():
+    one_line_error(run("train", "playgroundv2_5_tiny_shapes", "--cfg-options", "train_cfg.max_itrs=2"), "no key")
+
+
+def test_syntax_error(tmp_path):
+    (tmp_path / "broken.py").write_text("train_cfg = dict(max_iters=\n")
+    one_line_error(run("train", str(tmp_path / "broken.py")), "broken.py:", "syntax error")
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["train", "playgroundv2_5_pokemon_blip", "--dry-run", "--cfg-options", "train_cfg.max_iters=3"]) == 0
+    out = capsys.readouterr().out
+    assert "max_iters=3" in out and "playground-v2.5-1024px-aesthetic" in out
+
+
+def test_unreachable_hub_model_says_so_and_how_to_fix(tmp_path, tiny_assets):
+    """The real recipe's hub id, on a machine without the hub (the dataset points at local files)."""
+    result = run("train", "playgroundv2_5_pokemon_blip", "--work-dir", str(tmp_path / "w"), "--cfg-options",
+                 f"train_dataloader.dataset.data_dir={tiny_assets['shapes']}", "train_dataloader.num_workers=0")
+    one_line_error(result, "cannot reach the Hugging Face Hub", "playgroundai/playground-v2.5-1024px-aesthetic",
+                   "model.pretrained_model_name_or_path=DIR")
+
+
+def test_unreachable_hub_dataset_says_so(tmp_path):
+    result = run("train", "playgroundv2_5_pokemon_blip", "--work-dir", str(tmp_path / "w"))
+    one_line_error(result, "cannot reach the Hugging Face Hub", "lambdalabs/pokemon-blip-captions", "train_dataloader.dataset.dataset=DIR")
+
+
+def test_model_folder_without_a_component(tmp_path, tiny_assets):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_assets["model"], broken)
+    shutil.rmtree(broken / "vae")
+    result = run("train", "playgroundv2_5_tiny_shapes", "--work-dir", str(tmp_path / "w"), "--cfg-options",
+                 *TINY_OPTIONS, f"model.pretrained_model_name_or_path={broken}")
+    one_line_error(result, "lacks vae/")
+
+
+def test_unwritable_work_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    one_line_error(run("train", "playgroundv2_5_tiny_shapes", "--work-dir", str(blocker / "sub")), "not writable")
+
+
+def test_generate_on_a_missing_model(tmp_path):
+    one_line_error(run("generate", "--model", str(tmp_path / "none"), "--prompt", "x", "--out", str(tmp_path / "o.png")),
+                   "does not exist")
+
+
+def test_list_cfg_and_copy_cfg(tmp_path, capsys):
+    assert main(["list-cfg"]) == 0
+    assert "playgroundv2_5_tiny_shapes" in capsys.readouterr().out
+    dest = tmp_path / "mine.py"
+    assert main(["copy-cfg", "playgroundv2_5_pokemon_blip", str(dest)]) == 0
+    text = dest.read_text()
+    assert "_base_" not in text and "playground-v2.5-1024px-aesthetic" in text
+    from pgv25.config import load_config
+
+    assert load_config(str(dest)).train_cfg.max_iters == 10000
+    assert main(["copy-cfg", "playgroundv2_5_pokemon_blip", str(dest)]) == 2  # never overwrites

@@ -1,0 +1,66 @@
+import pytest
+
+from pgv25.config import find_config, list_configs, load_config, parse_cfg_options
+from pgv25.errors import UserError
+
+
+def test_both_playground_configs_share_the_base_model_config():
+    real, tiny = load_config("playgroundv2_5_pokemon_blip"), load_config("playgroundv2_5_tiny_shapes")
+    assert real.model.pretrained_model_name_or_path == "playgroundai/playground-v2.5-1024px-aesthetic"
+    assert tiny.model.pretrained_model_name_or_path.endswith("tiny_shapes/playground-v2.5-tiny")
+    for key in ("sigma_sampler", "loss_weighting", "vae_dtype"):
+        assert real.model[key] == tiny.model[key]
+    assert real.model.sigma_sampler.type == "karras_index" and real.model.loss_weighting == "none"
+
+
+def test_real_recipe_hyper_parameters():
+    cfg = load_config("playgroundv2_5_pokemon_blip")
+    opt = cfg.optim_wrapper
+    assert opt.optimizer.type == "AdamW" and opt.optimizer.lr == 1e-5 and opt.optimizer.weight_decay == 1e-2
+    assert opt.clip_grad.max_norm == 1.0 and opt.mixed_precision == "bf16"
+    data = cfg.train_dataloader
+    assert data.batch_size == 1 and data.dataset.resolution == 1024
+    assert data.dataset.random_flip and not data.dataset.center_crop and data.dataset.caption_dropout > 0
+    assert data.dataset.dataset == "lambdalabs/pokemon-blip-captions"
+
+
+def test_mmengine_style_keys_can_be_overridden():
+    options = parse_cfg_options([
+        "train_cfg.max_iters=7", "train_dataloader.batch_size=3", "optim_wrapper.optimizer.lr=2e-4",
+        "default_hooks.checkpoint.interval=5", "work_dir=/tmp/x", "randomness.seed=9",
+        "train_dataloader.dataset.dataset=lambdalabs/naruto-blip-captions",
+    ])
+    cfg = load_config("playgroundv2_5_pokemon_blip", options)
+    assert cfg.train_cfg.max_iters == 7 and cfg.train_dataloader.batch_size == 3
+    assert cfg.optim_wrapper.optimizer.lr == 2e-4 and cfg.default_hooks.checkpoint.interval == 5
+    assert cfg.work_dir == "/tmp/x" and cfg.randomness.seed == 9
+    assert cfg.train_dataloader.dataset.dataset == "lambdalabs/naruto-blip-captions"
+
+
+def test_unknown_option_key_is_refused_with_a_suggestion():
+    with pytest.raises(UserError, match="no key 'train_cfg.max_iter'.*train_cfg.max_iters"):
+        load_config("playgroundv2_5_tiny_shapes", {"train_cfg.max_iter": 3})
+
+
+def test_unknown_config_name_suggests_close_ones():
+    with pytest.raises(UserError, match="did you mean playgroundv2_5_tiny_shapes"):
+        find_config("playgroundv2_5_tiny_shape")
+
+
+def test_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("model = dict(\n    a=1,\n    b=(2\n)\nx = = 3\n")
+    with pytest.raises(UserError, match=r"bad\.py:\d+: syntax error"):
+        load_config(str(bad))
+
+
+def test_list_configs_excludes_bases():
+    names = list_configs()
+    assert {"playgroundv2_5_pokemon_blip", "playgroundv2_5_tiny_shapes"} <= set(names)
+    assert not any("_base_" in str(p) for p in names.values())
+    assert list(list_configs("tiny")) == ["playgroundv2_5_tiny_shapes"]
+
+
+def test_option_without_equals_is_refused():
+    with pytest.raises(UserError, match="key=value"):
+        parse_cfg_options(["train_cfg.max_iters"])

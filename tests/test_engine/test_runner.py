@@ -1,0 +1,119 @@
+"""Training end to end on the tiny assets: exports, exact resume, plain-diffusers loading."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_cfg
+from pgv25.engine.runner import train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_assets):
+    work = tmp_path_factory.mktemp("straight")
+    cfg = tiny_cfg(work, "train_cfg.max_iters=6", "default_hooks.checkpoint.interval=3", "param_scheduler.warmup_iters=2")
+    step_dir, grid = train(cfg)
+    return work, step_dir, grid
+
+
+def unet_weights(step_dir):
+    return load_file(Path(step_dir) / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_writes_exports_checkpoints_grid_log_and_resolved_config(straight_run):
+    work, step_dir, grid = straight_run
+    assert step_dir == work / "step6"
+    for step in ("step3", "step6"):
+        assert (work / step / "model_index.json").is_file() and (work / step / "unet" / "config.json").is_file()
+        for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "scheduler"):
+            assert (work / step / part).is_dir()
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["iter_0000003", "iter_0000006"]
+    assert grid is not None and grid.is_file()
+    assert (work / "playgroundv2_5_tiny_shapes.py").is_file()
+    assert list(work.rglob("events.out.tfevents*")), "no TensorBoard log"
+    assert not list(work.glob(".*tmp*")), "temporary folders left behind"
+
+
+def test_training_changed_the_unet_and_exports_differ(straight_run, tiny_assets):
+    work, _, _ = straight_run
+    base = load_file(tiny_assets["model"] / "unet" / "diffusion_pytorch_model.safetensors")
+    step3, step6 = unet_weights(work / "step3"), unet_weights(work / "step6")
+    assert set(base) == set(step6)
+    assert any(not torch.equal(base[k], step6[k]) for k in base)
+    assert any(not torch.equal(step3[k], step6[k]) for k in step3)
+
+
+def test_frozen_parts_are_the_base_pipelines_bytes(straight_run, tiny_assets):
+    work, _, _ = straight_run
+    for relative in ("vae/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors", "model_index.json"):
+        assert (work / "step6" / relative).read_bytes() == (tiny_assets["model"] / relative).read_bytes()
+
+
+def test_resume_is_exact(straight_run, tmp_path):
+    work, _, _ = straight_run
+    cfg = tiny_cfg(tmp_path, "train_cfg.max_iters=6", "default_hooks.checkpoint.interval=3",
+                   "param_scheduler.warmup_iters=2", "sample_grid.prompts=[]")
+    step_dir, _ = train(cfg, resume=str(work / "checkpoints" / "iter_0000003"))
+    resumed, straight = unet_weights(step_dir), unet_weights(work / "step6")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_resume_latest_at_the_end_only_re_exports(straight_run, tmp_path):
+    import shutil
+
+    work, _, _ = straight_run
+    shutil.copytree(work / "checkpoints", tmp_path / "checkpoints")
+    cfg = tiny_cfg(tmp_path, "train_cfg.max_iters=6", "sample_grid.prompts=[]")
+    step_dir, _ = train(cfg, resume=True)
+    assert step_dir == tmp_path / "step6"
+    assert all(torch.equal(a, b) for a, b in zip(unet_weights(step_dir).values(), unet_weights(work / "step6").values()))
+
+
+def test_checkpoints_refuse_pickled_objects(straight_run, tmp_path):
+    import shutil
+
+    from pgv25.errors import UserError
+
+    work, _, _ = straight_run
+    ckpt = tmp_path / "checkpoints" / "iter_0000003"
+    shutil.copytree(work / "checkpoints" / "iter_0000003", ckpt)
+    torch.save({"state": {}, "param_groups": [], "evil": print}, ckpt / "optimizer.pt")  # a function is not a tensor
+    with pytest.raises(UserError, match="cannot resume"):
+        train(tiny_cfg(tmp_path, "train_cfg.max_iters=4", "sample_grid.prompts=[]"), resume=str(ckpt))
+
+
+def test_plain_diffusers_loads_the_export(straight_run, tiny_assets, tmp_path):
+    work, step_dir, _ = straight_run
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_export.py"), str(step_dir), "--base", str(tiny_assets["model"]),
+         "--steps", "4", "--out", str(tmp_path / "x.png")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["pipeline"] == "StableDiffusionXLPipeline"
+    assert report["scheduler"] == "EDMDPMSolverMultistepScheduler"
+    assert report["pgv25_imported"] is False and report["ok"]
+    assert (tmp_path / "x.png").is_file()
+
+
+def test_generate_command(straight_run, tmp_path):
+    from pgv25.cli import main
+    from PIL import Image
+
+    _, step_dir, _ = straight_run
+    out = tmp_path / "one.png"
+    assert main(["generate", "--model", str(step_dir), "--prompt", "a red circle on a white background",
+                 "--steps", "3", "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+    grid = tmp_path / "grid.png"
+    assert main(["generate", "--model", str(step_dir), "--prompt", "a", "b", "--num-images", "2",
+                 "--scheduler", "euler", "--steps", "3", "--out", str(grid)]) == 0
+    assert grid.is_file() and len(list(tmp_path.glob("grid_*.png"))) == 4

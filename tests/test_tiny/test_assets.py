@@ -1,0 +1,56 @@
+import json
+import time
+
+import torch
+
+from pgv25.tiny import ensure_tiny_assets
+from pgv25.tiny.shapes import COLOURS, combinations, write_shapes_dataset
+
+
+def test_pipeline_has_playground_classes_and_scheduler(tiny_assets):
+    index = json.loads((tiny_assets["model"] / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert index["scheduler"] == ["diffusers", "EDMDPMSolverMultistepScheduler"]
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert index["force_zeros_for_empty_prompt"] is True
+    scheduler = json.loads((tiny_assets["model"] / "scheduler" / "scheduler_config.json").read_text())
+    expected = dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0, prediction_type="epsilon",
+                    solver_order=2, solver_type="midpoint", final_sigmas_type="zero")
+    assert {k: scheduler[k] for k in expected} == expected
+    vae = json.loads((tiny_assets["model"] / "vae" / "config.json").read_text())
+    assert vae["scaling_factor"] == 0.5 and len(vae["latents_mean"]) == 4 and len(vae["latents_std"]) == 4
+    unet = json.loads((tiny_assets["model"] / "unet" / "config.json").read_text())
+    assert unet["addition_embed_type"] == "text_time"
+
+
+def test_tokenizer_is_clip_style_bpe(tiny_pipeline):
+    tokens = tiny_pipeline.tokenizer.tokenize("a red circle on a white background")
+    assert tokens == ["a</w>", "red</w>", "circle</w>", "on</w>", "a</w>", "white</w>", "background</w>"]
+    ids = tiny_pipeline.tokenizer("unseen words work too").input_ids
+    assert ids[0] == tiny_pipeline.tokenizer.bos_token_id and ids[-1] == tiny_pipeline.tokenizer.eos_token_id
+    assert (tiny_pipeline.tokenizer.get_vocab() == tiny_pipeline.tokenizer_2.get_vocab())
+
+
+def test_second_call_is_cached(tiny_assets):
+    from conftest import TINY
+
+    start = time.time()
+    stamp = ensure_tiny_assets(tiny_assets["root"], **TINY)
+    assert time.time() - start < 2 and stamp == tiny_assets["stamp"]
+
+
+def test_shapes_dataset_is_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert write_shapes_dataset(a, size=32, per_caption=1, seed=5) == len(combinations())
+    write_shapes_dataset(b, size=32, per_caption=1, seed=5)
+    for name in ("metadata.jsonl", "red_circle_on_white_0.png", "black_triangle_on_yellow_0.png"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_shapes_have_the_captioned_colours(tmp_path):
+    from PIL import Image
+
+    write_shapes_dataset(tmp_path, size=64, per_caption=1, seed=0)
+    image = torch.tensor(list(Image.open(tmp_path / "blue_square_on_black_0.png").getdata()))
+    assert tuple(image[0].tolist()) == COLOURS["black"]  # corners are background
+    assert (image == torch.tensor(COLOURS["blue"])).all(1).sum() > 64 * 64 * 0.1
