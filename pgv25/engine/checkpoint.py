@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle  # only for its error type: checkpoints are read with weights_only=True
 import random
 import re
 import shutil
@@ -96,6 +97,6 @@ def load_checkpoint(path: Path, model, optimizer, lr_scheduler, generator) -> di
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
         set_rng_state(torch.load(path / "rng.pt", weights_only=True), generator)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as error:
         raise UserError(f"cannot resume from {path}: {str(error).strip().splitlines()[0]}") from None
     return state

@@ -109,6 +109,10 @@ class Trainer:
         )
         set_seed(self.seed)
         self.device = self.accelerator.device
+        if self.accelerator.is_main_process:
+            self._log_file = logging.FileHandler(self.work_dir / "train.log")
+            self._log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            logger.addHandler(self._log_file)
         if cfg.get("tiny_assets"):
             from ..tiny import ensure_tiny_assets
 
@@ -271,6 +275,9 @@ class Trainer:
             if self.iteration % save_every == 0 or self.iteration == self.max_iters:
                 step_dir = self.save()
         accelerator.end_training()
+        if accelerator.is_main_process:
+            logger.removeHandler(self._log_file)
+            self._log_file.close()
         if step_dir is None:  # resumed at or past max_iters: nothing trained, export what we have
             step_dir = self.save()
         return step_dir

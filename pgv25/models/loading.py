@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name; a path that does not exist fails here
 COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "unet", "scheduler")
 
 
@@ -43,7 +45,7 @@ def resolve_pretrained(name: str, key: str = "model.pretrained_model_name_or_pat
     if path.is_dir():
         check_pipeline_folder(path)
         return path
-    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not HUB_ID.match(name):
         raise UserError(f"model '{name}' is neither a directory nor a Hugging Face hub id (owner/name)")
     from huggingface_hub import snapshot_download
 
