@@ -8,7 +8,6 @@ assembled under a temporary name and renamed, so a `step<N>` that exists is comp
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -67,7 +66,3 @@ def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write export {out_dir}: {error.strerror or error}") from None
     return out_dir
-
-
-def read_model_index(folder: Path) -> dict:
-    return json.loads((Path(folder) / "model_index.json").read_text())
