@@ -64,3 +64,11 @@ def test_list_configs_excludes_bases():
 def test_option_without_equals_is_refused():
     with pytest.raises(UserError, match="key=value"):
         parse_cfg_options(["train_cfg.max_iters"])
+
+
+def test_syntax_error_in_a_base_file_names_that_file(tmp_path):
+    (tmp_path / "_base_").mkdir()
+    (tmp_path / "_base_" / "broken_base.py").write_text("optim = dict(lr=\n")
+    (tmp_path / "leaf.py").write_text("_base_ = ['./_base_/broken_base.py']\ntrain_cfg = dict(max_iters=1)\n")
+    with pytest.raises(UserError, match=r"broken_base\.py:1: syntax error"):
+        load_config(str(tmp_path / "leaf.py"))
