@@ -29,10 +29,11 @@ def _read_stamp(folder: Path) -> dict | None:
         return None
 
 
-def _build_atomically(target: Path, params: dict, build) -> dict:
+def _build_atomically(target: Path, params: dict, build, what: str) -> dict:
     stamp = _read_stamp(target)
     if stamp is not None and stamp.get("params") == params:
         return stamp
+    logger.info("building %s in %s", what, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -55,18 +56,15 @@ def ensure_tiny_assets(root: str | Path, image_size: int = 64, per_caption: int 
     root = Path(os.path.expanduser(str(root)))
     data_params = {"version": ASSETS_VERSION, "image_size": image_size, "per_caption": per_caption, "seed": seed}
     shapes = root / "shapes"
-    data_stamp = _read_stamp(shapes)
-    if data_stamp is None or data_stamp.get("params") != data_params:
-        logger.info("writing the shapes dataset to %s", shapes)
     _build_atomically(
-        shapes, data_params, lambda d: {"images": write_shapes_dataset(d, image_size, per_caption, seed)}
+        shapes, data_params, lambda d: {"images": write_shapes_dataset(d, image_size, per_caption, seed)},
+        "the shapes dataset",
     )
     model_params = {**data_params, "vae_steps": vae_steps}
     model = root / "playground-v2.5-tiny"
-    if _read_stamp(model) is None or _read_stamp(model).get("params") != model_params:
-        logger.info("building the tiny Playground v2.5 base pipeline in %s (VAE: %d steps)", model, vae_steps)
     stamp = _build_atomically(
-        model, model_params, lambda d: build_base_pipeline(d, shapes, image_size, vae_steps, seed)
+        model, model_params, lambda d: build_base_pipeline(d, shapes, image_size, vae_steps, seed),
+        f"the tiny Playground v2.5 base pipeline (VAE: {vae_steps} steps)",
     )
     logger.info("tiny base pipeline ready: VAE reconstruction PSNR %.2f dB", stamp["vae_psnr_db"])
     return stamp
