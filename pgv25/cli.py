@@ -19,6 +19,26 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same arguments, `--resume` instead of any given one."""
+    import shlex
+
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            if not arg.startswith("-"):
+                continue
+        if arg == "--resume":
+            skip = True
+            continue
+        if arg.startswith("--resume="):
+            continue
+        kept.append(arg)
+    prefix = f"NPROC_PER_NODE={os.environ['LOCAL_WORLD_SIZE']} " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    return prefix + shlex.join(["pgv25", *kept, "--resume"])
+
+
 def cmd_train(args) -> int:
     from .config import load_config, parse_cfg_options
 
@@ -30,11 +50,23 @@ def cmd_train(args) -> int:
         return 0
     from .engine.runner import train
 
-    step_dir, grid = train(cfg, resume=args.resume)
-    print(f"exported: {step_dir}")
-    if grid:
-        print(f"samples: {grid}")
+    result = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
+    if result.stopped_by:
+        print(f"stopped by {result.stopped_by} after iteration {result.iteration}; checkpoint {result.checkpoint}")
+        print(f"resume with: {resume_command(args.argv)}")
+        return 0
+    print(f"exported: {result.step_dir}")
+    if result.grid:
+        print(f"samples: {result.grid}")
     return 0
+
+
+def check_train_args(args) -> None:
+    from .config import load_config, parse_cfg_options
+
+    load_config(args.config, parse_cfg_options(args.cfg_options))
 
 
 def cmd_list_cfg(args) -> int:
@@ -101,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", default=[], help="override config keys, e.g. train_cfg.max_iters=100")
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                    help="continue from the latest checkpoint in the work dir, or from CKPT")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though model, data, batch size, seed or process count differ from the checkpoint's")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 
@@ -151,11 +185,19 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.argv = argv
     # Progress goes to stdout; stderr carries only problems, so an error is the one line there.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     quiet_libraries()
     try:
+        if args.command == "train" and os.environ.get("NPROC_PER_NODE") and not args.dry_run:
+            from .launch import inside_distributed_launch, relaunch
+
+            if not inside_distributed_launch():
+                check_train_args(args)  # a typo fails here in one line, not in N processes
+                return relaunch(argv)
         return args.func(args)
     except UserError as error:
         print(f"pgv25: error: {error}", file=sys.stderr)

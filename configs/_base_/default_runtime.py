@@ -1,8 +1,17 @@
 default_hooks = dict(
     logger=dict(interval=10),  # iterations between progress lines / TensorBoard points
     # Every `interval` iterations: a resumable checkpoint and an export to work_dir/step<N>/.
-    checkpoint=dict(interval=1000),
+    checkpoint=dict(
+        interval=1000,
+        # Keep the newest K checkpoints (older ones are deleted once a newer one is complete);
+        # None keeps all. Exports (step<N>/) are never deleted.
+        max_keep_ckpts=3,
+    ),
 )
+# How the UNet is spread over processes (NPROC_PER_NODE=N pgv25 train ...):
+# 'ddp': a full copy per process; 'fsdp': parameters, gradients and optimizer state sharded
+# (FSDP2), for full fine-tunes whose optimizer state does not fit on one card.
+strategy = 'ddp'
 randomness = dict(seed=0)
 work_dir = None  # default: work_dirs/<config name>
 export = dict(

@@ -1,9 +1,14 @@
 """Resumable checkpoints that never unpickle arbitrary objects and are never seen half-written.
 
-Layout of `checkpoints/iter_<N>/`: `model.safetensors` (trainable weights), `optimizer.pt`,
-`lr_scheduler.pt`, `rng.pt` (tensors and numbers only, read back with `weights_only=True`) and
-`trainer_state.json` (iteration, data position). A checkpoint is written under a temporary name
-and renamed when complete, so the newest `iter_<N>` is always a whole one.
+Layout of `checkpoints/iter_<N>/`:
+- `model.safetensors`: the full trainable weights, keyed by parameter name;
+- `optimizer.pt`, `lr_scheduler.pt`, `grad_scaler.pt` (fp16 runs), `rng.pt` (every RNG of every
+  rank): tensors, numbers and strings only, read back with `torch.load(weights_only=True)`;
+- `trainer_state.json`: iteration, per-rank data position, counters, the config fingerprint.
+
+A checkpoint is written under a temporary name, fsync'ed, and renamed when complete; a `kill -9`
+at any moment leaves at worst a temporary folder, which is never picked and is removed by the next
+save. Older checkpoints are deleted only after a newer one is complete.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from ..errors import UserError
 
 NAME = re.compile(r"^iter_(\d+)$")
 STATE_FILE = "trainer_state.json"
+TEMP_GLOB = ".iter_*.tmp*"
+PICKLED = ("optimizer", "lr_scheduler", "grad_scaler", "rng")  # saved as <name>.pt when present
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    """Every RNG the run draws from, as tensors and plain numbers."""
+    """Every RNG this process draws from, as tensors and plain numbers."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -52,51 +59,76 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    for file in path.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk (a rename is durable only once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def save_checkpoint(folder: Path, iteration: int, model_state: dict, optimizer, lr_scheduler, generator, trainer_state: dict) -> Path:
-    """Write `folder/iter_<iteration>` atomically; returns its path."""
-    folder.mkdir(parents=True, exist_ok=True)
+def _describe(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def save_checkpoint(folder: Path, iteration: int, model_state: dict, parts: dict, trainer_state: dict, keep: int | None = None) -> Path:
+    """Write `folder/iter_<iteration>` atomically, then keep only the newest `keep`; returns its path.
+
+    `parts` maps the names in PICKLED to state dicts (absent or None: not saved).
+    """
     final = folder / f"iter_{iteration:07d}"
     tmp = folder / f".iter_{iteration:07d}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(TEMP_GLOB):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        torch.save(rng_state(generator), tmp / "rng.pt")
+        for name in PICKLED:
+            if parts.get(name) is not None:
+                torch.save(parts[name], tmp / f"{name}.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"iteration": iteration, **trainer_state}, indent=2))
-        _fsync_dir(tmp)
-        if final.exists():
+        for file in tmp.iterdir():
+            _fsync(file)
+        if final.exists():  # re-saving the same iteration (resumed at max_iters)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(folder)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {final}: {error.strerror or error}") from None
+        raise UserError(f"cannot write checkpoint {final}: {_describe(error)}; the previous checkpoint is intact") from None
+    if keep and keep > 0:
+        for old in complete_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in `folder` (temporary folders are never matched)."""
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in `folder`, oldest first (temporary folders are never matched)."""
     if not folder.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.match(p.name)) and (p / STATE_FILE).is_file()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, model, optimizer, lr_scheduler, generator) -> dict:
-    """Restore everything in place; returns the trainer state (iteration, data position, ...)."""
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = complete_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def read_trainer_state(path: Path) -> dict:
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-        model.load_state_dict(load_file(path / "model.safetensors"))  # strict: another model is refused
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True), generator)
-    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as error:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot resume from {path}: {STATE_FILE} is unreadable ({error})") from None
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(model weights, {part name: state}) of a checkpoint; only tensors and plain data are unpickled."""
+    try:
+        model_state = load_file(path / "model.safetensors")
+        parts = {name: torch.load(path / f"{name}.pt", weights_only=True) for name in PICKLED if (path / f"{name}.pt").is_file()}
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
         raise UserError(f"cannot resume from {path}: {str(error).strip().splitlines()[0]}") from None
-    return state
+    return model_state, parts

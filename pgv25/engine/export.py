@@ -38,31 +38,36 @@ def _link_tree(src: Path, dst: Path) -> None:
             _link_or_copy(item, dst / item.name)
 
 
-def save_unet(unet, folder: Path, dtype: str = "fp32") -> None:
-    """`config.json` + `diffusion_pytorch_model.safetensors`, the layout `from_pretrained` reads."""
+def save_unet(unet, folder: Path, dtype: str = "fp32", state: dict | None = None) -> None:
+    """`config.json` + `diffusion_pytorch_model.safetensors`, the layout `from_pretrained` reads.
+
+    `state`: the full weights when `unet` itself holds only a shard of them (FSDP).
+    """
     if dtype not in DTYPES:
         raise UserError(f"export.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_config(folder)
-    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in unet.state_dict().items()}
+    state = unet.state_dict() if state is None else state
+    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
     save_file(state, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
 
 
-def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "fp32") -> Path:
+def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "fp32", state: dict | None = None) -> Path:
     """Write `out_dir` as a diffusers pipeline: the base pipeline's frozen parts + this UNet."""
     base_folder = Path(base_folder)
     tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp*"):  # left by a run killed mid-export
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         _link_or_copy(base_folder / "model_index.json", tmp / "model_index.json")
         for name in FROZEN:
             _link_tree(base_folder / name, tmp / name)
-        save_unet(unet, tmp / "unet", dtype)
+        save_unet(unet, tmp / "unet", dtype, state)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write export {out_dir}: {error.strerror or error}") from None
+        raise UserError(f"cannot write export {out_dir}: {error.strerror or error}; earlier exports are intact") from None
     return out_dir

@@ -1,12 +1,18 @@
 """The training loop: build everything from the config, train the UNet with EDM, checkpoint, export.
 
-accelerate owns devices, mixed precision and (later) distribution; this file owns the order of
-things. One iteration = one optimizer update of `accumulative_counts` micro-batches.
+accelerate owns devices, mixed precision and the process group; `distributed.py` owns how the UNet
+is spread over processes; this file owns the order of things. One iteration = one optimizer update
+of `accumulative_counts` micro-batches on every process.
+
+Every decision that could differ between processes (skip a non-finite update, stop on a signal,
+save) is either a function of the iteration number or OR-ed over all ranks first, so the
+processes never disagree about what happens next.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -25,10 +31,15 @@ from ..models.edm_denoiser import Conditioning, EDMDenoiser, EDMLoss
 from ..models.latent_codec import LatentCodec
 from ..models.loading import load_components
 from ..models.text_conditioner import TextConditioner
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .export import DTYPES, export_pipeline
+from .optim import build_lr_scheduler, build_optimizer
+from .resume import check_same_run, checkpoint_to_resume, fingerprint
+from .signals import GracefulStop
 
 logger = logging.getLogger("pgv25")
+SCALARS = "scalars.jsonl"  # one JSON line per logged iteration, full precision (for plots and checks)
 
 
 def work_dir_of(cfg) -> Path:
@@ -50,7 +61,7 @@ class Batches:
     """Endless batches from the loader; a batch whose every image was unreadable is skipped and counted."""
 
     loader: torch.utils.data.DataLoader
-    consumed: int = 0  # batches taken from the sampler stream (the data position)
+    consumed: int = 0  # batches taken from the sampler stream (this rank's data position)
     skipped: int = 0  # unreadable samples so far
 
     def __post_init__(self):
@@ -65,32 +76,28 @@ class Batches:
                 return batch
 
 
-def build_optimizer(params, cfg: dict, use_fused: bool):
-    options = dict(cfg)
-    kind = options.pop("type", "AdamW")
-    if kind != "AdamW":
-        raise UserError(f"optim_wrapper.optimizer.type '{kind}' is not supported yet; use AdamW")
-    if "betas" in options:
-        options["betas"] = tuple(options["betas"])
-    return torch.optim.AdamW(params, fused=use_fused or None, **options)
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over the micro-batches
+    grad_norm: torch.Tensor
+    images: int  # this rank's images
+    nonfinite: bool  # the update was skipped (loss or gradient not finite on some rank)
+    stop: bool  # some rank received SIGINT/SIGTERM
 
 
-def build_lr_scheduler(optimizer, cfg: dict, max_iters: int):
-    from diffusers.optimization import get_scheduler
-
-    options = dict(cfg)
-    name = options.pop("type", "constant")
-    warmup = options.pop("warmup_iters", 0)
-    try:
-        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max_iters, **options)
-    except (ValueError, TypeError) as error:
-        raise UserError(f"param_scheduler: {error}") from None
+@dataclass
+class TrainResult:
+    iteration: int
+    step_dir: Path | None = None  # the last export
+    checkpoint: Path | None = None  # the last checkpoint written
+    stopped_by: str | None = None  # the signal that stopped the run early
+    grid: Path | None = None
 
 
 class Trainer:
-    """Holds the built pieces; `run()` trains to `train_cfg.max_iters`."""
+    """Holds the built pieces; `run()` trains to `train_cfg.max_iters` or until a stop signal."""
 
-    def __init__(self, cfg, resume: str | bool | None = None):
+    def __init__(self, cfg, resume: str | bool | None = None, allow_config_change: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -98,43 +105,50 @@ class Trainer:
         self.work_dir = work_dir_of(cfg)
         ensure_writable(self.work_dir)
         self.seed = int(cfg.randomness.seed)
+        self.strategy = distributed.check_strategy(cfg.get("strategy", "ddp"))
         on_gpu = torch.cuda.is_available()
         optim_cfg = cfg.optim_wrapper
+        mixed_precision = optim_cfg.get("mixed_precision", "no") if on_gpu else "no"  # fp32 on a CPU
+        if self.strategy == "fsdp" and mixed_precision == "fp16":
+            raise UserError("strategy 'fsdp' with fp16 is not supported (no sharded loss scaling); use mixed_precision='bf16'")
         self.accumulation = int(optim_cfg.get("accumulative_counts", 1))
-        self.accelerator = Accelerator(
-            mixed_precision=optim_cfg.get("mixed_precision", "no") if on_gpu else "no",  # fp32 on a CPU
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=mixed_precision,
             cpu=not on_gpu,  # under torchrun without CUDA this gives real gloo training, not N lone processes
             log_with="tensorboard",
             project_dir=str(self.work_dir),
         )
         set_seed(self.seed)
-        self.device = self.accelerator.device
-        if self.accelerator.is_main_process:
+        self.device = accelerator.device
+        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
+        self._log_file = None
+        if accelerator.is_main_process:
             self._log_file = logging.FileHandler(self.work_dir / "train.log")
             self._log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             logger.addHandler(self._log_file)
-        if cfg.get("tiny_assets"):
-            from ..tiny import ensure_tiny_assets
+        else:
+            logger.setLevel(logging.WARNING)  # one progress log per run, from rank 0
 
-            ensure_tiny_assets(**cfg.tiny_assets)
+        # One process per machine downloads / builds / caches; the others then read its copy.
+        with accelerator.local_main_process_first():
+            if cfg.get("tiny_assets"):
+                from ..tiny import ensure_tiny_assets
 
-        # Data before model: a wrong column or an empty dataset fails before gigabytes load.
-        loader_cfg = cfg.train_dataloader
-        self.dataset = build_dataset(loader_cfg.dataset, self.seed)
-        self.batch_size = int(loader_cfg.batch_size)
-
-        model_cfg = cfg.model
-        weight_dtype = DTYPES[model_cfg.get("weight_dtype", "fp32")] if on_gpu else torch.float32
-        parts = load_components(model_cfg.pretrained_model_name_or_path, weight_dtype)
+                ensure_tiny_assets(**cfg.tiny_assets)
+            # Data before model: a wrong column or an empty dataset fails before gigabytes load.
+            self.dataset = build_dataset(cfg.train_dataloader.dataset, self.seed)
+            model_cfg = cfg.model
+            weight_dtype = DTYPES[model_cfg.get("weight_dtype", "fp32")] if on_gpu else torch.float32
+            parts = load_components(model_cfg.pretrained_model_name_or_path, weight_dtype)
+        self.batch_size = int(cfg.train_dataloader.batch_size)
         self.base_folder = parts.source
-        self.scheduler_config = parts.scheduler_config
         self.conditioner = TextConditioner(
             [parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2], parts.force_zeros_for_empty_prompt
         ).to(self.device)
         vae_dtype = DTYPES[model_cfg.get("vae_dtype", "fp32")] if on_gpu else torch.float32
         self.codec = LatentCodec(parts.vae.to(self.device, vae_dtype))
         self.codec.to(self.device)
-        unet = parts.unet.train()
+        self.unet = unet = parts.unet.train()
         if model_cfg.get("gradient_checkpointing"):
             unet.enable_gradient_checkpointing()
         denoiser = EDMDenoiser(
@@ -146,40 +160,67 @@ class Trainer:
         objective = EDMLoss(denoiser, self.weighting)
 
         self.max_iters = int(cfg.train_cfg.max_iters)
+        self.sharded = self.strategy == "fsdp" and self.world_size > 1
+        if self.sharded:  # shard first: the optimizer must see the sharded parameters
+            unet.to(self.device)
+            distributed.shard_unet(unet, {"bf16": torch.bfloat16}.get(mixed_precision))
         optimizer = build_optimizer(unet.parameters(), optim_cfg.optimizer, use_fused=on_gpu)
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.get("param_scheduler", {}), self.max_iters)
-        self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
-        self.generator = torch.Generator(self.device).manual_seed(self.seed + self.accelerator.process_index)
+        if self.sharded:
+            self.objective, self.optimizer = objective, accelerator.prepare(optimizer)
+        else:
+            self.objective, self.optimizer = accelerator.prepare(objective, optimizer)
+        self.generator = torch.Generator(self.device).manual_seed(self.seed + self.rank)
 
-        self.iteration, start_batches, skipped = 0, 0, 0
-        checkpoint = self._checkpoint_to_resume(resume)
-        if checkpoint is not None:
-            state = load_checkpoint(checkpoint, self.unet, self.optimizer, self.lr_scheduler, self.generator)
-            self.iteration, start_batches, skipped = state["iteration"], state["batches_consumed"], state["skipped"]
-            logger.info("resumed from %s at iteration %d", checkpoint, self.iteration)
-        self.batches = Batches(self._loader(start_batches), consumed=start_batches, skipped=skipped)
+        self.iteration = 0
+        self.nonfinite_total = 0  # skipped updates so far
+        self.nonfinite_run = 0  # consecutive skipped updates
+        self.fingerprint = fingerprint(cfg, self.world_size)
+        self.resumed_from = checkpoint_to_resume(resume, self.work_dir)
+        position, rng = (0, 0), None
+        if self.resumed_from is not None:
+            position, rng = self._restore(self.resumed_from, allow_config_change)
+        self.batches = Batches(self._loader(position[0]), consumed=position[0], skipped=position[1])
+        if rng is not None:  # last: building the loader iterator draws from the global torch RNG
+            set_rng_state(rng, self.generator)
 
-    @property
-    def unet(self):
-        return self.accelerator.unwrap_model(self.objective).denoiser.unet
+    def _restore(self, checkpoint: Path, allow_config_change: bool) -> tuple[tuple[int, int], dict | None]:
+        """Load a checkpoint into the built objects; returns this rank's (data position, RNG state)."""
+        state = check_same_run(checkpoint, self.fingerprint, allow_config_change)
+        model_state, parts = read_checkpoint(checkpoint)
+        try:
+            distributed.load_full_state(self.unet, self.optimizer.optimizer, model_state, parts["optimizer"])
+            self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
+            if self.accelerator.scaler is not None and "grad_scaler" in parts:
+                self.accelerator.scaler.load_state_dict(parts["grad_scaler"])
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise UserError(f"cannot resume from {checkpoint}: {str(error).strip().splitlines()[0]}") from None
+        self.iteration = int(state["iteration"])
+        self.nonfinite_total = int(state.get("nonfinite_skipped", 0))
+        ranks = state["ranks"]
+        if len(ranks) == self.world_size:
+            mine = ranks[self.rank]
+            position, rng = (mine["consumed"], mine["skipped"]), parts["rng"]["ranks"][self.rank]
+        else:  # allowed change of process count: same number of samples seen in total, fresh RNG streams
+            per_rank = sum(r["consumed"] for r in ranks) // self.world_size
+            position, rng = (per_rank, 0), None
+            logger.warning("resuming %d-process checkpoint with %d processes: data order and RNG streams differ from an uninterrupted run",
+                           len(ranks), self.world_size)
+        if self.accelerator.is_main_process:
+            self._truncate_scalars()
+        logger.info("resumed from %s at iteration %d", checkpoint, self.iteration)
+        return position, rng
 
-    def _checkpoint_to_resume(self, resume) -> Path | None:
-        if not resume:
-            return None
-        if resume is True:
-            found = latest_checkpoint(self.work_dir / "checkpoints")
-            if found is None:
-                logger.info("--resume: no checkpoint in %s yet; starting from the beginning", self.work_dir / "checkpoints")
-            return found
-        path = Path(resume)
-        if not path.is_dir():
-            raise UserError(f"--resume: checkpoint {path} does not exist")
-        return path
+    def _truncate_scalars(self) -> None:
+        """Drop lines logged after the checkpoint by the interrupted run; they will be logged again."""
+        path = self.work_dir / SCALARS
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= self.iteration]
+            path.write_text("".join(line + "\n" for line in kept))
 
     def _loader(self, start_batches: int):
         sampler = ResumableSampler(
-            len(self.dataset), self.seed, rank=self.accelerator.process_index,
-            world_size=self.accelerator.num_processes, start=start_batches * self.batch_size,
+            len(self.dataset), self.seed, rank=self.rank, world_size=self.world_size, start=start_batches * self.batch_size,
         )
         workers = int(self.cfg.train_dataloader.get("num_workers", 0))
         return torch.utils.data.DataLoader(
@@ -200,38 +241,116 @@ class Trainer:
         self.accelerator.backward(loss / self.accumulation)
         return loss.detach()
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """One optimizer update; returns (mean loss, grad norm, images used)."""
+    def _gradient_sync(self, sync: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+        if sync:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.unet.set_requires_gradient_sync(False)
+            return _restore_gradient_sync(self.unet)
+        return self.accelerator.no_sync(self.objective)
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Total gradient norm, clipped to `clip_grad.max_norm` when set (unscaled first under fp16)."""
+        clip = (self.cfg.optim_wrapper.get("clip_grad") or {}).get("max_norm")
+        norm = self.accelerator.clip_grad_norm_(self.unet.parameters(), clip or math.inf)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+
+    def step(self, stop_requested: bool = False) -> StepResult:
+        """One optimizer update, skipped on every rank when any rank saw a non-finite loss or gradient."""
         losses, images = [], 0
         for micro in range(self.accumulation):
             batch = next(self.batches)
-            last = micro == self.accumulation - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.objective):
+            with self._gradient_sync(micro == self.accumulation - 1):
                 losses.append(self.micro_step(batch))
             images += batch["size"]
-        clip = (self.cfg.optim_wrapper.get("clip_grad") or {}).get("max_norm")
-        grad_norm = self.accelerator.clip_grad_norm_(self.objective.parameters(), clip) if clip else None
-        self.optimizer.step()
+        loss = torch.stack(losses).mean()
+        grad_norm = self._grad_norm()
+        bad_loss, bad_grad, stop = distributed.any_rank(
+            [not torch.isfinite(loss).item(), not torch.isfinite(grad_norm).item(), stop_requested], self.device
+        )
+        scaler = self.accelerator.scaler
+        if not (bad_loss or bad_grad) or (scaler is not None and not bad_loss):
+            self.optimizer.step()  # an fp16 overflow (finite loss, inf gradient) is the grad scaler's to skip
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses).mean(), grad_norm, images
+        return StepResult(loss, grad_norm, images, nonfinite=bad_loss or (bad_grad and scaler is None), stop=stop)
 
-    def save(self) -> Path:
-        """A resumable checkpoint and a diffusers export of the current UNet (rank 0 writes)."""
-        self.accelerator.wait_for_everyone()
-        step_dir = self.work_dir / f"step{self.iteration}"
-        if self.accelerator.is_main_process:
-            checkpoint = save_checkpoint(
-                self.work_dir / "checkpoints", self.iteration, self.unet.state_dict(), self.optimizer, self.lr_scheduler,
-                self.generator, {"batches_consumed": self.batches.consumed, "skipped": self.batches.skipped,
-                                 "config": self.cfg.config_name},
+    def _check_finite(self, result: StepResult) -> None:
+        limit = int(self.cfg.train_cfg.get("max_nonfinite_iters", 5))
+        if not result.nonfinite:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        logger.warning("iteration %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row, %d in all)",
+                       self.iteration, float(result.loss), float(result.grad_norm), self.nonfinite_run, self.nonfinite_total)
+        if self.nonfinite_run >= limit:
+            raise UserError(
+                f"iteration {self.iteration}: {limit} consecutive iterations with a non-finite loss or gradient "
+                f"(train_cfg.max_nonfinite_iters); stopped without saving them. Resume from the last checkpoint "
+                "with a lower optim_wrapper.optimizer.lr or with optim_wrapper.clip_grad set"
             )
-            export_pipeline(self.unet, self.base_folder, step_dir, self.cfg.get("export", {}).get("dtype", "fp32"))
-            logger.info("iteration %d: checkpoint %s, export %s", self.iteration, checkpoint, step_dir)
-        self.accelerator.wait_for_everyone()
-        return step_dir
 
-    def run(self) -> Path:
+    def save(self, export: bool = True) -> tuple[Path, Path | None]:
+        """A resumable checkpoint and (optionally) a diffusers export; all ranks gather, rank 0 writes.
+
+        A failed write raises the same one-line error on every rank, so none waits for the others.
+        """
+        model_state = distributed.full_model_state(self.unet)
+        optimizer_state = distributed.full_optimizer_state(self.unet, self.optimizer.optimizer)
+        ranks = distributed.gather_objects(
+            {"consumed": self.batches.consumed, "skipped": self.batches.skipped, "rng": rng_state(self.generator)}
+        )
+        checkpoint = self.work_dir / "checkpoints" / f"iter_{self.iteration:07d}"
+        step_dir = self.work_dir / f"step{self.iteration}" if export else None
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                bad = [name for name, value in model_state.items() if not torch.isfinite(value).all()]
+                if bad:  # cannot happen past the non-finite guard; never write such weights if it does
+                    raise UserError(f"iteration {self.iteration}: refusing to save non-finite weights ({bad[0]}, ...)")
+                scaler = self.accelerator.scaler
+                parts = {
+                    "optimizer": optimizer_state, "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": {"ranks": [r.pop("rng") for r in ranks]},
+                }
+                trainer_state = {
+                    "ranks": ranks, "world_size": self.world_size, "nonfinite_skipped": self.nonfinite_total,
+                    "config": self.cfg.config_name, "fingerprint": self.fingerprint,
+                }
+                keep = self.cfg.default_hooks.checkpoint.get("max_keep_ckpts")
+                checkpoint = save_checkpoint(checkpoint.parent, self.iteration, model_state, parts, trainer_state, keep)
+                if step_dir is not None:
+                    dtype = self.cfg.get("export", {}).get("dtype", "fp32")
+                    export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=model_state)
+                logger.info("iteration %d: checkpoint %s%s", self.iteration, checkpoint, f", export {step_dir}" if step_dir else "")
+            except UserError as failure:
+                error = str(failure)
+        error = distributed.broadcast_object(error)
+        if error:
+            raise UserError(error)
+        return checkpoint, step_dir
+
+    def _log(self, window_losses: list, window_images: int, elapsed: float, seconds_per_iter: float, grad_norm) -> None:
+        """A progress line, TensorBoard scalars and a scalars.jsonl line (a collective: the loss is the mean over ranks)."""
+        window = torch.stack(window_losses).mean() if window_losses else torch.tensor(math.nan, device=self.device)
+        mean_loss = float(distributed.mean_over_ranks(window.float()))
+        rate = window_images * self.world_size / max(elapsed, 1e-9)
+        eta = int(seconds_per_iter * (self.max_iters - self.iteration))
+        lr = self.lr_scheduler.get_last_lr()[0]
+        extra = (f"  skipped images {self.batches.skipped}" if self.batches.skipped else "") + (
+            f"  skipped updates {self.nonfinite_total}" if self.nonfinite_total else "")
+        logger.info("iter %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %d:%02d:%02d%s", self.iteration, self.max_iters,
+                    mean_loss, lr, rate, eta // 3600, eta // 60 % 60, eta % 60, extra)
+        metrics = {"loss": mean_loss, "lr": lr, "images_per_s": rate, "grad_norm": float(grad_norm)}
+        self.accelerator.log(metrics, step=self.iteration)
+        if self.accelerator.is_main_process:
+            with open(self.work_dir / SCALARS, "a") as f:
+                f.write(json.dumps({"iteration": self.iteration, **metrics}) + "\n")
+
+    def run(self) -> TrainResult:
         cfg, accelerator = self.cfg, self.accelerator
         if accelerator.is_main_process:
             cfg.dump(str(self.work_dir / f"{cfg.config_name}.py"))
@@ -239,48 +358,43 @@ class Trainer:
         log_every = int(cfg.default_hooks.logger.interval)
         save_every = int(cfg.default_hooks.checkpoint.interval)
         logger.info(
-            "training %s: %d iterations, %d process(es) × batch %d × %d accumulation = %d images per update; "
+            "training %s: %d iterations; %d process(es) (%s) × batch %d × %d accumulation = %d images per update at lr %.2e; "
             "σ sampler %s (median σ %.2f), loss weighting %s; work dir %s",
-            cfg.config_name, self.max_iters, accelerator.num_processes, self.batch_size, self.accumulation,
-            accelerator.num_processes * self.batch_size * self.accumulation, type(self.sigma_sampler).__name__,
-            edm.median_sigma(self.sigma_sampler), self.weighting, self.work_dir,
+            cfg.config_name, self.max_iters, self.world_size, self.strategy if self.world_size > 1 else "single",
+            self.batch_size, self.accumulation, self.world_size * self.batch_size * self.accumulation,
+            cfg.optim_wrapper.optimizer.lr, type(self.sigma_sampler).__name__, edm.median_sigma(self.sigma_sampler),
+            self.weighting, self.work_dir,
         )
-        step_dir = None
+        result = TrainResult(self.iteration)
         window_losses, window_images, window_start, run_start = [], 0, time.time(), time.time()
         start_iteration = self.iteration
-        while self.iteration < self.max_iters:
-            loss, grad_norm, images = self.step()
-            self.iteration += 1
-            window_losses.append(loss)
-            window_images += images
-            if self.iteration % log_every == 0 or self.iteration == self.max_iters:
-                mean_loss = float(torch.stack(window_losses).mean())  # one host sync per log line
-                if not math.isfinite(mean_loss):
-                    raise UserError(f"loss became {mean_loss} by iteration {self.iteration}; lower optim_wrapper.optimizer.lr")
-                elapsed = time.time() - window_start
-                rate = window_images * accelerator.num_processes / max(elapsed, 1e-9)
-                seconds_per_iter = (time.time() - run_start) / (self.iteration - start_iteration)
-                eta = int(seconds_per_iter * (self.max_iters - self.iteration))
-                lr = self.lr_scheduler.get_last_lr()[0]
-                logger.info(
-                    "iter %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %d:%02d:%02d%s", self.iteration, self.max_iters,
-                    mean_loss, lr, rate, eta // 3600, eta // 60 % 60, eta % 60,
-                    f"  skipped {self.batches.skipped}" if self.batches.skipped else "",
-                )
-                metrics = {"loss": mean_loss, "lr": lr, "images_per_s": rate}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                accelerator.log(metrics, step=self.iteration)
-                window_losses, window_images, window_start = [], 0, time.time()
-            if self.iteration % save_every == 0 or self.iteration == self.max_iters:
-                step_dir = self.save()
+        with GracefulStop() as stop:
+            while self.iteration < self.max_iters:
+                step = self.step(stop.requested)
+                self.iteration += 1
+                self._check_finite(step)
+                if not step.nonfinite:
+                    window_losses.append(step.loss)
+                window_images += step.images
+                if self.iteration % log_every == 0 or self.iteration == self.max_iters:
+                    seconds_per_iter = (time.time() - run_start) / (self.iteration - start_iteration)
+                    self._log(window_losses, window_images, time.time() - window_start, seconds_per_iter, step.grad_norm)
+                    window_losses, window_images, window_start = [], 0, time.time()
+                if self.iteration % save_every == 0 or self.iteration == self.max_iters:
+                    result.checkpoint, result.step_dir = self.save()
+                elif step.stop:
+                    result.checkpoint, _ = self.save(export=False)
+                if step.stop:
+                    result.stopped_by = stop.received or "a signal on another process"
+                    break
+        result.iteration = self.iteration
+        if result.checkpoint is None and not result.stopped_by:  # resumed at or past max_iters: export what we have
+            result.checkpoint, result.step_dir = self.save()
         accelerator.end_training()
-        if accelerator.is_main_process:
+        if self._log_file is not None:
             logger.removeHandler(self._log_file)
             self._log_file.close()
-        if step_dir is None:  # resumed at or past max_iters: nothing trained, export what we have
-            step_dir = self.save()
-        return step_dir
+        return result
 
     def sample_grid(self, step_dir: Path) -> Path | None:
         """Generate the configured prompts from the exported pipeline and save a labelled grid."""
@@ -301,8 +415,18 @@ class Trainer:
         return out
 
 
-def train(cfg, resume: str | bool | None = None) -> tuple[Path, Path | None]:
-    """Train, export and write the sample grid; returns (last export folder, grid path)."""
-    trainer = Trainer(cfg, resume)
-    step_dir = trainer.run()
-    return step_dir, trainer.sample_grid(step_dir)
+@contextlib.contextmanager
+def _restore_gradient_sync(unet):
+    try:
+        yield
+    finally:
+        unet.set_requires_gradient_sync(True)
+
+
+def train(cfg, resume: str | bool | None = None, allow_config_change: bool = False) -> TrainResult:
+    """Train, export and write the sample grid (not when stopped by a signal)."""
+    trainer = Trainer(cfg, resume, allow_config_change)
+    result = trainer.run()
+    if result.step_dir is not None and not result.stopped_by:
+        result.grid = trainer.sample_grid(result.step_dir)
+    return result

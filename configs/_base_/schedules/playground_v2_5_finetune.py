@@ -8,4 +8,9 @@ optim_wrapper = dict(
 )
 # Any schedule name of diffusers.optimization: 'constant', 'constant_with_warmup', 'cosine', 'linear', ...
 param_scheduler = dict(type='constant_with_warmup', warmup_iters=0)
-train_cfg = dict(max_iters=10000)
+train_cfg = dict(
+    max_iters=10000,
+    # An iteration whose loss or gradient is not finite (on any process) is skipped and counted;
+    # this many in a row stop the run, so a diverged run never overwrites good checkpoints.
+    max_nonfinite_iters=5,
+)

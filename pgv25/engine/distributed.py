@@ -1,0 +1,120 @@
+"""How the UNet is spread over processes, and the few collectives the runner needs.
+
+Strategies (`strategy=` in the config):
+- `ddp`: every process holds the whole UNet; accelerate wraps it in DistributedDataParallel.
+- `fsdp`: the UNet's parameters, gradients and optimizer state are sharded over the processes
+  with torch's FSDP2 (`fully_shard`), one unit per ResNet / transformer block. We apply it
+  ourselves rather than through accelerate's plugin because accelerate only enables FSDP on
+  accelerators, and the same sharded code path must run (and be tested) on CPU with gloo.
+
+Checkpoints always hold *full* state dicts keyed by parameter name (gathered with
+`torch.distributed.checkpoint.state_dict`), so a run saved under one strategy resumes under another
+and exports are the same diffusers files whatever the strategy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..errors import UserError
+
+STRATEGIES = ("ddp", "fsdp")
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0's CPU only
+_SCATTER = StateDictOptions(full_state_dict=True)
+
+
+def check_strategy(name: str) -> str:
+    if name == "deepspeed":
+        raise UserError("strategy 'deepspeed' is not supported yet; use strategy='fsdp' to shard the UNet and its optimizer state")
+    if name not in STRATEGIES:
+        raise UserError(f"strategy '{name}' is unknown; choose one of: {', '.join(STRATEGIES)}")
+    return name
+
+
+def shard_unet(unet: torch.nn.Module, param_dtype: torch.dtype | None) -> None:
+    """FSDP2 over the UNet: each ResNet and transformer block is one all-gather unit, the rest the root.
+
+    `param_dtype` (bf16/fp16 on GPU) makes FSDP gather and compute in low precision while the sharded
+    master weights and the gradient reduction stay fp32 — mixed precision without autocast casts.
+    """
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    for module in unet.modules():
+        if isinstance(module, (ResnetBlock2D, BasicTransformerBlock)):
+            fully_shard(module, mp_policy=policy)
+    fully_shard(unet, mp_policy=policy)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over all processes, so every rank takes the same branch (skip, stop, save)."""
+    if world()[1] == 1:
+        return list(flags)
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    if world()[1] == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / world()[1]
+
+
+def gather_objects(obj) -> list:
+    """`obj` from every rank, in rank order, on every rank (small things: RNG states, counters)."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (e.g. whether rank 0's save succeeded, and why not)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """All weights, full size, on CPU; empty on ranks other than 0 when sharded (a collective)."""
+    return get_model_state_dict(model, options=_GATHER)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state keyed by parameter *name*, full size (a collective)."""
+    return get_optimizer_state_dict(model, optimizer, options=_GATHER)
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Inverse of the two above; each rank keeps its own shard. Missing or extra keys are an error."""
+    set_model_state_dict(model, model_state, options=_SCATTER)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=_SCATTER)

@@ -1,0 +1,83 @@
+"""Which checkpoint to resume from, and whether the config still describes the same run.
+
+Resuming with another model, data, batch size, seed or number of processes would silently train
+something else (or read the data in another order), so such a change is refused unless the user
+says `--allow-config-change`. Keys that do not change what is computed (iteration count, logging,
+checkpoint interval, gradient checkpointing) may change freely.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..errors import UserError
+from .checkpoint import latest_checkpoint, read_trainer_state
+
+logger = logging.getLogger("pgv25")
+
+# Model keys that only trade memory for speed; the trained function is the same.
+_FREE_MODEL_KEYS = {"gradient_checkpointing"}
+
+
+def fingerprint(cfg, world_size: int) -> dict:
+    """The config keys a resumed run must share with its checkpoint, as plain JSON values."""
+    model = {k: v for k, v in cfg.model.items() if k not in _FREE_MODEL_KEYS}
+    loader = cfg.train_dataloader
+    values = {
+        "model": model,
+        "train_dataloader.dataset": loader.dataset,
+        "train_dataloader.batch_size": loader.batch_size,
+        "optim_wrapper.accumulative_counts": cfg.optim_wrapper.get("accumulative_counts", 1),
+        "optim_wrapper.optimizer.type": cfg.optim_wrapper.optimizer.get("type", "AdamW"),
+        "randomness.seed": cfg.randomness.seed,
+        "processes": world_size,
+    }
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def _flatten(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, sub in value.items():
+            out.update(_flatten(sub, f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """'key: saved -> now' for every fingerprint value that differs."""
+    old, new = {}, {}
+    for key in sorted(set(saved) | set(current)):
+        old.update(_flatten(saved.get(key), key))
+        new.update(_flatten(current.get(key), key))
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def checkpoint_to_resume(resume, work_dir: Path) -> Path | None:
+    """`--resume` alone: the latest complete checkpoint of the work dir (None: start fresh); a path: that one."""
+    if not resume:
+        return None
+    if resume is True:
+        found = latest_checkpoint(work_dir / "checkpoints")
+        if found is None:
+            logger.info("--resume: no checkpoint in %s yet; starting from the beginning", work_dir / "checkpoints")
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume: checkpoint {path} does not exist")
+    return path
+
+
+def check_same_run(checkpoint: Path, current: dict, allow_change: bool) -> dict:
+    """The checkpoint's trainer state, after refusing (or, when allowed, logging) a changed config."""
+    state = read_trainer_state(checkpoint)
+    changes = config_changes(state.get("fingerprint", {}), current)
+    if changes and not allow_change:
+        shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+        raise UserError(f"the config differs from the one checkpoint {checkpoint} was trained with ({shown}); "
+                        "pass --allow-config-change to resume anyway")
+    for change in changes:
+        logger.warning("resuming with a changed config (--allow-config-change): %s", change)
+    return state
