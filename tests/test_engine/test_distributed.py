@@ -1,0 +1,115 @@
+"""Two CPU processes training together (gloo): agreement across ranks, sharding, exact resume, preemption."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_OPTIONS
+
+HERE = Path(__file__).resolve().parent
+SMALL = TINY_OPTIONS + ["train_dataloader.batch_size=4", "default_hooks.logger.interval=1", "sample_grid.prompts=[]"]
+
+
+def run_worker(tmp_path, strategy: str, steps: int = 2) -> tuple[dict, Path]:
+    out, work = tmp_path / f"{strategy}.json", tmp_path / strategy
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(HERE / "dist_worker.py"), str(out), str(work), strategy, str(steps)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text()), work / "final.safetensors"
+
+
+def pgv25_train(work: Path, *options: str, resume: str | None = None, **popen) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pgv25.cli", "train", "playgroundv2_5_tiny_shapes", "--work-dir", str(work),
+               "--cfg-options", *SMALL, *options]
+    if resume:
+        command += ["--resume", resume]
+    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(process: subprocess.Popen, timeout: int = 300) -> str:
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_worker(tiny_assets, tmp_path_factory):
+    return run_worker(tmp_path_factory.mktemp("ddp_worker"), "ddp")
+
+
+def test_ddp_ranks_read_distinct_shards_and_hold_identical_weights(ddp_worker):
+    record, _ = ddp_worker
+    captions = record["captions"]
+    assert len(captions) == 2 and captions[0] != captions[1], "both ranks read the same samples"
+    for step in record["steps"]:
+        assert step["local_loss"][0] != step["local_loss"][1]  # different data ...
+        assert step["mean_loss"][0] == step["mean_loss"][1]  # ... one logged loss
+        assert step["weights"][0] == step["weights"][1]  # ... and the same weights after every update
+
+
+def test_fsdp_trains_the_same_model_as_ddp(tiny_assets, ddp_worker, tmp_path):
+    ddp_record, ddp_weights = ddp_worker
+    fsdp_record, fsdp_weights = run_worker(tmp_path, "fsdp")
+    # Same weights and data before the first update: the same first loss.
+    assert fsdp_record["steps"][0]["mean_loss"] == ddp_record["steps"][0]["mean_loss"]
+    for step in fsdp_record["steps"]:
+        assert step["weights"][0] == step["weights"][1]  # the gathered model is one model
+    a, b = load_file(ddp_weights), load_file(fsdp_weights)
+    assert set(a) == set(b)
+    base = load_file(tiny_assets["model"] / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+    # Sharded reduction sums in another order: equal to float32 rounding, not to the bit.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def scalars(work: Path) -> list[dict]:
+    lines = (work / "scalars.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_resume_is_exact(tiny_assets, tmp_path, strategy):
+    options = ["train_cfg.max_iters=4", "default_hooks.checkpoint.interval=2", f"strategy={strategy}"]
+    straight = tmp_path / "straight"
+    log = finish(pgv25_train(straight, *options))
+    assert log.count("iter 4/4") == 1, "only rank 0 logs progress"
+    state = json.loads((straight / "checkpoints" / "iter_0000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and [r["consumed"] for r in state["ranks"]] == [4, 4]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
+    finish(pgv25_train(resumed, *options, resume=str(resumed / "checkpoints" / "iter_0000002")))
+    a = load_file(straight / "step4" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "step4" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed 2-process run differs from the uninterrupted one"
+    assert scalars(resumed) == scalars(straight)[2:]
+
+
+def test_sigterm_to_the_launcher_stops_all_ranks_with_a_checkpoint(tiny_assets, tmp_path):
+    work = tmp_path / "preempted"
+    process = pgv25_train(work, "train_cfg.max_iters=100000", "default_hooks.checkpoint.interval=100000")
+    scalars_file = work / "scalars.jsonl"
+    deadline = time.time() + 240
+    while not (scalars_file.is_file() and len(scalars_file.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out = finish(process, timeout=120)
+    assert "resume with: NPROC_PER_NODE=2 pgv25 train playgroundv2_5_tiny_shapes" in out
+    (checkpoint,) = (work / "checkpoints").iterdir()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["iteration"] >= 2 and len(state["ranks"]) == 2
+    assert not list(work.glob("step*")), "a preempted run writes a checkpoint, not an export"
