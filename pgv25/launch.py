@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from .errors import UserError
@@ -79,6 +80,35 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
+class ErrorFilter:
+    """Workers' stderr, passed through until the first `pgv25: error:` line.
+
+    Every rank reports the same mistake, and torchrun follows it with its own traceback and failure
+    table; the user should see the one line. A worker that crashes with a real traceback prints no
+    such line, so that traceback (and torchrun's report) still comes through whole.
+    """
+
+    PREFIX = "pgv25: error:"
+
+    def __init__(self, out=sys.stderr):
+        self.out, self.errors = out, []
+
+    def feed(self, line: str) -> None:
+        if line.startswith(self.PREFIX):
+            if line not in self.errors:
+                self.errors.append(line)
+                self.out.write(line)
+                self.out.flush()
+        elif not self.errors:
+            self.out.write(line)
+            self.out.flush()
+
+    def pump(self, stream) -> threading.Thread:
+        thread = threading.Thread(target=lambda: [self.feed(line) for line in stream], daemon=True)
+        thread.start()
+        return thread
+
+
 def relaunch(argv: list[str]) -> int:
     """Run `pgv25 <argv>` under torchrun and supervise it; returns torchrun's exit status."""
     command = torchrun_command(argv)
@@ -87,7 +117,9 @@ def relaunch(argv: list[str]) -> int:
     # torchrun would set 1 thread per worker and warn; on a CPU give each worker its share of the cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print(f"pgv25: launching {nproc} process(es) per node with torchrun", flush=True)
-    child = subprocess.Popen(command, env=env, start_new_session=True)
+    child = subprocess.Popen(command, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True, bufsize=1)
+    errors = ErrorFilter()
+    reader = errors.pump(child.stderr)
     signals_seen = 0
 
     def forward(signum, frame):
@@ -110,7 +142,8 @@ def relaunch(argv: list[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    reader.join(timeout=10)
     if signals_seen > 1:
         print("pgv25: aborted", file=sys.stderr)
         return 130
-    return code
+    return 2 if errors.errors and code != 0 else code  # 2: the user's mistake, as in a single-process run

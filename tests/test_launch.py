@@ -65,3 +65,21 @@ def test_resume_command_replaces_any_resume_argument(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert cli.resume_command(["train", "cfg"]) == "NPROC_PER_NODE=2 pgv25 train cfg --resume"
+
+
+def test_error_filter_keeps_one_line_per_mistake_and_whole_crashes():
+    import io
+
+    from pgv25.launch import ErrorFilter
+
+    out = io.StringIO()
+    errors = ErrorFilter(out)
+    for line in ["a warning\n", "pgv25: error: bad column 'txt'\n", "pgv25: error: bad column 'txt'\n",
+                 "Traceback (most recent call last):\n", "ChildFailedError\n"]:
+        errors.feed(line)
+    assert out.getvalue() == "a warning\npgv25: error: bad column 'txt'\n"
+    crash = io.StringIO()
+    errors = ErrorFilter(crash)
+    for line in ["Traceback (most recent call last):\n", "ZeroDivisionError: division by zero\n"]:
+        errors.feed(line)
+    assert "ZeroDivisionError" in crash.getvalue() and not errors.errors

@@ -30,13 +30,18 @@ def run_worker(tmp_path, strategy: str, steps: int = 2) -> tuple[dict, Path]:
     return json.loads(out.read_text()), work / "final.safetensors"
 
 
-def pgv25_train(work: Path, *options: str, resume: str | None = None, **popen) -> subprocess.Popen:
+LAUNCH_ENV = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+
+
+def train_command(work: Path, *options: str, resume: str | None = None) -> list[str]:
     command = [sys.executable, "-m", "pgv25.cli", "train", "playgroundv2_5_tiny_shapes", "--work-dir", str(work),
                "--cfg-options", *SMALL, *options]
-    if resume:
-        command += ["--resume", resume]
-    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return command + (["--resume", resume] if resume else [])
+
+
+def pgv25_train(work: Path, *options: str, resume: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen(train_command(work, *options, resume=resume), env=LAUNCH_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(process: subprocess.Popen, timeout: int = 300) -> str:
@@ -113,3 +118,10 @@ def test_sigterm_to_the_launcher_stops_all_ranks_with_a_checkpoint(tiny_assets, 
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["iteration"] >= 2 and len(state["ranks"]) == 2
     assert not list(work.glob("step*")), "a preempted run writes a checkpoint, not an export"
+
+
+def test_a_mistake_under_the_launcher_is_one_line_and_exit_2(tiny_assets, tmp_path):
+    command = train_command(tmp_path, resume=str(tmp_path / "missing"))
+    result = subprocess.run(command, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"pgv25: error: --resume: checkpoint {tmp_path / 'missing'} does not exist"]
