@@ -198,13 +198,29 @@ def main(argv: list[str] | None = None) -> int:
             if not inside_distributed_launch():
                 check_train_args(args)  # a typo fails here in one line, not in N processes
                 return relaunch(argv)
-        return args.func(args)
+        code = args.func(args)
     except UserError as error:
         print(f"pgv25: error: {error}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("pgv25: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_now(code)
+    return code
+
+
+def exit_now(code: int) -> None:
+    """End a distributed worker without interpreter teardown.
+
+    Tearing down a gloo process group can deadlock: the main thread holds the GIL while joining a gloo
+    thread that needs the GIL to free the tensors of the last collective. Everything the run writes is
+    complete (and fsync'ed) by now, so skipping destructors loses nothing.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

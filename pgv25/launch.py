@@ -116,6 +116,9 @@ def relaunch(argv: list[str]) -> int:
     nproc = int(env["NPROC_PER_NODE"])
     # torchrun would set 1 thread per worker and warn; on a CPU give each worker its share of the cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # If torchrun itself is signalled (a scheduler signalling every process), it SIGKILLs the workers
+    # after this many seconds: long enough for a full-size checkpoint, not torchrun's 30.
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     print(f"pgv25: launching {nproc} process(es) per node with torchrun", flush=True)
     child = subprocess.Popen(command, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True, bufsize=1)
     errors = ErrorFilter()

@@ -83,3 +83,12 @@ def test_error_filter_keeps_one_line_per_mistake_and_whole_crashes():
     for line in ["Traceback (most recent call last):\n", "ZeroDivisionError: division by zero\n"]:
         errors.feed(line)
     assert "ZeroDivisionError" in crash.getvalue() and not errors.errors
+
+
+@pytest.mark.parametrize("name, message", [("deepspeed", "not supported yet; use strategy='fsdp'"), ("zero", "unknown")])
+def test_unsupported_strategies_are_one_clear_error(name, message):
+    from pgv25.engine.distributed import check_strategy
+
+    with pytest.raises(UserError, match=message):
+        check_strategy(name)
+    assert check_strategy("fsdp") == "fsdp"

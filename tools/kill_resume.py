@@ -7,8 +7,8 @@
 2. Starts the same run with `--resume` in another work dir and SIGKILLs the whole process tree; repeats
    until --kills kills have landed, then lets it finish. Odd-numbered kills come after a random delay
    (start-up plus up to a few checkpoint intervals: anywhere in start-up, steps or saves); even-numbered
-   ones are aimed at saves: as soon as the attempt starts writing a checkpoint or an export, a random
-   0-50 ms later.
+   ones are aimed at saves, alternately checkpoints and exports: a random 0-50 ms after the attempt
+   starts writing one.
 3. Reports, as one JSON line: kills, how many hit a save in progress (a temporary checkpoint or export
    folder was left behind), whether every restart resumed without an error, and whether the final UNet
    weights and the logged per-iteration losses equal the reference bit for bit.
@@ -70,9 +70,11 @@ def kill_tree(process: subprocess.Popen) -> None:
 SAVES = (("checkpoint", "checkpoints/.iter_*.tmp*"), ("export", ".step*.tmp*"))
 
 
-def saving(work: Path, since: float) -> str | None:
+def saving(work: Path, since: float, kinds=("checkpoint", "export")) -> str | None:
     """'checkpoint' or 'export' when a temporary folder created after `since` exists (a save in progress)."""
     for kind, pattern in SAVES:
+        if kind not in kinds:
+            continue
         for path in work.glob(pattern):
             try:
                 if path.stat().st_mtime >= since:
@@ -82,9 +84,9 @@ def saving(work: Path, since: float) -> str | None:
     return None
 
 
-def wait_for_save(process: subprocess.Popen, work: Path, since: float, timeout: float) -> None:
+def wait_for_save(process: subprocess.Popen, work: Path, since: float, kind: str, timeout: float) -> None:
     deadline = time.time() + timeout
-    while process.poll() is None and time.time() < deadline and saving(work, since) is None:
+    while process.poll() is None and time.time() < deadline and saving(work, since, (kind,)) is None:
         time.sleep(0.005)
 
 
@@ -146,7 +148,8 @@ def main() -> int:
             started = time.time()
             process = subprocess.Popen(command(killed, args), env=environment(args), stdout=log, stderr=subprocess.STDOUT)
             if kills < args.kills and kills % 2 == 1:  # the next kill is even-numbered: aim at a save
-                wait_for_save(process, killed, started, timeout=3 * startup + window)
+                target = "checkpoint" if kills % 4 == 1 else "export"
+                wait_for_save(process, killed, started, target, timeout=3 * startup + window)
                 time.sleep(rng.uniform(0, 0.05))
             elif kills < args.kills:
                 time.sleep(rng.uniform(startup * 0.5, startup + window))

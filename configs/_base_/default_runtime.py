@@ -12,6 +12,11 @@ default_hooks = dict(
 # 'ddp': a full copy per process; 'fsdp': parameters, gradients and optimizer state sharded
 # (FSDP2), for full fine-tunes whose optimizer state does not fit on one card.
 strategy = 'ddp'
+fsdp = dict(
+    # True: parameters are re-sharded after each block's forward and gathered again for backward
+    # (ZeRO-3, least memory). False: kept gathered until backward (ZeRO-2, less communication).
+    reshard_after_forward=True,
+)
 randomness = dict(seed=0)
 work_dir = None  # default: work_dirs/<config name>
 export = dict(

@@ -39,11 +39,13 @@ def check_strategy(name: str) -> str:
     return name
 
 
-def shard_unet(unet: torch.nn.Module, param_dtype: torch.dtype | None) -> None:
+def shard_unet(unet: torch.nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True) -> None:
     """FSDP2 over the UNet: each ResNet and transformer block is one all-gather unit, the rest the root.
 
     `param_dtype` (bf16/fp16 on GPU) makes FSDP gather and compute in low precision while the sharded
     master weights and the gradient reduction stay fp32 — mixed precision without autocast casts.
+    `reshard_after_forward=False` keeps each unit's gathered parameters from forward to backward:
+    gradients and optimizer state stay sharded (ZeRO-2), one all-gather per step instead of two.
     """
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
@@ -52,8 +54,8 @@ def shard_unet(unet: torch.nn.Module, param_dtype: torch.dtype | None) -> None:
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     for module in unet.modules():
         if isinstance(module, (ResnetBlock2D, BasicTransformerBlock)):
-            fully_shard(module, mp_policy=policy)
-    fully_shard(unet, mp_policy=policy)
+            fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(unet, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

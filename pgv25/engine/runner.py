@@ -163,7 +163,8 @@ class Trainer:
         self.sharded = self.strategy == "fsdp" and self.world_size > 1
         if self.sharded:  # shard first: the optimizer must see the sharded parameters
             unet.to(self.device)
-            distributed.shard_unet(unet, {"bf16": torch.bfloat16}.get(mixed_precision))
+            fsdp_cfg = cfg.get("fsdp") or {}
+            distributed.shard_unet(unet, {"bf16": torch.bfloat16}.get(mixed_precision), bool(fsdp_cfg.get("reshard_after_forward", True)))
         optimizer = build_optimizer(unet.parameters(), optim_cfg.optimizer, use_fused=on_gpu)
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.get("param_scheduler", {}), self.max_iters)
         if self.sharded:

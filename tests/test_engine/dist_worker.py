@@ -1,6 +1,6 @@
 """Run under torchrun by test_distributed.py: train a few steps and record what each rank saw.
 
-argv: OUT_JSON WORK_DIR STRATEGY STEPS. Writes, from rank 0, per-rank local losses, the loss mean
+argv: OUT_JSON WORK_DIR STRATEGY STEPS [KEY=VALUE ...]. Writes, from rank 0, per-rank local losses, the loss mean
 over ranks, the captions of each rank's first batch and a hash of each rank's full UNet weights
 after every step, and saves the full weights to WORK_DIR/final.safetensors.
 """
@@ -37,8 +37,8 @@ def digest(state: dict) -> str:
     return h.hexdigest()
 
 
-def main(out: str, work_dir: str, strategy: str, steps: int) -> None:
-    cfg = tiny_cfg(work_dir, f"strategy={strategy}", "sample_grid.prompts=[]", f"train_cfg.max_iters={steps}")
+def main(out: str, work_dir: str, strategy: str, steps: int, *options: str) -> None:
+    cfg = tiny_cfg(work_dir, f"strategy={strategy}", "sample_grid.prompts=[]", f"train_cfg.max_iters={steps}", *options)
     trainer = Trainer(cfg)
     first_captions = list(next(iter(trainer._loader(0)))["captions"])
     record = {"captions": distributed.gather_objects(first_captions), "steps": []}
@@ -56,4 +56,7 @@ def main(out: str, work_dir: str, strategy: str, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    from pgv25.cli import exit_now
+
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:])
+    exit_now(0)  # as the CLI does: no gloo teardown (see exit_now)

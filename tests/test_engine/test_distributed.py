@@ -19,11 +19,11 @@ HERE = Path(__file__).resolve().parent
 SMALL = TINY_OPTIONS + ["train_dataloader.batch_size=4", "default_hooks.logger.interval=1", "sample_grid.prompts=[]"]
 
 
-def run_worker(tmp_path, strategy: str, steps: int = 2) -> tuple[dict, Path]:
+def run_worker(tmp_path, strategy: str, *options: str, steps: int = 2) -> tuple[dict, Path]:
     out, work = tmp_path / f"{strategy}.json", tmp_path / strategy
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HERE / "dist_worker.py"), str(out), str(work), strategy, str(steps)],
+         str(HERE / "dist_worker.py"), str(out), str(work), strategy, str(steps), *options],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -65,9 +65,10 @@ def test_ddp_ranks_read_distinct_shards_and_hold_identical_weights(ddp_worker):
         assert step["weights"][0] == step["weights"][1]  # ... and the same weights after every update
 
 
-def test_fsdp_trains_the_same_model_as_ddp(tiny_assets, ddp_worker, tmp_path):
+@pytest.mark.parametrize("reshard", [True, False], ids=["zero3", "zero2"])
+def test_fsdp_trains_the_same_model_as_ddp(tiny_assets, ddp_worker, tmp_path, reshard):
     ddp_record, ddp_weights = ddp_worker
-    fsdp_record, fsdp_weights = run_worker(tmp_path, "fsdp")
+    fsdp_record, fsdp_weights = run_worker(tmp_path, "fsdp", f"fsdp.reshard_after_forward={reshard}")
     # Same weights and data before the first update: the same first loss.
     assert fsdp_record["steps"][0]["mean_loss"] == ddp_record["steps"][0]["mean_loss"]
     for step in fsdp_record["steps"]:
