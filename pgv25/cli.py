@@ -214,8 +214,9 @@ def exit_now(code: int) -> None:
     """End a distributed worker without interpreter teardown.
 
     Tearing down a gloo process group can deadlock: the main thread holds the GIL while joining a gloo
-    thread that needs the GIL to free the tensors of the last collective. Everything the run writes is
-    complete (and fsync'ed) by now, so skipping destructors loses nothing.
+    thread that needs the GIL to free the tensors of the last collective. So the process group is never
+    destroyed (it stays registered while the trainer is freed) and the process ends here. Everything the
+    run writes is complete (and fsync'ed) by now, so skipping destructors loses nothing.
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -124,11 +124,17 @@ def read_trainer_state(path: Path) -> dict:
         raise UserError(f"cannot resume from {path}: {STATE_FILE} is unreadable ({error})") from None
 
 
-def read_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(model weights, {part name: state}) of a checkpoint; only tensors and plain data are unpickled."""
+def read_checkpoint(path: Path, weights: bool = True) -> tuple[dict, dict]:
+    """(model weights, {part name: state}) of a checkpoint; only tensors and plain data are unpickled.
+
+    `weights=False` skips the large parts (model and optimizer state: empty dicts) for ranks that
+    receive them by broadcast.
+    """
+    names = PICKLED if weights else tuple(n for n in PICKLED if n != "optimizer")
     try:
-        model_state = load_file(path / "model.safetensors")
-        parts = {name: torch.load(path / f"{name}.pt", weights_only=True) for name in PICKLED if (path / f"{name}.pt").is_file()}
+        model_state = load_file(path / "model.safetensors") if weights else {}
+        parts = {name: torch.load(path / f"{name}.pt", weights_only=True) for name in names if (path / f"{name}.pt").is_file()}
+        parts.setdefault("optimizer", {})
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
         raise UserError(f"cannot resume from {path}: {str(error).strip().splitlines()[0]}") from None
     return model_state, parts

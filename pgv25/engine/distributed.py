@@ -28,7 +28,6 @@ from ..errors import UserError
 
 STRATEGIES = ("ddp", "fsdp")
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0's CPU only
-_SCATTER = StateDictOptions(full_state_dict=True)
 
 
 def check_strategy(name: str) -> str:
@@ -117,6 +116,11 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
-    """Inverse of the two above; each rank keeps its own shard. Missing or extra keys are an error."""
-    set_model_state_dict(model, model_state, options=_SCATTER)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=_SCATTER)
+    """Inverse of the two above; each rank keeps its own shard. Missing or extra keys are an error.
+
+    With several processes only rank 0 passes the states (read from disk) and they are broadcast: a
+    node of 8 ranks need not hold 8 copies of a full-size checkpoint in host memory.
+    """
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world()[1] > 1)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

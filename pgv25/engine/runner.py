@@ -188,7 +188,14 @@ class Trainer:
     def _restore(self, checkpoint: Path, allow_config_change: bool) -> tuple[tuple[int, int], dict | None]:
         """Load a checkpoint into the built objects; returns this rank's (data position, RNG state)."""
         state = check_same_run(checkpoint, self.fingerprint, allow_config_change)
-        model_state, parts = read_checkpoint(checkpoint)
+        try:
+            model_state, parts = read_checkpoint(checkpoint, weights=self.rank == 0 or self.world_size == 1)
+            error = None
+        except UserError as failure:
+            error = str(failure)
+        failed = [e for e in distributed.gather_objects(error) if e]
+        if failed:  # every rank raises, none waits in a broadcast
+            raise UserError(failed[0])
         try:
             distributed.load_full_state(self.unet, self.optimizer.optimizer, model_state, parts["optimizer"])
             self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
@@ -391,7 +398,10 @@ class Trainer:
         result.iteration = self.iteration
         if result.checkpoint is None and not result.stopped_by:  # resumed at or past max_iters: export what we have
             result.checkpoint, result.step_dir = self.save()
-        accelerator.end_training()
+        # Not accelerator.end_training(): it also destroys the process group, after which freeing the
+        # DDP model tears gloo down with the GIL held and can deadlock (see cli.exit_now).
+        for tracker in accelerator.trackers:
+            tracker.finish()
         if self._log_file is not None:
             logger.removeHandler(self._log_file)
             self._log_file.close()

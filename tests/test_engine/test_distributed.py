@@ -30,7 +30,9 @@ def run_worker(tmp_path, strategy: str, *options: str, steps: int = 2) -> tuple[
     return json.loads(out.read_text()), work / "final.safetensors"
 
 
-LAUNCH_ENV = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+def launch_env() -> dict:
+    """Built per call: os.environ gets the session's PGV25_CACHE only once the fixtures have run."""
+    return {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
 
 
 def train_command(work: Path, *options: str, resume: str | None = None) -> list[str]:
@@ -40,7 +42,7 @@ def train_command(work: Path, *options: str, resume: str | None = None) -> list[
 
 
 def pgv25_train(work: Path, *options: str, resume: str | None = None) -> subprocess.Popen:
-    return subprocess.Popen(train_command(work, *options, resume=resume), env=LAUNCH_ENV,
+    return subprocess.Popen(train_command(work, *options, resume=resume), env=launch_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -123,6 +125,6 @@ def test_sigterm_to_the_launcher_stops_all_ranks_with_a_checkpoint(tiny_assets, 
 
 def test_a_mistake_under_the_launcher_is_one_line_and_exit_2(tiny_assets, tmp_path):
     command = train_command(tmp_path, resume=str(tmp_path / "missing"))
-    result = subprocess.run(command, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [f"pgv25: error: --resume: checkpoint {tmp_path / 'missing'} does not exist"]
