@@ -200,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                 return relaunch(argv)
         code = args.func(args)
     except UserError as error:
-        print(f"pgv25: error: {error}", file=sys.stderr)
+        # One write call: the ranks of a distributed run share stderr, and print() writes the text
+        # and the newline separately, which interleaves two ranks' lines into one.
+        sys.stderr.write(f"pgv25: error: {error}\n")
+        sys.stderr.flush()
         code = 2
     except KeyboardInterrupt:
         print("pgv25: interrupted", file=sys.stderr)
