@@ -17,6 +17,18 @@ fsdp = dict(
     # (ZeRO-3, least memory). False: kept gathered until backward (ZeRO-2, less communication).
     reshard_after_forward=True,
 )
+# Exponential moving average of the UNet weights (on rank 0; not yet with strategy='fsdp').
+ema = dict(
+    enabled=False,
+    decay=0.9999,  # the cap of the EMA decay
+    warmup=True,  # decay ramps up as 1 - (1 + n/inv_gamma)^-power over the n EMA updates (diffusers' EMAModel)
+    inv_gamma=1.0,
+    power=2 / 3,
+    update_after=0,  # first iteration whose update enters the EMA is update_after + 1
+    every=1,  # update the EMA every k iterations
+    device=None,  # None: next to the weights; 'cpu' spares device memory
+    export='ema',  # exports hold the EMA weights ('ema') or the trained weights ('model')
+)
 randomness = dict(seed=0)
 work_dir = None  # default: work_dirs/<config name>
 export = dict(

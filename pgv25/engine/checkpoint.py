@@ -2,6 +2,7 @@
 
 Layout of `checkpoints/iter_<N>/`:
 - `model.safetensors`: the full trainable weights, keyed by parameter name;
+- `ema.safetensors`: their exponential moving average, when the run keeps one;
 - `optimizer.pt`, `lr_scheduler.pt`, `grad_scaler.pt` (fp16 runs), `rng.pt` (every RNG of every
   rank): tensors, numbers and strings only, read back with `torch.load(weights_only=True)`;
 - `trainer_state.json`: iteration, per-rank data position, counters, the config fingerprint.
@@ -75,7 +76,7 @@ def _describe(error: OSError) -> str:
 def save_checkpoint(folder: Path, iteration: int, model_state: dict, parts: dict, trainer_state: dict, keep: int | None = None) -> Path:
     """Write `folder/iter_<iteration>` atomically, then keep only the newest `keep`; returns its path.
 
-    `parts` maps the names in PICKLED to state dicts (absent or None: not saved).
+    `parts` maps the names in PICKLED to state dicts, and "ema" to EMA weights (absent or None: not saved).
     """
     final = folder / f"iter_{iteration:07d}"
     tmp = folder / f".iter_{iteration:07d}.tmp{os.getpid()}"
@@ -85,6 +86,8 @@ def save_checkpoint(folder: Path, iteration: int, model_state: dict, parts: dict
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+        if parts.get("ema") is not None:
+            save_file({k: v.contiguous() for k, v in parts["ema"].items()}, tmp / "ema.safetensors")
         for name in PICKLED:
             if parts.get(name) is not None:
                 torch.save(parts[name], tmp / f"{name}.pt")
@@ -135,6 +138,8 @@ def read_checkpoint(path: Path, weights: bool = True) -> tuple[dict, dict]:
         model_state = load_file(path / "model.safetensors") if weights else {}
         parts = {name: torch.load(path / f"{name}.pt", weights_only=True) for name in names if (path / f"{name}.pt").is_file()}
         parts.setdefault("optimizer", {})
+        if weights and (path / "ema.safetensors").is_file():
+            parts["ema"] = load_file(path / "ema.safetensors")
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
         raise UserError(f"cannot resume from {path}: {str(error).strip().splitlines()[0]}") from None
     return model_state, parts

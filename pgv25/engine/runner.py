@@ -33,6 +33,7 @@ from ..models.loading import load_components
 from ..models.text_conditioner import TextConditioner
 from . import distributed
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .ema import build_ema
 from .export import DTYPES, export_pipeline
 from .optim import build_lr_scheduler, build_optimizer
 from .resume import check_same_run, checkpoint_to_resume, fingerprint
@@ -172,6 +173,14 @@ class Trainer:
         else:
             self.objective, self.optimizer = accelerator.prepare(objective, optimizer)
         self.generator = torch.Generator(self.device).manual_seed(self.seed + self.rank)
+        ema_cfg = cfg.get("ema") or {}
+        self.export_ema = ema_cfg.get("export", "ema")
+        if self.export_ema not in ("ema", "model"):
+            raise UserError(f"ema.export must be 'ema' or 'model', got '{self.export_ema}'")
+        if ema_cfg.get("enabled") and self.sharded:
+            raise UserError("ema with strategy='fsdp' is not supported yet; use strategy='ddp' or disable ema")
+        # DDP keeps identical weights on every rank, so rank 0's EMA is the EMA; the others keep none.
+        self.ema = build_ema(unet, ema_cfg) if accelerator.is_main_process else None
 
         self.iteration = 0
         self.nonfinite_total = 0  # skipped updates so far
@@ -203,6 +212,14 @@ class Trainer:
                 self.accelerator.scaler.load_state_dict(parts["grad_scaler"])
         except (KeyError, ValueError, RuntimeError) as error:
             raise UserError(f"cannot resume from {checkpoint}: {str(error).strip().splitlines()[0]}") from None
+        if self.ema is not None:
+            if "ema" in parts:
+                try:
+                    self.ema.load_state(parts["ema"], int(state.get("ema_updates", 0)))
+                except ValueError as error:
+                    raise UserError(f"cannot resume from {checkpoint}: {error}") from None
+            else:
+                logger.warning("%s holds no EMA weights: the EMA starts from the resumed weights", checkpoint)
         self.iteration = int(state["iteration"])
         self.nonfinite_total = int(state.get("nonfinite_skipped", 0))
         ranks = state["ranks"]
@@ -323,17 +340,23 @@ class Trainer:
                     "optimizer": optimizer_state, "lr_scheduler": self.lr_scheduler.state_dict(),
                     "grad_scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": {"ranks": [r.pop("rng") for r in ranks]},
+                    "ema": self.ema.state() if self.ema is not None else None,
                 }
                 trainer_state = {
                     "ranks": ranks, "world_size": self.world_size, "nonfinite_skipped": self.nonfinite_total,
                     "config": self.cfg.config_name, "fingerprint": self.fingerprint,
+                    "ema_updates": self.ema.updates if self.ema is not None else None,
                 }
                 keep = self.cfg.default_hooks.checkpoint.get("max_keep_ckpts")
                 checkpoint = save_checkpoint(checkpoint.parent, self.iteration, model_state, parts, trainer_state, keep)
                 if step_dir is not None:
                     dtype = self.cfg.get("export", {}).get("dtype", "fp32")
-                    export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=model_state)
-                logger.info("iteration %d: checkpoint %s%s", self.iteration, checkpoint, f", export {step_dir}" if step_dir else "")
+                    weights = model_state
+                    if self.ema is not None and self.export_ema == "ema":
+                        weights = {**model_state, **parts["ema"]}  # EMA values for every trained parameter
+                    export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=weights)
+                exported = f", export {step_dir}" + (" (EMA weights)" if self.ema is not None and self.export_ema == "ema" else "")
+                logger.info("iteration %d: checkpoint %s%s", self.iteration, checkpoint, exported if step_dir else "")
             except UserError as failure:
                 error = str(failure)
         error = distributed.broadcast_object(error)
@@ -381,6 +404,8 @@ class Trainer:
                 step = self.step(stop.requested)
                 self.iteration += 1
                 self._check_finite(step)
+                if self.ema is not None and not step.nonfinite:
+                    self.ema.update(self.iteration)
                 if not step.nonfinite:
                     window_losses.append(step.loss)
                 window_images += step.images
