@@ -79,12 +79,16 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in tensor.tolist()]
 
 
-def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
     if world()[1] == 1:
-        return value
+        return value.clone()
     value = value.clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / world()[1]
+    return value
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    return sum_over_ranks(value) / world()[1]
 
 
 def gather_objects(obj) -> list:

@@ -35,6 +35,7 @@ from . import distributed
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .ema import build_ema
 from .export import DTYPES, export_pipeline
+from .metrics import SigmaBinnedLoss
 from .optim import build_lr_scheduler, build_optimizer
 from .resume import check_same_run, checkpoint_to_resume, fingerprint
 from .signals import GracefulStop
@@ -173,6 +174,7 @@ class Trainer:
         else:
             self.objective, self.optimizer = accelerator.prepare(objective, optimizer)
         self.generator = torch.Generator(self.device).manual_seed(self.seed + self.rank)
+        self.sigma_losses = SigmaBinnedLoss(self.device)
         ema_cfg = cfg.get("ema") or {}
         self.export_ema = ema_cfg.get("export", "ema")
         if self.export_ema not in ("ema", "model"):
@@ -262,8 +264,10 @@ class Trainer:
         sigma = self.sigma_sampler(len(x0), self.generator, self.device)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
         with self.accelerator.autocast():
-            loss = self.objective(x0, sigma, noise, cond).mean()
+            per_sample = self.objective(x0, sigma, noise, cond)
+            loss = per_sample.mean()
         self.accelerator.backward(loss / self.accumulation)
+        self.sigma_losses.add(sigma, per_sample)
         return loss.detach()
 
     def _gradient_sync(self, sync: bool):
@@ -299,7 +303,9 @@ class Trainer:
             self.optimizer.step()  # an fp16 overflow (finite loss, inf gradient) is the grad scaler's to skip
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, grad_norm, images, nonfinite=bad_loss or (bad_grad and scaler is None), stop=stop)
+        nonfinite = bad_loss or (bad_grad and scaler is None)
+        self.sigma_losses.commit(keep=not nonfinite)
+        return StepResult(loss, grad_norm, images, nonfinite=nonfinite, stop=stop)
 
     def _check_finite(self, result: StepResult) -> None:
         limit = int(self.cfg.train_cfg.get("max_nonfinite_iters", 5))
@@ -375,7 +381,9 @@ class Trainer:
             f"  skipped updates {self.nonfinite_total}" if self.nonfinite_total else "")
         logger.info("iter %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %d:%02d:%02d%s", self.iteration, self.max_iters,
                     mean_loss, lr, rate, eta // 3600, eta // 60 % 60, eta % 60, extra)
-        metrics = {"loss": mean_loss, "lr": lr, "images_per_s": rate, "grad_norm": float(grad_norm)}
+        metrics = {"loss": mean_loss, "lr": lr, "images_per_s": rate, "grad_norm": float(grad_norm), **self.sigma_losses.means()}
+        if self.device.type == "cuda":
+            metrics["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.accelerator.log(metrics, step=self.iteration)
         if self.accelerator.is_main_process:
             with open(self.work_dir / SCALARS, "a") as f:

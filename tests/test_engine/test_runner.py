@@ -124,3 +124,13 @@ def test_generate_command(straight_run, tmp_path):
     assert main(["generate", "--model", str(step_dir), "--prompt", "a", "b", "--num-images", "2",
                  "--scheduler", "euler", "--steps", "3", "--out", str(grid)]) == 0
     assert grid.is_file() and len(list(tmp_path.glob("grid_*.png"))) == 4
+
+
+def test_scalars_split_the_loss_by_sigma_range(straight_run):
+    work, _, _ = straight_run
+    for line in (work / "scalars.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        bins = [v for k, v in row.items() if k.startswith("loss_sigma/")]
+        assert bins, row
+        # One micro-batch per logged iteration: the loss is a weighted mean of the bin means.
+        assert min(bins) - 1e-6 <= row["loss"] <= max(bins) + 1e-6
