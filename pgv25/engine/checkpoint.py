@@ -69,10 +69,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _describe(error: OSError) -> str:
-    return error.strerror or str(error)
-
-
 def save_checkpoint(folder: Path, iteration: int, model_state: dict, parts: dict, trainer_state: dict, keep: int | None = None) -> Path:
     """Write `folder/iter_<iteration>` atomically, then keep only the newest `keep`; returns its path.
 
@@ -100,7 +96,7 @@ def save_checkpoint(folder: Path, iteration: int, model_state: dict, parts: dict
         _fsync(folder)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {final}: {_describe(error)}; the previous checkpoint is intact") from None
+        raise UserError(f"cannot write checkpoint {final}: {error.strerror or error}; the previous checkpoint is intact") from None
     if keep and keep > 0:
         for old in complete_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -70,13 +70,13 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag OR-ed over all processes, so every rank takes the same branch (skip, stop, save)."""
-    if world()[1] == 1:
-        return list(flags)
-    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in tensor.tolist()]
+def any_rank(flags: torch.Tensor) -> list[bool]:
+    """Each flag of a 1-D tensor OR-ed over all processes, so every rank takes the same branch (skip,
+    stop, save); the flags stay on the device until the one host transfer at the end."""
+    flags = flags.to(torch.int32)
+    if world()[1] > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in flags.tolist()]
 
 
 def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:

@@ -162,6 +162,8 @@ class Trainer:
         objective = EDMLoss(denoiser, self.weighting)
 
         self.max_iters = int(cfg.train_cfg.max_iters)
+        self.max_nonfinite = int(cfg.train_cfg.get("max_nonfinite_iters", 5))
+        self.clip_norm = (optim_cfg.get("clip_grad") or {}).get("max_norm") or math.inf  # inf: measure, never clip
         self.sharded = self.strategy == "fsdp" and self.world_size > 1
         if self.sharded:  # shard first: the optimizer must see the sharded parameters
             unet.to(self.device)
@@ -188,10 +190,10 @@ class Trainer:
         self.nonfinite_total = 0  # skipped updates so far
         self.nonfinite_run = 0  # consecutive skipped updates
         self.fingerprint = fingerprint(cfg, self.world_size)
-        self.resumed_from = checkpoint_to_resume(resume, self.work_dir)
+        checkpoint = checkpoint_to_resume(resume, self.work_dir)
         position, rng = (0, 0), None
-        if self.resumed_from is not None:
-            position, rng = self._restore(self.resumed_from, allow_config_change)
+        if checkpoint is not None:
+            position, rng = self._restore(checkpoint, allow_config_change)
         self.batches = Batches(self._loader(position[0]), consumed=position[0], skipped=position[1])
         if rng is not None:  # last: building the loader iterator draws from the global torch RNG
             set_rng_state(rng, self.generator)
@@ -270,19 +272,24 @@ class Trainer:
         self.sigma_losses.add(sigma, per_sample)
         return loss.detach()
 
+    @contextlib.contextmanager
     def _gradient_sync(self, sync: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
         if sync:
-            return contextlib.nullcontext()
-        if self.sharded:
+            yield
+        elif self.sharded:
             self.unet.set_requires_gradient_sync(False)
-            return _restore_gradient_sync(self.unet)
-        return self.accelerator.no_sync(self.objective)
+            try:
+                yield
+            finally:
+                self.unet.set_requires_gradient_sync(True)
+        else:
+            with self.accelerator.no_sync(self.objective):
+                yield
 
     def _grad_norm(self) -> torch.Tensor:
         """Total gradient norm, clipped to `clip_grad.max_norm` when set (unscaled first under fp16)."""
-        clip = (self.cfg.optim_wrapper.get("clip_grad") or {}).get("max_norm")
-        norm = self.accelerator.clip_grad_norm_(self.unet.parameters(), clip or math.inf)
+        norm = self.accelerator.clip_grad_norm_(self.unet.parameters(), self.clip_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
     def step(self, stop_requested: bool = False) -> StepResult:
@@ -295,9 +302,9 @@ class Trainer:
             images += batch["size"]
         loss = torch.stack(losses).mean()
         grad_norm = self._grad_norm()
-        bad_loss, bad_grad, stop = distributed.any_rank(
-            [not torch.isfinite(loss).item(), not torch.isfinite(grad_norm).item(), stop_requested], self.device
-        )
+        flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm).to(loss.device),
+                             torch.tensor(stop_requested, device=loss.device)])
+        bad_loss, bad_grad, stop = distributed.any_rank(flags)  # the step's one host sync
         scaler = self.accelerator.scaler
         if not (bad_loss or bad_grad) or (scaler is not None and not bad_loss):
             self.optimizer.step()  # an fp16 overflow (finite loss, inf gradient) is the grad scaler's to skip
@@ -308,7 +315,6 @@ class Trainer:
         return StepResult(loss, grad_norm, images, nonfinite=nonfinite, stop=stop)
 
     def _check_finite(self, result: StepResult) -> None:
-        limit = int(self.cfg.train_cfg.get("max_nonfinite_iters", 5))
         if not result.nonfinite:
             self.nonfinite_run = 0
             return
@@ -316,9 +322,9 @@ class Trainer:
         self.nonfinite_run += 1
         logger.warning("iteration %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row, %d in all)",
                        self.iteration, float(result.loss), float(result.grad_norm), self.nonfinite_run, self.nonfinite_total)
-        if self.nonfinite_run >= limit:
+        if self.nonfinite_run >= self.max_nonfinite:
             raise UserError(
-                f"iteration {self.iteration}: {limit} consecutive iterations with a non-finite loss or gradient "
+                f"iteration {self.iteration}: {self.max_nonfinite} consecutive iterations with a non-finite loss or gradient "
                 f"(train_cfg.max_nonfinite_iters); stopped without saving them. Resume from the last checkpoint "
                 "with a lower optim_wrapper.optimizer.lr or with optim_wrapper.clip_grad set"
             )
@@ -355,14 +361,14 @@ class Trainer:
                 }
                 keep = self.cfg.default_hooks.checkpoint.get("max_keep_ckpts")
                 checkpoint = save_checkpoint(checkpoint.parent, self.iteration, model_state, parts, trainer_state, keep)
+                exported = ""
                 if step_dir is not None:
                     dtype = self.cfg.get("export", {}).get("dtype", "fp32")
-                    weights = model_state
-                    if self.ema is not None and self.export_ema == "ema":
-                        weights = {**model_state, **parts["ema"]}  # EMA values for every trained parameter
+                    use_ema = self.ema is not None and self.export_ema == "ema"
+                    weights = {**model_state, **parts["ema"]} if use_ema else model_state  # EMA values for trained parameters
                     export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=weights)
-                exported = f", export {step_dir}" + (" (EMA weights)" if self.ema is not None and self.export_ema == "ema" else "")
-                logger.info("iteration %d: checkpoint %s%s", self.iteration, checkpoint, exported if step_dir else "")
+                    exported = f", export {step_dir}" + (" (EMA weights)" if use_ema else "")
+                logger.info("iteration %d: checkpoint %s%s", self.iteration, checkpoint, exported)
             except UserError as failure:
                 error = str(failure)
         error = distributed.broadcast_object(error)
@@ -457,14 +463,6 @@ class Trainer:
         labelled_grid(images, prompts).save(out)
         logger.info("sample grid from %s: %s", step_dir, out)
         return out
-
-
-@contextlib.contextmanager
-def _restore_gradient_sync(unet):
-    try:
-        yield
-    finally:
-        unet.set_requires_gradient_sync(True)
 
 
 def train(cfg, resume: str | bool | None = None, allow_config_change: bool = False) -> TrainResult:
