@@ -59,7 +59,7 @@ def torchrun_command(argv: list[str], env=os.environ) -> list[str]:
     return command + ["-m", "pgv25.cli", *argv]
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """Direct children of `pid` (Linux /proc; elsewhere none are found and torchrun itself is signalled)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -128,7 +128,7 @@ def relaunch(argv: list[str]) -> int:
     def forward(signum, frame):
         nonlocal signals_seen
         signals_seen += 1
-        workers = _children(child.pid)
+        workers = children(child.pid)
         if signals_seen == 1:
             _signal_all(workers or [child.pid], signal.SIGTERM)
         else:  # second Ctrl-C: abort now

@@ -47,3 +47,13 @@ def tiny_cfg(work_dir, *options: str):
     cfg = load_config("playgroundv2_5_tiny_shapes", parse_cfg_options(base + list(options)))
     cfg.work_dir = str(work_dir)
     return cfg
+
+
+def wait_for_logged_iterations(process, work_dir, count: int, timeout: float = 240) -> None:
+    """Block until a training subprocess has logged `count` iterations to scalars.jsonl."""
+    import time
+
+    scalars, deadline = work_dir / "scalars.jsonl", time.time() + timeout
+    while not (scalars.is_file() and len(scalars.read_text().splitlines()) >= count):
+        assert process.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)

@@ -44,17 +44,12 @@ def environment(args) -> dict:
 
 
 def descendants(pid: int) -> list[int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
+    from pgv25.launch import children
+
     found, frontier = [], [pid]
     while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
+        frontier = [child for parent in frontier for child in children(parent)]
+        found += frontier
     return found
 
 

@@ -6,14 +6,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_OPTIONS
+from conftest import TINY_OPTIONS, wait_for_logged_iterations
 
 HERE = Path(__file__).resolve().parent
 SMALL = TINY_OPTIONS + ["train_dataloader.batch_size=4", "default_hooks.logger.interval=1", "sample_grid.prompts=[]"]
@@ -109,11 +108,7 @@ def test_two_process_resume_is_exact(tiny_assets, tmp_path, strategy):
 def test_sigterm_to_the_launcher_stops_all_ranks_with_a_checkpoint(tiny_assets, tmp_path):
     work = tmp_path / "preempted"
     process = pgv25_train(work, "train_cfg.max_iters=100000", "default_hooks.checkpoint.interval=100000")
-    scalars_file = work / "scalars.jsonl"
-    deadline = time.time() + 240
-    while not (scalars_file.is_file() and len(scalars_file.read_text().splitlines()) >= 2):
-        assert process.poll() is None and time.time() < deadline, "training did not start"
-        time.sleep(0.2)
+    wait_for_logged_iterations(process, work, 2)
     process.send_signal(signal.SIGTERM)
     out = finish(process, timeout=120)
     assert "resume with: NPROC_PER_NODE=2 pgv25 train playgroundv2_5_tiny_shapes" in out

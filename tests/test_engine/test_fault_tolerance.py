@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_OPTIONS, tiny_cfg
+from conftest import TINY_OPTIONS, tiny_cfg, wait_for_logged_iterations
 from pgv25.engine import checkpoint as checkpoint_module
 from pgv25.engine.checkpoint import complete_checkpoints, latest_checkpoint
 from pgv25.engine.runner import Trainer, train
@@ -146,15 +146,11 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tiny_assets, tmp_path
          *options, "train_cfg.max_iters=100000", "default_hooks.checkpoint.interval=100000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    scalars = work / "scalars.jsonl"
-    deadline = time.time() + 240
-    while not (scalars.is_file() and len(scalars.read_text().splitlines()) >= 2):
-        assert process.poll() is None and time.time() < deadline, "training did not start"
-        time.sleep(0.2)
+    wait_for_logged_iterations(process, work, 2)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 0, out[-3000:]
-    stopped_at = json.loads(scalars.read_text().splitlines()[-1])["iteration"]
+    stopped_at = json.loads((work / "scalars.jsonl").read_text().splitlines()[-1])["iteration"]
     assert f"stopped by SIGTERM after iteration {stopped_at}" in out
     assert "resume with: pgv25 train playgroundv2_5_tiny_shapes --work-dir" in out and out.rstrip().endswith("--resume")
     assert latest_checkpoint(work / "checkpoints").name == f"iter_{stopped_at:07d}"
