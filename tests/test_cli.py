@@ -55,14 +55,14 @@ def test_dry_run_prints_resolved_config(capsys):
 def test_unreachable_hub_model_says_so_and_how_to_fix(tmp_path, tiny_assets):
     """The real recipe's hub id, on a machine without the hub (the dataset points at local files)."""
     result = run("train", "playgroundv2_5_pokemon_blip", "--work-dir", str(tmp_path / "w"), "--cfg-options",
-                 f"train_dataloader.dataset.data_dir={tiny_assets['shapes']}", "train_dataloader.num_workers=0")
+                 "train_dataloader.dataset.type=folder", f"train_dataloader.dataset.path={tiny_assets['shapes']}", "train_dataloader.num_workers=0")
     one_line_error(result, "cannot reach the Hugging Face Hub", "playgroundai/playground-v2.5-1024px-aesthetic",
                    "model.pretrained_model_name_or_path=DIR")
 
 
 def test_unreachable_hub_dataset_says_so(tmp_path):
     result = run("train", "playgroundv2_5_pokemon_blip", "--work-dir", str(tmp_path / "w"))
-    one_line_error(result, "cannot reach the Hugging Face Hub", "lambdalabs/pokemon-blip-captions", "train_dataloader.dataset.dataset=DIR")
+    one_line_error(result, "cannot reach the Hugging Face Hub", "lambdalabs/pokemon-blip-captions", "train_dataloader.dataset.path=DIR")
 
 
 def test_model_folder_without_a_component(tmp_path, tiny_assets):

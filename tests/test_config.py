@@ -21,20 +21,20 @@ def test_real_recipe_hyper_parameters():
     data = cfg.train_dataloader
     assert data.batch_size == 1 and data.dataset.resolution == 1024
     assert data.dataset.random_flip and not data.dataset.center_crop and data.dataset.caption_dropout > 0
-    assert data.dataset.dataset == "lambdalabs/pokemon-blip-captions"
+    assert data.dataset.path == "lambdalabs/pokemon-blip-captions"
 
 
 def test_mmengine_style_keys_can_be_overridden():
     options = parse_cfg_options([
         "train_cfg.max_iters=7", "train_dataloader.batch_size=3", "optim_wrapper.optimizer.lr=2e-4",
         "default_hooks.checkpoint.interval=5", "work_dir=/tmp/x", "randomness.seed=9",
-        "train_dataloader.dataset.dataset=lambdalabs/naruto-blip-captions",
+        "train_dataloader.dataset.path=lambdalabs/naruto-blip-captions",
     ])
     cfg = load_config("playgroundv2_5_pokemon_blip", options)
     assert cfg.train_cfg.max_iters == 7 and cfg.train_dataloader.batch_size == 3
     assert cfg.optim_wrapper.optimizer.lr == 2e-4 and cfg.default_hooks.checkpoint.interval == 5
     assert cfg.work_dir == "/tmp/x" and cfg.randomness.seed == 9
-    assert cfg.train_dataloader.dataset.dataset == "lambdalabs/naruto-blip-captions"
+    assert cfg.train_dataloader.dataset.path == "lambdalabs/naruto-blip-captions"
 
 
 def test_unknown_option_key_is_refused_with_a_suggestion():

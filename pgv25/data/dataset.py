@@ -1,118 +1,114 @@
-"""Image–caption datasets read through 🤗 `datasets`: a hub dataset, a local dataset folder, or an
-image folder with `metadata.jsonl`/`metadata.csv` (the `imagefolder` builder)."""
+"""From the dataset config to batches: rows → scanned index → buckets → a per-sample dataset.
+
+Each sample's randomness (crop, flip, caption choice, caption dropout) comes from a generator
+seeded by (seed, step, slot), so the same step gives the same batch with any number of loader
+workers and after a resume. A file that fails to decode is skipped: the item carries the reason,
+the collate drops it and the runner counts and logs it, so one broken file never ends an epoch.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import UserError
-from ..models.loading import hub_unreachable_message
-from .transforms import SDXLTransform
+from .buckets import make_buckets, merge_small, nearest_buckets
+from .index import DEFAULT_MAX_PIXELS, Index, describe_problems, scan
+from .sources import EMPTY_CAPTION, NO_CAPTION, Rows, load_rows
+from .transforms import BucketTransform, ImageProblem, cover_size, decode
 
-logger = logging.getLogger(__name__)
-
-
-def load_source(dataset: str | None = None, data_dir: str | None = None, split: str = "train", key: str = "train_dataloader.dataset"):
-    """`data_dir`: a local image folder; `dataset`: a hub id or a local dataset directory."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        if data_dir is not None:
-            if not Path(data_dir).expanduser().is_dir():
-                raise UserError(f"image folder {data_dir} does not exist ({key}.data_dir)")
-            return datasets.load_dataset("imagefolder", data_dir=str(Path(data_dir).expanduser()), split=split)
-        if dataset is None:
-            raise UserError(f"set {key}.dataset (a hub id or local folder) or {key}.data_dir (an image folder)")
-        if Path(dataset).expanduser().is_dir():
-            return datasets.load_dataset(str(Path(dataset).expanduser()), split=split)
-        return datasets.load_dataset(dataset, split=split)
-    except UserError:
-        raise
-    except (ConnectionError, OSError) as error:
-        if data_dir is None and not Path(dataset).expanduser().exists() and _looks_unreachable(error):
-            raise UserError(hub_unreachable_message(dataset, "dataset", f"{key}.dataset")) from None
-        raise UserError(f"cannot load dataset {data_dir or dataset}: {_first_line(error)}") from None
-    except (ValueError, FileNotFoundError) as error:
-        raise UserError(f"cannot load dataset {data_dir or dataset}: {_first_line(error)}") from None
+logger = logging.getLogger("pgv25")
 
 
-def _looks_unreachable(error: Exception) -> bool:
-    text = f"{type(error).__name__} {error}".lower()
-    return any(word in text for word in ("connect", "offline", "resolve", "network", "timed out", "couldn't reach", "name or service"))
+@dataclass
+class DataPlan:
+    """What will be trained on: usable rows, their sizes, and the bucket each one goes to."""
+
+    rows: Rows
+    index: Index
+    sizes: list  # bucket (w, h)
+    bucket_of: np.ndarray  # bucket of each index position
+    weighting: float | str
+
+    def histogram(self) -> list[tuple[tuple[int, int], int]]:
+        counts = np.bincount(self.bucket_of, minlength=len(self.sizes))
+        return [(size, int(n)) for size, n in zip(self.sizes, counts)]
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dataset") -> DataPlan:
+    """Read and scan the source and assign buckets; every whole-dataset mistake raises here, before any model loads."""
+    rows = load_rows(cfg, key)
+    if cfg.get("keep_uncaptioned"):  # train such images as unconditional instead of skipping them
+        rows.captions = [[""] if c in (NO_CAPTION, EMPTY_CAPTION) else c for c in rows.captions]
+    index = scan(rows, cfg.get("cache_dir"), int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)))
+    if len(index) == 0:
+        raise UserError(f"no usable images in {rows.name}{describe_problems(index.reasons(), ': excluded')}")
+    resolution = int(cfg["resolution"])
+    buckets = cfg.get("buckets") or {}
+    if buckets.get("enabled", bool(buckets)):
+        try:
+            sizes = make_buckets(resolution, int(buckets.get("step", 64)), float(buckets.get("max_ratio", 4.0)))
+        except ValueError as error:
+            raise UserError(f"{key}.buckets: {error}") from None
+        bucket_of = nearest_buckets(index.widths, index.heights, sizes)
+        bucket_of = merge_small(bucket_of, sizes, int(buckets.get("min_images", global_batch)))
+        weighting = buckets.get("weighting", 1.0)
+    else:  # every image a square crop of resolution²
+        sizes, bucket_of, weighting = [(resolution, resolution)], np.zeros(len(index), np.int64), 1.0
+    used = np.bincount(bucket_of, minlength=len(sizes)) > 0  # keep only buckets that have images
+    renumber = np.cumsum(used) - 1
+    return DataPlan(rows, index, [s for s, u in zip(sizes, used) if u], renumber[bucket_of], weighting)
 
 
-class CaptionedImageDataset(torch.utils.data.Dataset):
-    """Indexed by (epoch, index) pairs from `ResumableSampler`; each sample's randomness (crop,
-    flip, caption choice, caption dropout) comes from a generator seeded by (seed, epoch, index).
+class BucketedImageDataset(torch.utils.data.Dataset):
+    """Item (step, slot, position) → pixels cropped to the position's bucket, time_ids, caption."""
 
-    An image that cannot be decoded is skipped: the item is None, the collate drops it and the
-    runner counts it, so one broken file never ends an epoch.
-    """
-
-    def __init__(self, source, transform: SDXLTransform, image_column: str = "image", caption_column: str = "text",
-                 caption_dropout: float = 0.0, seed: int = 0):
-        missing = [c for c in (image_column, caption_column) if c not in source.column_names]
-        if missing:
-            raise UserError(f"dataset has no column {', '.join(map(repr, missing))}; its columns are {source.column_names}")
-        if len(source) == 0:
-            raise UserError("dataset is empty")
-        self.source, self.transform = source, transform
-        self.image_column, self.caption_column = image_column, caption_column
-        self.caption_dropout, self.seed = caption_dropout, seed
+    def __init__(self, plan: DataPlan, transform: BucketTransform, caption_dropout: float = 0.0, seed: int = 0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.plan, self.transform = plan, transform
+        self.caption_dropout, self.seed, self.max_pixels = caption_dropout, seed, max_pixels
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.plan.index)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        rng = random.Random(f"{self.seed}/{epoch}/{index}")
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        step, slot, position = key
+        rng = random.Random(f"{self.seed}/{step}/{slot}")
+        plan = self.plan
+        row = int(plan.index.rows[position])
+        original = (int(plan.index.widths[position]), int(plan.index.heights[position]))
+        target = plan.sizes[plan.bucket_of[position]]
         try:
-            row = self.source[index]
-            pixels, time_ids = self.transform(row[self.image_column], rng)
-        except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken files
-            logger.warning("skipping sample %d: %s", index, _first_line(error))
-            return None
-        caption = row[self.caption_column]
-        if isinstance(caption, (list, tuple)):
-            caption = rng.choice(caption) if caption else ""
-        return {
-            "pixels": pixels,
-            "time_ids": time_ids,
-            "caption": caption if isinstance(caption, str) else "",
-            "drop_caption": rng.random() < self.caption_dropout,
-        }
+            image = decode(plan.rows.open(row), self.max_pixels, cover_size(*original, target))
+            pixels, time_ids = self.transform(image, target, rng, original)
+        except ImageProblem as problem:
+            return {"problem": str(problem), "label": plan.rows.label(row)}
+        caption = rng.choice(plan.rows.captions[row])
+        return {"pixels": pixels, "time_ids": time_ids, "caption": caption, "drop_caption": rng.random() < self.caption_dropout}
 
 
-def collate(items: list) -> dict | None:
-    """Stack the good samples; `skipped` counts the ones that could not be read."""
-    good = [item for item in items if item is not None]
+def collate(items: list[dict]) -> dict:
+    """Stack the good samples; `problems` lists (label, reason) of the ones that could not be read."""
+    good = [item for item in items if "problem" not in item]
+    problems = [(item["label"], item["problem"]) for item in items if "problem" in item]
     if not good:
-        return {"skipped": len(items), "size": 0}
+        return {"problems": problems, "size": 0}
     return {
         "pixels": torch.stack([item["pixels"] for item in good]),
         "time_ids": torch.stack([item["time_ids"] for item in good]),
         "captions": [item["caption"] for item in good],
         "drop_caption": torch.tensor([item["drop_caption"] for item in good]),
-        "skipped": len(items) - len(good),
+        "problems": problems,
         "size": len(good),
     }
 
 
-def build_dataset(cfg: dict, seed: int) -> CaptionedImageDataset:
-    """From the `train_dataloader.dataset` config dict."""
-    source = load_source(cfg.get("dataset"), cfg.get("data_dir"), cfg.get("split", "train"))
-    transform = SDXLTransform(cfg["resolution"], cfg.get("center_crop", False), cfg.get("random_flip", True))
-    return CaptionedImageDataset(
-        source, transform, cfg.get("image_column", "image"), cfg.get("caption_column", "text"),
-        cfg.get("caption_dropout", 0.0), seed,
-    )
+def build_dataset(cfg: dict, plan: DataPlan, seed: int) -> BucketedImageDataset:
+    """From the `train_dataloader.dataset` config dict and its plan."""
+    transform = BucketTransform(cfg.get("center_crop", False), cfg.get("random_flip", True))
+    return BucketedImageDataset(plan, transform, cfg.get("caption_dropout", 0.0), seed,
+                                int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)))

@@ -1,42 +1,82 @@
-"""An endless, seeded, resumable stream of sample indices, sharded across processes."""
+"""An endless, seeded, resumable stream of per-rank batches, each drawn from one aspect-ratio bucket."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
-from torch.utils.data import Sampler
+import numpy as np
+
+from .buckets import bucket_probabilities
+
+CHUNK = 4096  # bucket choices drawn per RNG call
 
 
-class ResumableSampler(Sampler):
-    """Yields (epoch, index) forever: a fresh seeded permutation per epoch, this rank's share of it.
+class BucketBatchSampler:
+    """Step s: pick a bucket (seeded, weighted), take the next `batch_size × world_size` images of
+    that bucket's own shuffled stream, hand this rank its slice.
 
-    The epoch travels with the index so the dataset can derive each sample's augmentation RNG from
-    (seed, epoch, index): the same sample gets the same crop/flip/dropout however many loader
-    workers there are and whether or not the run was resumed. `start` is how many samples this
-    rank has already consumed, which is all a checkpoint needs to store about the data position.
+    Everything is a function of (seed, s): every rank picks the same bucket at the same step
+    (no rank waits for another that ran out), any loader worker count gives the same batches, and
+    resuming at step s only replays the bucket choices (integers) to find each bucket's position.
+    A bucket's stream is an endless series of permutations of its images, so no bucket runs dry.
+    Keys are (step, slot, position): the dataset seeds each sample's augmentation from (step, slot).
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, start: int = 0):
-        if size < world_size:
-            raise ValueError(f"dataset of {size} samples is smaller than the {world_size} processes reading it")
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.rank, self.world_size, self.start = rank, world_size, start
-        self.per_rank = size // world_size  # every rank sees the same count, so ranks stay in step
+    def __init__(self, buckets: np.ndarray, batch_size: int, weighting: float | str = 1.0, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, start: int = 0):
+        buckets = np.asarray(buckets)
+        if len(buckets) < batch_size * world_size:
+            raise ValueError(f"{len(buckets)} usable images are fewer than one batch of {batch_size} × {world_size} processes")
+        self.members = [np.flatnonzero(buckets == b) for b in range(int(buckets.max()) + 1)]
+        self.counts = np.array([len(m) for m in self.members])
+        self.probabilities = bucket_probabilities(self.counts, weighting)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.global_batch = batch_size * world_size
+        self.start = start
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}
 
-    def epoch_indices(self, epoch: int) -> list[int]:
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        else:
-            order = torch.arange(self.size)
-        return order[self.rank : self.per_rank * self.world_size : self.world_size].tolist()
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps in which, on average, as many images are drawn as there are."""
+        return max(1, -(-int(self.counts.sum()) // self.global_batch))
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, position = divmod(self.start, self.per_rank)
+    def choices(self, chunk: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 0x6275636B, chunk])
+        return rng.choice(len(self.members), size=CHUNK, p=self.probabilities)
+
+    def _batch(self, bucket: int, k: int) -> np.ndarray:
+        """The bucket's k-th global batch: slices of a fresh permutation per pass over the bucket.
+
+        Like drop_last, a pass ends before a batch would straddle two permutations (so no image
+        appears twice in one batch); the few images left out differ from pass to pass. A bucket
+        smaller than one global batch (only if `min_images` allows it) repeats its images.
+        """
+        members, size = self.members[bucket], len(self.members[bucket])
+        per_pass = max(1, size // self.global_batch)
+        epoch, offset = divmod(k, per_pass)
+        if self._orders.get(bucket, (None,))[0] != epoch:  # one shuffle per pass, not per step
+            self._orders[bucket] = (epoch, members[np.random.default_rng([self.seed, bucket, epoch]).permutation(size)])
+        order = self._orders[bucket][1]
+        return np.resize(order, self.global_batch) if size < self.global_batch else order[offset * self.global_batch :][: self.global_batch]
+
+    def drawn_before(self, step: int) -> np.ndarray:
+        """How many global batches each bucket gave in steps [0, step)."""
+        drawn = np.zeros(len(self.members), np.int64)
+        for chunk in range(step // CHUNK):
+            drawn += np.bincount(self.choices(chunk), minlength=len(self.members))
+        drawn += np.bincount(self.choices(step // CHUNK)[: step % CHUNK], minlength=len(self.members))
+        return drawn
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        step, drawn = self.start, self.drawn_before(self.start)
+        choices, chunk = None, -1
         while True:
-            for index in self.epoch_indices(epoch)[position:]:
-                yield epoch, index
-            epoch, position = epoch + 1, 0
-
-    def __len__(self) -> int:
-        return self.per_rank
+            if step // CHUNK != chunk:
+                chunk = step // CHUNK
+                choices = self.choices(chunk)
+            bucket = int(choices[step % CHUNK])
+            batch = self._batch(bucket, int(drawn[bucket]))
+            drawn[bucket] += 1
+            first = self.rank * self.batch_size
+            yield [(step, slot, int(batch[slot])) for slot in range(first, first + self.batch_size)]
+            step += 1

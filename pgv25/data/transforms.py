@@ -1,52 +1,109 @@
-"""Resize, crop and flip with SDXL micro-conditioning that records what was really done."""
+"""Decode, then resize-to-cover, crop and flip to a bucket, with SDXL micro-conditioning that
+records what was really done."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+EXIF_ORIENTATION = 0x0112
+
+
+class ImageProblem(Exception):
+    """A file that cannot be used; the message is the counted reason (e.g. 'truncated or corrupt image')."""
+
+
+def decode(source, max_pixels: int, cover: tuple[int, int] | None = None) -> Image.Image:
+    """Open and fully decode an image (path or file object); raise ImageProblem with the reason.
+
+    With `cover` (the smallest (w, h) the oriented image will be resized to cover), a large JPEG is
+    decoded at a reduced DCT scale that is still at least that big: the same pixels after resizing,
+    at a fraction of the decode time for photos far larger than their bucket.
+    """
+    try:
+        image = Image.open(source)
+        if image.width * image.height > max_pixels:
+            raise ImageProblem("too many pixels")
+        if cover is not None and image.format == "JPEG":
+            rotated = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            width, height = (image.height, image.width) if rotated else image.size
+            scale = max(cover[0] / width, cover[1] / height)
+            if scale < 0.5:
+                need = (math.ceil(image.width * scale), math.ceil(image.height * scale))
+                image.draft("RGB", need)
+        image.load()  # decode now: a truncated file fails here, inside the try
+    except ImageProblem:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageProblem("too many pixels") from None
+    except FileNotFoundError:
+        raise ImageProblem("file not found") from None
+    except (OSError, SyntaxError, ValueError, EOFError):  # PIL raises all of these for broken files
+        raise ImageProblem("truncated or corrupt image") from None
+    return image
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Honour EXIF rotation; composite transparency on white rather than on black."""
+    """8-bit RGB: EXIF rotation honoured, transparency composited on white (not black), 16-bit scaled down."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "P", "PA"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or float greyscale: PIL's convert would clip
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.max() > 255 else (1.0 if image.mode == "F" and values.max() <= 1 else 255.0)
+        image = Image.fromarray(np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "P", "PA", "La", "RGBa"):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(canvas, rgba)
-    return image.convert("RGB")
+    return image.convert("RGB")  # also CMYK, YCbCr, greyscale
 
 
-class SDXLTransform:
-    """Shorter side → `resolution`, crop a `resolution`² square (random or centre), maybe flip.
+def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The size (w, h) an image is resized to so that it covers `target` (w, h) with its aspect ratio kept."""
+    scale = max(target[0] / width, target[1] / height)
+    return max(target[0], round(width * scale)), max(target[1], round(height * scale))
+
+
+class BucketTransform:
+    """Resize to cover the bucket, crop it (random or centre), maybe flip.
 
     time_ids = original (h, w), crop top-left (y, x) in the resized image, target (h, w): the
     six numbers SDXL's `text_time` embedding was trained on. After a flip the crop's left edge is
     measured in the mirrored frame, so it still describes the pixels the model sees.
     """
 
-    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = True):
-        self.resolution = resolution
+    def __init__(self, center_crop: bool = False, random_flip: bool = True):
         self.center_crop = center_crop
         self.random_flip = random_flip
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: Image.Image, target: tuple[int, int], rng: random.Random,
+                 original: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`target` is the bucket's (w, h); `original` the (w, h) before any reduced decode."""
         image = to_rgb(image)
-        original_h, original_w = image.height, image.width
-        r = self.resolution
-        scale = r / min(original_h, original_w)
-        new_w, new_h = max(r, round(original_w * scale)), max(r, round(original_h * scale))
-        image = image.resize((new_w, new_h), Image.BICUBIC)
+        original_w, original_h = original or image.size
+        width, height = target
+        new_w, new_h = cover_size(image.width, image.height, target)
+        # Reduce in a cheap step first (box filter to ≥ 2× the size), then antialiased bicubic.
+        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=2.0)
         if self.center_crop:
-            top, left = (new_h - r) // 2, (new_w - r) // 2
+            top, left = (new_h - height) // 2, (new_w - width) // 2
         else:
-            top, left = rng.randint(0, new_h - r), rng.randint(0, new_w - r)
-        image = image.crop((left, top, left + r, top + r))
-        if self.random_flip and rng.random() < 0.5:
+            top, left = rng.randint(0, new_h - height), rng.randint(0, new_w - width)
+        image = image.crop((left, top, left + width, top + height))
+        flip = self.random_flip and rng.random() < 0.5
+        if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            left = new_w - left - r
+            left = new_w - left - width
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-        time_ids = torch.tensor([original_h, original_w, top, left, r, r], dtype=torch.float32)
+        time_ids = torch.tensor([original_h, original_w, top, left, height, width], dtype=torch.float32)
         return pixels, time_ids
+
+
+def oriented_size(source) -> tuple[int, int]:
+    """(w, h) as displayed, from the header alone."""
+    with Image.open(source) as image:
+        rotated = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        return (image.height, image.width) if rotated else image.size

@@ -17,14 +17,16 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .. import edm
-from ..data.dataset import build_dataset, collate
-from ..data.sampler import ResumableSampler
+from ..data.dataset import build_dataset, collate, plan_data
+from ..data.index import describe_problems
+from ..data.sampler import BucketBatchSampler
 from ..errors import UserError
 from ..generate import generate, labelled_grid, load_pipeline
 from ..models.edm_denoiser import Conditioning, EDMDenoiser, EDMLoss
@@ -42,6 +44,7 @@ from .signals import GracefulStop
 
 logger = logging.getLogger("pgv25")
 SCALARS = "scalars.jsonl"  # one JSON line per logged iteration, full precision (for plots and checks)
+SKIPPED_FILES = "skipped_files.txt"  # reason<TAB>path of every image or row left out
 
 
 def work_dir_of(cfg) -> Path:
@@ -60,11 +63,16 @@ def ensure_writable(folder: Path) -> None:
 
 @dataclass
 class Batches:
-    """Endless batches from the loader; a batch whose every image was unreadable is skipped and counted."""
+    """Endless batches from the loader; unreadable images are counted, by reason, and their paths logged.
+
+    A batch whose every image was unreadable is skipped whole and the next one taken.
+    """
 
     loader: torch.utils.data.DataLoader
     consumed: int = 0  # batches taken from the sampler stream (this rank's data position)
     skipped: int = 0  # unreadable samples so far
+    log_path: Path | None = None  # every rank appends `reason<TAB>path` lines here
+    recent: Counter = field(default_factory=Counter)  # reasons since the last epoch summary
 
     def __post_init__(self):
         self._iterator = iter(self.loader)
@@ -73,9 +81,19 @@ class Batches:
         while True:
             batch = next(self._iterator)
             self.consumed += 1
-            self.skipped += batch["skipped"]
+            if batch["problems"]:
+                self._record(batch["problems"])
             if batch["size"]:
                 return batch
+
+    def _record(self, problems: list[tuple[str, str]]) -> None:
+        self.skipped += len(problems)
+        self.recent.update(reason for _, reason in problems)
+        for label, reason in problems:
+            logger.warning("skipped %s: %s", label, reason)
+        if self.log_path is not None:  # short lines in append mode: concurrent ranks do not interleave
+            with open(self.log_path, "a") as f:
+                f.writelines(f"{reason}\t{label}\n" for label, reason in problems)
 
 
 @dataclass
@@ -138,11 +156,13 @@ class Trainer:
 
                 ensure_tiny_assets(**cfg.tiny_assets)
             # Data before model: a wrong column or an empty dataset fails before gigabytes load.
-            self.dataset = build_dataset(cfg.train_dataloader.dataset, self.seed)
+            data_cfg = cfg.train_dataloader.dataset
+            self.batch_size = int(cfg.train_dataloader.batch_size)
+            self.data = plan_data(data_cfg, self.batch_size * self.world_size)
+            self.dataset = build_dataset(data_cfg, self.data, self.seed)
             model_cfg = cfg.model
             weight_dtype = DTYPES[model_cfg.get("weight_dtype", "fp32")] if on_gpu else torch.float32
             parts = load_components(model_cfg.pretrained_model_name_or_path, weight_dtype)
-        self.batch_size = int(cfg.train_dataloader.batch_size)
         self.base_folder = parts.source
         self.conditioner = TextConditioner(
             [parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2], parts.force_zeros_for_empty_prompt
@@ -194,7 +214,8 @@ class Trainer:
         position, rng = (0, 0), None
         if checkpoint is not None:
             position, rng = self._restore(checkpoint, allow_config_change)
-        self.batches = Batches(self._loader(position[0]), consumed=position[0], skipped=position[1])
+        self.batches = Batches(self._loader(position[0]), consumed=position[0], skipped=position[1],
+                               log_path=self.work_dir / SKIPPED_FILES)
         if rng is not None:  # last: building the loader iterator draws from the global torch RNG
             set_rng_state(rng, self.generator)
 
@@ -248,12 +269,15 @@ class Trainer:
             path.write_text("".join(line + "\n" for line in kept))
 
     def _loader(self, start_batches: int):
-        sampler = ResumableSampler(
-            len(self.dataset), self.seed, rank=self.rank, world_size=self.world_size, start=start_batches * self.batch_size,
-        )
+        try:
+            self.sampler = sampler = BucketBatchSampler(
+                self.data.bucket_of, self.batch_size, self.data.weighting, self.seed, self.rank, self.world_size, start_batches
+            )
+        except ValueError as error:
+            raise UserError(f"train_dataloader: {error}") from None
         workers = int(self.cfg.train_dataloader.get("num_workers", 0))
         return torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+            self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
         )
 
@@ -395,6 +419,26 @@ class Trainer:
             with open(self.work_dir / SCALARS, "a") as f:
                 f.write(json.dumps({"iteration": self.iteration, **metrics}) + "\n")
 
+    def _report_scan(self) -> None:
+        """Log the buckets and the rows the scan left out; start the skipped-files list on a fresh run."""
+        histogram = ", ".join(f"{w}x{h}: {n}" for (w, h), n in self.data.histogram())
+        logger.info("%d images in %d bucket(s) (%s)%s", len(self.data.index), len(self.data.sizes), histogram,
+                    describe_problems(self.data.index.reasons(), "; the scan excluded"))
+        if self.accelerator.is_main_process and self.iteration == 0:
+            (self.work_dir / SKIPPED_FILES).write_text("".join(f"{reason}\t{label}\n" for label, reason in self.data.index.problems))
+            if self.data.index.problems:
+                logger.info("excluded rows and their reasons: %s", self.work_dir / SKIPPED_FILES)
+
+    def _epoch_summary(self, epoch: int) -> None:
+        """One line per epoch (a collective): images skipped on all ranks since the last one, by reason."""
+        recent = Counter()
+        for counts in distributed.gather_objects(dict(self.batches.recent)):
+            recent.update(counts)
+        self.batches.recent.clear()
+        logger.info("epoch %d done at iteration %d: %s%s", epoch, self.iteration,
+                    describe_problems(recent, "skipped") or "no unreadable images",
+                    describe_problems(self.data.index.reasons(), "; excluded by the scan"))
+
     def run(self) -> TrainResult:
         cfg, accelerator = self.cfg, self.accelerator
         if accelerator.is_main_process:
@@ -410,6 +454,8 @@ class Trainer:
             cfg.optim_wrapper.optimizer.lr, type(self.sigma_sampler).__name__, edm.median_sigma(self.sigma_sampler),
             self.weighting, self.work_dir,
         )
+        self._report_scan()
+        epoch_iters = max(1, self.sampler.steps_per_epoch // self.accumulation)
         result = TrainResult(self.iteration)
         window_losses, window_images, window_start, run_start = [], 0, time.time(), time.time()
         start_iteration = self.iteration
@@ -423,6 +469,8 @@ class Trainer:
                 if not step.nonfinite:
                     window_losses.append(step.loss)
                 window_images += step.images
+                if self.iteration % epoch_iters == 0:
+                    self._epoch_summary(self.iteration // epoch_iters)
                 if self.iteration % log_every == 0 or self.iteration == self.max_iters:
                     seconds_per_iter = (time.time() - run_start) / (self.iteration - start_iteration)
                     self._log(window_losses, window_images, time.time() - window_start, seconds_per_iter, step.grad_norm)

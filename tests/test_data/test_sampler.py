@@ -1,33 +1,57 @@
 import itertools
+from collections import Counter
 
+import numpy as np
 import pytest
 
-from pgv25.data.sampler import ResumableSampler
+from pgv25.data.sampler import CHUNK, BucketBatchSampler
+
+BUCKETS = np.array([0] * 50 + [1] * 30 + [2] * 8)  # a common, a medium and a rare aspect ratio
 
 
 def take(sampler, n):
     return list(itertools.islice(iter(sampler), n))
 
 
-def test_each_epoch_is_a_permutation_and_epochs_differ():
-    s = ResumableSampler(10, seed=0)
-    items = take(s, 20)
-    first, second = [i for e, i in items if e == 0], [i for e, i in items if e == 1]
-    assert sorted(first) == list(range(10)) and sorted(second) == list(range(10))
-    assert first != second
+def test_every_rank_draws_the_same_bucket_and_disjoint_images_each_step():
+    ranks = [take(BucketBatchSampler(BUCKETS, 2, 0.5, seed=1, rank=r, world_size=2), 200) for r in range(2)]
+    for batch0, batch1 in zip(*ranks):
+        positions = [k[2] for k in batch0 + batch1]
+        assert len({BUCKETS[p] for p in positions}) == 1, "one bucket per step on all ranks"
+        assert len(set(positions)) == 4 and {k[0] for k in batch0 + batch1} == {batch0[0][0]}
+        assert [k[1] for k in batch0] == [0, 1] and [k[1] for k in batch1] == [2, 3]
 
 
-def test_start_resumes_the_same_stream():
-    full = take(ResumableSampler(10, seed=3), 27)
-    assert take(ResumableSampler(10, seed=3, start=13), 14) == full[13:]
+def test_each_bucket_pass_is_a_permutation_of_its_images():
+    sampler = BucketBatchSampler(BUCKETS, 2, "proportional", seed=0)
+    by_bucket = {}
+    for batch in take(sampler, 400):
+        for _, _, p in batch:
+            by_bucket.setdefault(int(BUCKETS[p]), []).append(p)
+    for bucket, drawn in by_bucket.items():
+        members = set(np.flatnonzero(BUCKETS == bucket).tolist())
+        size = len(members)
+        for start in range(0, len(drawn) - size + 1, size):
+            assert set(drawn[start:start + size]) == members
 
 
-def test_ranks_get_disjoint_equal_shares():
-    shares = [take(ResumableSampler(11, seed=1, rank=r, world_size=3), 3) for r in range(3)]
-    indices = [i for share in shares for _, i in share]
-    assert len(set(indices)) == 9 and all(len(s) == 3 for s in shares)
+@pytest.mark.parametrize("start", [0, 7, CHUNK + 3])
+def test_resume_at_any_step_continues_the_stream(start):
+    full = take(BucketBatchSampler(BUCKETS, 3, 0.3, seed=5, rank=1, world_size=2), start + 20)
+    assert take(BucketBatchSampler(BUCKETS, 3, 0.3, seed=5, rank=1, world_size=2, start=start), 20) == full[start:]
 
 
-def test_too_small_dataset_is_rejected():
-    with pytest.raises(ValueError):
-        ResumableSampler(1, world_size=2)
+@pytest.mark.parametrize("weighting, expected", [("proportional", [50 / 88, 30 / 88, 8 / 88]), ("uniform", [1 / 3] * 3)])
+def test_bucket_frequencies_follow_the_weighting(weighting, expected):
+    steps = take(BucketBatchSampler(BUCKETS, 1, weighting, seed=2), 6000)
+    counts = Counter(int(BUCKETS[batch[0][2]]) for batch in steps)
+    assert np.allclose([counts[b] / 6000 for b in range(3)], expected, atol=0.025)
+
+
+def test_seed_changes_the_order():
+    assert take(BucketBatchSampler(BUCKETS, 2, seed=0), 5) != take(BucketBatchSampler(BUCKETS, 2, seed=1), 5)
+
+
+def test_fewer_images_than_a_global_batch():
+    with pytest.raises(ValueError, match="3 usable images are fewer than one batch of 2 × 2 processes"):
+        BucketBatchSampler(np.zeros(3, int), 2, world_size=2)

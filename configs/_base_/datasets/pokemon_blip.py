@@ -1,18 +1,30 @@
 # BLIP-captioned Pokémon from the Hub at 1024 px. sdxlengine's recipe read
 # 'lambdalabs/pokemon-blip-captions'; diffusers' docs now use 'lambdalabs/naruto-blip-captions'.
-# Either is one key: --cfg-options train_dataloader.dataset.dataset=lambdalabs/naruto-blip-captions
+# Either is one key: --cfg-options train_dataloader.dataset.path=lambdalabs/naruto-blip-captions
 train_dataloader = dict(
     batch_size=1,  # per process
     num_workers=4,  # loader processes per training process
     dataset=dict(
-        dataset='lambdalabs/pokemon-blip-captions',  # hub id or a local dataset folder
-        data_dir=None,  # or an image folder with metadata.jsonl/metadata.csv (takes precedence)
+        type='hub',  # 'hub': a hub id or local dataset folder; 'folder': images + metadata.jsonl|csv or .txt captions;
+        # 'manifest': a CSV/JSONL/parquet file of image paths (relative to it) and captions
+        path='lambdalabs/pokemon-blip-captions',
         split='train',
-        image_column='image',
-        caption_column='text',
-        resolution=1024,
+        streaming=False,  # hub only: read rows as they download instead of downloading first
+        image_column='image',  # for a folder with metadata, the path column is 'file_name'
+        caption_column='text',  # a string, or a list of strings (one chosen at random per step)
+        resolution=1024,  # buckets hold about resolution² pixels
+        buckets=dict(
+            enabled=True,  # False: every image a centre/random crop of resolution²
+            step=64,  # bucket sides are multiples of this
+            max_ratio=4.0,  # from 1:4 to 4:1
+            weighting=0.5,  # P(bucket) ∝ images^weighting: 1 proportional, 0 uniform over buckets
+            # min_images: buckets with fewer images merge into their neighbour (default: one global batch)
+        ),
         center_crop=False,  # random crop, recorded in the SDXL micro-conditioning
         random_flip=True,
         caption_dropout=0.05,  # share of captions replaced by the pipeline's unconditional input (for CFG)
+        keep_uncaptioned=False,  # True: images without a caption train as unconditional instead of being skipped
+        max_image_pixels=8192 * 8192,  # larger images are skipped unread (decompression-bomb guard)
+        cache_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/data',  # scan results and latent/text caches
     ),
 )

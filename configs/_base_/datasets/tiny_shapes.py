@@ -12,14 +12,15 @@ train_dataloader = dict(
     batch_size=16,
     num_workers=0,  # the images are tiny: worker start-up would cost more than it saves
     dataset=dict(
-        dataset=None,
-        data_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/tiny_shapes/shapes',
-        split='train',
+        type='folder',
+        path='{{$PGV25_CACHE:~/.cache/pgv25}}/tiny_shapes/shapes',
         image_column='image',
         caption_column='text',
         resolution=64,
+        buckets=dict(enabled=True, step=16, max_ratio=4.0, weighting=0.5),  # the tiny VAE+UNet need multiples of 16
         center_crop=False,
         random_flip=True,
         caption_dropout=0.1,
+        cache_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/data',
     ),
 )

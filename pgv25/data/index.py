@@ -1,0 +1,120 @@
+"""A scan of every row before training: caption present, file there, header readable, size sane.
+
+Bucketing needs each image's size up front, and reading only the header costs a small fraction of
+decoding. The same pass finds most bad rows (missing, empty, non-image, decompression-bomb-sized
+files; missing, empty or non-UTF-8 captions) so they are excluded and counted before any model
+loads; what only a full decode reveals (a truncated file) is skipped and counted during training.
+The result is cached on disk under the rows' fingerprint, so a changed file or caption rescans.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .sources import Rows
+
+logger = logging.getLogger("pgv25")
+VERSION = 1  # bump when what the scan checks changes
+DEFAULT_MAX_PIXELS = 8192 * 8192  # a decompression bomb is refused before it is decoded
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass
+class Index:
+    rows: np.ndarray  # the usable row numbers
+    widths: np.ndarray  # as the model will see them: after EXIF rotation
+    heights: np.ndarray
+    problems: list  # [(label, reason)] for every excluded row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def reasons(self) -> Counter:
+        return Counter(reason for _, reason in self.problems)
+
+
+def probe(rows: Rows, i: int, max_pixels: int) -> tuple[int, int] | str:
+    """(width, height) of row i's image as displayed, or the reason the row cannot be used."""
+    caption = rows.captions[i]
+    if isinstance(caption, str):
+        return caption
+    target = rows.open(i)
+    if isinstance(target, str):
+        try:
+            if os.path.getsize(target) == 0:
+                return "empty file"
+        except OSError:
+            return "file not found"
+    try:
+        with Image.open(target) as image:
+            width, height = image.size
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Image.DecompressionBombError:
+        return "too many pixels"
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return "unreadable image"
+    if width * height > max_pixels:
+        return "too many pixels"
+    if width == 0 or height == 0:
+        return "unreadable image"
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # rotated by 90°: swap
+
+
+def scan(rows: Rows, cache_dir: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 16) -> Index:
+    """The index of `rows`, read from `cache_dir` when an identical scan was done before."""
+    key = hashlib.sha1(f"{VERSION}:{rows.fingerprint}:{max_pixels}".encode()).hexdigest()[:20]
+    cached = Path(cache_dir).expanduser() / "index" / key if cache_dir else None
+    if cached is not None and (cached / "index.npz").is_file():
+        arrays = np.load(cached / "index.npz")
+        problems = [tuple(p) for p in json.loads((cached / "problems.json").read_text())]
+        return Index(arrays["rows"], arrays["widths"], arrays["heights"], problems)
+    start = time.time()
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, limit or 0)  # our limit decides, PIL's must not fire first
+    try:
+        with ThreadPoolExecutor(threads) as pool:  # header reads wait on the disk, not the GIL
+            results = list(pool.map(lambda i: probe(rows, i, max_pixels), range(len(rows)), chunksize=64))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    kept = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    index = Index(
+        np.array(kept, dtype=np.int64),
+        np.array([results[i][0] for i in kept], dtype=np.int32),
+        np.array([results[i][1] for i in kept], dtype=np.int32),
+        [(rows.label(i), r) for i, r in enumerate(results) if isinstance(r, str)],
+    )
+    logger.info("scanned %d rows of %s in %.1f s: %d usable%s", len(rows), rows.name, time.time() - start, len(index),
+                describe_problems(index.reasons(), "; excluded"))
+    if cached is not None:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp / "index.npz", rows=index.rows, widths=index.widths, heights=index.heights)
+        (tmp / "problems.json").write_text(json.dumps(index.problems))
+        try:
+            tmp.rename(cached)
+        except OSError:  # another process stored the same scan first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return index
+
+
+def describe_problems(reasons: Counter, prefix: str) -> str:
+    """'; excluded 3 (2 not an image, 1 empty caption)' or '' when there are none."""
+    total = sum(reasons.values())
+    if not total:
+        return ""
+    return f"{prefix} {total} ({', '.join(f'{n} {reason}' for reason, n in reasons.most_common())})"
