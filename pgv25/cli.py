@@ -122,6 +122,57 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _data_config(args):
+    """The config, its tiny assets built if it uses them, and the global batch the run would have."""
+    from .config import load_config, parse_cfg_options
+
+    cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    if cfg.get("tiny_assets"):
+        from .tiny import ensure_tiny_assets
+
+        ensure_tiny_assets(**cfg.tiny_assets)
+    processes = int(os.environ.get("NPROC_PER_NODE") or 1) * int(os.environ.get("NNODES") or 1)
+    return cfg, int(cfg.train_dataloader.batch_size) * processes
+
+
+def cmd_data_inspect(args) -> int:
+    from .data.dataset import plan_data
+    from .data.inspect import plot, report
+
+    cfg, global_batch = _data_config(args)
+    plan = plan_data(cfg.train_dataloader.dataset, global_batch)
+    print(report(plan))
+    out = Path(args.out or Path(cfg.get("work_dir") or Path("work_dirs") / cfg.config_name) / "buckets.png")
+    print(f"histogram: {plot(plan, out)}")
+    if plan.index.problems:
+        listing = out.with_name("excluded_rows.txt")
+        listing.write_text("".join(f"{reason}\t{label}\n" for label, reason in plan.index.problems))
+        print(f"excluded rows: {listing}")
+    return 0
+
+
+def cmd_data_cache(args) -> int:
+    import torch
+
+    from .data.cache import ensure_cache
+    from .data.dataset import plan_data
+    from .engine.export import DTYPES
+
+    cfg, global_batch = _data_config(args)
+    data_cfg = cfg.train_dataloader.dataset
+    data_cfg.setdefault("cache", {})["build"] = "auto"
+    plan = plan_data(data_cfg, global_batch)
+    on_gpu = torch.cuda.is_available()
+    model = cfg.model
+    folder = ensure_cache(plan, data_cfg, model.pretrained_model_name_or_path, int(cfg.randomness.seed),
+                          torch.device("cuda" if on_gpu else "cpu"),
+                          DTYPES[model.get("weight_dtype", "fp32")] if on_gpu else torch.float32,
+                          DTYPES[model.get("vae_dtype", "fp32")] if on_gpu else torch.float32, config_name=args.config)
+    print(f"latent cache: {folder}")
+    print(f"train from it with: pgv25 train {args.config} --cfg-options train_dataloader.dataset.cache.enabled=True")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgv25", description="Fine-tune Playground v2.5 with its EDM schedule; export diffusers pipelines.")
     p.add_argument("--version", action="version", version=f"pgv25 {__version__}")
@@ -161,6 +212,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--out", required=True, help="output PNG (a labelled grid when several images)")
     g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("data", help="look at or prepare a config's dataset")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("inspect", help="scan the dataset: usable images, excluded rows, bucket histogram (PNG)")
+    di.add_argument("config")
+    di.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", default=[])
+    di.add_argument("--out", help="histogram PNG (default work_dirs/<config>/buckets.png)")
+    di.set_defaults(func=cmd_data_inspect)
+    dc = dsub.add_parser("cache", help="encode the dataset's latents and caption embeddings to disk (train with dataset.cache.enabled=True)")
+    dc.add_argument("config")
+    dc.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", default=[])
+    dc.set_defaults(func=cmd_data_cache)
     return p
 
 

@@ -92,19 +92,19 @@ class BucketedImageDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack the good samples; `problems` lists (label, reason) of the ones that could not be read."""
+    """Stack the good samples' tensors (bools become a tensor, strings a list); `problems` lists
+    (label, reason) of the ones that could not be read, `size` counts the good ones."""
     good = [item for item in items if "problem" not in item]
-    problems = [(item["label"], item["problem"]) for item in items if "problem" in item]
-    if not good:
-        return {"problems": problems, "size": 0}
-    return {
-        "pixels": torch.stack([item["pixels"] for item in good]),
-        "time_ids": torch.stack([item["time_ids"] for item in good]),
-        "captions": [item["caption"] for item in good],
-        "drop_caption": torch.tensor([item["drop_caption"] for item in good]),
-        "problems": problems,
-        "size": len(good),
-    }
+    batch = {"problems": [(item["label"], item["problem"]) for item in items if "problem" in item], "size": len(good)}
+    for key in good[0] if good else ():
+        values = [item[key] for item in good]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], bool):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
 
 
 def build_dataset(cfg: dict, plan: DataPlan, seed: int) -> BucketedImageDataset:

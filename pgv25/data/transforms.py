@@ -80,8 +80,9 @@ class BucketTransform:
         self.random_flip = random_flip
 
     def __call__(self, image: Image.Image, target: tuple[int, int], rng: random.Random,
-                 original: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`target` is the bucket's (w, h); `original` the (w, h) before any reduced decode."""
+                 original: tuple[int, int] | None = None, flip: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`target` is the bucket's (w, h); `original` the (w, h) before any reduced decode; `flip`
+        forces the flip decision (the cache stores both), drawn from `rng` when None."""
         image = to_rgb(image)
         original_w, original_h = original or image.size
         width, height = target
@@ -93,7 +94,8 @@ class BucketTransform:
         else:
             top, left = rng.randint(0, new_h - height), rng.randint(0, new_w - width)
         image = image.crop((left, top, left + width, top + height))
-        flip = self.random_flip and rng.random() < 0.5
+        if flip is None:
+            flip = self.random_flip and rng.random() < 0.5
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             left = new_w - left - width

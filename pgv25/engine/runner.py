@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import edm
+from ..data.cache import CachedLatentDataset, cache_options, ensure_cache
 from ..data.dataset import build_dataset, collate, plan_data
 from ..data.index import describe_problems
 from ..data.sampler import BucketBatchSampler
@@ -31,7 +32,7 @@ from ..errors import UserError
 from ..generate import generate, labelled_grid, load_pipeline
 from ..models.edm_denoiser import Conditioning, EDMDenoiser, EDMLoss
 from ..models.latent_codec import LatentCodec
-from ..models.loading import load_components
+from ..models.loading import load_components, resolve_pretrained
 from ..models.text_conditioner import TextConditioner
 from . import distributed
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -159,17 +160,28 @@ class Trainer:
             data_cfg = cfg.train_dataloader.dataset
             self.batch_size = int(cfg.train_dataloader.batch_size)
             self.data = plan_data(data_cfg, self.batch_size * self.world_size)
-            self.dataset = build_dataset(data_cfg, self.data, self.seed)
             model_cfg = cfg.model
-            weight_dtype = DTYPES[model_cfg.get("weight_dtype", "fp32")] if on_gpu else torch.float32
-            parts = load_components(model_cfg.pretrained_model_name_or_path, weight_dtype)
-        self.base_folder = parts.source
-        self.conditioner = TextConditioner(
-            [parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2], parts.force_zeros_for_empty_prompt
-        ).to(self.device)
+            resolve_pretrained(model_cfg.pretrained_model_name_or_path)  # one download per machine
+        weight_dtype = DTYPES[model_cfg.get("weight_dtype", "fp32")] if on_gpu else torch.float32
         vae_dtype = DTYPES[model_cfg.get("vae_dtype", "fp32")] if on_gpu else torch.float32
-        self.codec = LatentCodec(parts.vae.to(self.device, vae_dtype))
-        self.codec.to(self.device)
+        self.cond_dtype = weight_dtype
+        cached = cache_options(data_cfg)["enabled"]
+        if cached:  # built here first if missing; then neither the VAE nor the text encoders are loaded
+            folder = ensure_cache(self.data, data_cfg, model_cfg.pretrained_model_name_or_path, self.seed, self.device,
+                                  weight_dtype, vae_dtype, self.rank, self.world_size, accelerator.wait_for_everyone,
+                                  distributed.broadcast_object, cfg.config_name)
+            self.dataset = CachedLatentDataset(folder, self.data, data_cfg.get("caption_dropout", 0.0), self.seed)
+        else:
+            self.dataset = build_dataset(data_cfg, self.data, self.seed)
+        with accelerator.local_main_process_first():
+            parts = load_components(model_cfg.pretrained_model_name_or_path, weight_dtype, encoders=not cached)
+        self.base_folder = parts.source
+        self.conditioner = self.codec = None
+        if not cached:
+            self.conditioner = TextConditioner(
+                [parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2], parts.force_zeros_for_empty_prompt
+            ).to(self.device)
+            self.codec = LatentCodec(parts.vae.to(self.device, vae_dtype)).to(self.device)
         self.unet = unet = parts.unet.train()
         if model_cfg.get("gradient_checkpointing"):
             unet.enable_gradient_checkpointing()
@@ -283,9 +295,13 @@ class Trainer:
 
     def micro_step(self, batch: dict) -> torch.Tensor:
         """One forward/backward of the EDM loss on a batch; returns the (detached) mean loss."""
-        pixels = batch["pixels"].to(self.device, non_blocking=True)
-        x0 = self.codec.encode(pixels, self.generator)
-        prompt_embeds, pooled = self.conditioner(batch["captions"], batch["drop_caption"])
+        if "latents" in batch:  # from the latent cache
+            x0 = batch["latents"].to(self.device, torch.float32, non_blocking=True)
+            prompt_embeds = batch["prompt_embeds"].to(self.device, self.cond_dtype, non_blocking=True)
+            pooled = batch["pooled"].to(self.device, self.cond_dtype, non_blocking=True)
+        else:
+            x0 = self.codec.encode(batch["pixels"].to(self.device, non_blocking=True), self.generator)
+            prompt_embeds, pooled = self.conditioner(batch["caption"], batch["drop_caption"])
         cond = Conditioning(prompt_embeds, pooled, batch["time_ids"].to(self.device, prompt_embeds.dtype))
         sigma = self.sigma_sampler(len(x0), self.generator, self.device)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.device)

@@ -40,6 +40,13 @@ class LatentCodec(nn.Module):
         return self.normalize(z.float())
 
     @torch.no_grad()
+    def encode_mean(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels → normalised posterior means: what a latent cache stores (the posterior's spread is
+        ~1% of the latents' for the SDXL VAE, so one mean stands for every sample)."""
+        z = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mean
+        return self.normalize(z.float())
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = self.denormalize(latents.float()).to(self.vae.dtype)
         return self.vae.decode(z).sample.float()

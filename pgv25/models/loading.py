@@ -78,8 +78,12 @@ def check_pipeline_folder(folder: Path) -> None:
         raise UserError(f"model directory {folder} lacks {', '.join(m + '/' for m in missing)} (an SDXL pipeline needs {', '.join(COMPONENTS)})")
 
 
-def load_components(name: str, weight_dtype=None, unet_path: str | None = None) -> Components:
-    """Tokenizers, both text encoders, VAE, UNet and the scheduler config, each via `from_pretrained`."""
+def load_components(name: str, weight_dtype=None, unet_path: str | None = None, encoders: bool = True, unet: bool = True) -> Components:
+    """Tokenizers, both text encoders, VAE, UNet and the scheduler config, each via `from_pretrained`.
+
+    `encoders=False` leaves out the tokenizers, text encoders and VAE (None): training from a
+    latent cache never needs them; `unet=False` leaves out the UNet (building that cache).
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -88,13 +92,17 @@ def load_components(name: str, weight_dtype=None, unet_path: str | None = None) 
     try:
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         frozen = dict(torch_dtype=weight_dtype) if weight_dtype is not None else {}
+
+        def load(cls, subfolder, **kwargs):
+            return cls.from_pretrained(folder, subfolder=subfolder, **kwargs) if encoders else None
+
         return Components(
-            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **frozen),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **frozen),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),  # dtype chosen by the caller (fp16 overflow)
-            unet=UNet2DConditionModel.from_pretrained(unet_path or folder, subfolder=None if unet_path else "unet"),
+            tokenizer=load(CLIPTokenizer, "tokenizer"),
+            tokenizer_2=load(CLIPTokenizer, "tokenizer_2"),
+            text_encoder=load(CLIPTextModel, "text_encoder", **frozen),
+            text_encoder_2=load(CLIPTextModelWithProjection, "text_encoder_2", **frozen),
+            vae=load(AutoencoderKL, "vae"),  # dtype chosen by the caller (fp16 overflow)
+            unet=UNet2DConditionModel.from_pretrained(unet_path or folder, subfolder=None if unet_path else "unet") if unet else None,
             scheduler_config=scheduler_config,
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
             source=str(folder),
@@ -102,3 +110,22 @@ def load_components(name: str, weight_dtype=None, unet_path: str | None = None) 
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot load the pipeline in {folder}: {first_line}") from None
+
+
+def component_identity(folder: str | Path, names=("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae")) -> str:
+    """A digest of the named components' files (name, size, modification time) and configs.
+
+    Cheap to compute for a 10 GB pipeline, and it changes whenever a weight file is replaced.
+    """
+    import hashlib
+
+    digest = hashlib.sha1()
+    folder = Path(folder)
+    for name in names:
+        for path in sorted((folder / name).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                if path.suffix == ".json":
+                    digest.update(path.read_bytes())
+    return digest.hexdigest()

@@ -45,7 +45,7 @@ def test_buckets_follow_aspect_ratio_and_batches_share_one(tmp_path):
     shapes = set()
     for batch, _ in zip(loader, range(12)):
         shapes.add(tuple(batch["pixels"].shape[2:]))
-        assert all(c.split()[0] in ("caption", "other") for c in batch["captions"])
+        assert all(c.split()[0] in ("caption", "other") for c in batch["caption"])
     assert len(shapes) == 3
 
 
@@ -60,7 +60,7 @@ def test_same_batches_with_and_without_loader_workers(tmp_path):
         return [b for b, _ in zip(loader, range(6))]
 
     for a, b in zip(batches(0), batches(2)):
-        assert torch.equal(a["pixels"], b["pixels"]) and a["captions"] == b["captions"]
+        assert torch.equal(a["pixels"], b["pixels"]) and a["caption"] == b["caption"]
         assert torch.equal(a["drop_caption"], b["drop_caption"])
 
 

@@ -40,7 +40,7 @@ def digest(state: dict) -> str:
 def main(out: str, work_dir: str, strategy: str, steps: int, *options: str) -> None:
     cfg = tiny_cfg(work_dir, f"strategy={strategy}", "sample_grid.prompts=[]", f"train_cfg.max_iters={steps}", *options)
     trainer = Trainer(cfg)
-    first_captions = list(next(iter(trainer._loader(0)))["captions"])
+    first_captions = list(next(iter(trainer._loader(0)))["caption"])
     record = {"captions": distributed.gather_objects(first_captions), "steps": []}
     for _ in range(steps):
         result = trainer.step()

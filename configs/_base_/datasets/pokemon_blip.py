@@ -25,6 +25,12 @@ train_dataloader = dict(
         caption_dropout=0.05,  # share of captions replaced by the pipeline's unconditional input (for CFG)
         keep_uncaptioned=False,  # True: images without a caption train as unconditional instead of being skipped
         max_image_pixels=8192 * 8192,  # larger images are skipped unread (decompression-bomb guard)
-        cache_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/data',  # scan results and latent/text caches
+        cache_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/data',
+        cache=dict(
+            enabled=False,  # train from VAE latents + caption embeddings on disk (see `pgv25 data cache`)
+            build='auto',  # 'auto': build it before training when missing; 'never': refuse to start
+            dtype='fp16',  # storage precision of latents and embeddings
+            batch_size=16,  # images per VAE call while building
+        ),  # scan results and latent/text caches
     ),
 )

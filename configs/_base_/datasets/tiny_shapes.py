@@ -21,6 +21,14 @@ train_dataloader = dict(
         center_crop=False,
         random_flip=True,
         caption_dropout=0.1,
+        keep_uncaptioned=False,
+        max_image_pixels=8192 * 8192,
         cache_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/data',
+        cache=dict(
+            enabled=False,  # train from VAE latents + caption embeddings on disk (see `pgv25 data cache`)
+            build='auto',  # 'auto': build it before training when missing; 'never': refuse to start
+            dtype='fp16',  # storage precision of latents and embeddings
+            batch_size=16,  # images per VAE call while building
+        ),
     ),
 )

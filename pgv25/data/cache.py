@@ -1,0 +1,283 @@
+"""VAE latents and text embeddings on disk, so training runs the UNet alone.
+
+Layout of `<cache_dir>/latents/<key>/` (safetensors, read lazily with `safe_open`):
+  latents-r<rank>-<n>.safetensors  "<position>": [F, C, h, w] (F = 2 with random_flip: plain and
+                                   mirrored, each encoded from its own pixels; a latent flip is not
+                                   exact), "<position>.time_ids": [F, 6]
+  text-r<rank>-<n>.safetensors     "<caption id>.embeds": [77, D], "<caption id>.pooled": [D]
+  index.npz                        per usable position: latent file id (-1: unreadable image), caption ids
+  meta.json                        the inputs of `key` and the file list; written last, it marks the cache complete
+
+`key` is a digest of everything the stored tensors depend on: the scanned data, the buckets, crop
+and flip settings, the VAE/text-encoder files and the storage dtype. A changed config therefore
+gets a new cache instead of silently reusing a stale one. Random crops are drawn once per image
+(seeded) when the cache is built: the one augmentation a latent cache cannot keep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .dataset import DataPlan
+from .transforms import BucketTransform, ImageProblem, cover_size, decode
+
+logger = logging.getLogger("pgv25")
+VERSION = 1
+SHARD = 512  # samples per file
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def cache_key(plan: DataPlan, data_cfg: dict, encoders_identity: str, force_zeros: bool, seed: int) -> tuple[str, dict]:
+    inputs = {
+        "version": VERSION,
+        "rows": plan.rows.fingerprint,
+        "usable": hashlib.sha1(plan.index.rows.tobytes()).hexdigest(),
+        "buckets": [list(s) for s in plan.sizes],
+        "assignment": hashlib.sha1(np.ascontiguousarray(plan.bucket_of).tobytes()).hexdigest(),
+        "center_crop": bool(data_cfg.get("center_crop", False)),
+        "random_flip": bool(data_cfg.get("random_flip", True)),
+        "max_image_pixels": int(data_cfg.get("max_image_pixels", 0) or 0),
+        "encoders": encoders_identity,
+        "force_zeros_for_empty_prompt": force_zeros,
+        "dtype": cache_options(data_cfg)["dtype"],
+        "seed": None if data_cfg.get("center_crop", False) else seed,  # of the random crops drawn once
+    }
+    return hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20], inputs
+
+
+def cache_options(data_cfg: dict) -> dict:
+    options = {"enabled": False, "build": "auto", "dtype": "fp16", "batch_size": 16, **(data_cfg.get("cache") or {})}
+    if options["dtype"] not in DTYPES:
+        raise UserError(f"train_dataloader.dataset.cache.dtype must be one of {', '.join(DTYPES)}, got '{options['dtype']}'")
+    if options["build"] not in ("auto", "never"):
+        raise UserError(f"train_dataloader.dataset.cache.build must be 'auto' or 'never', got '{options['build']}'")
+    return options
+
+
+def cache_folder(data_cfg: dict, key: str) -> Path:
+    root = data_cfg.get("cache_dir")
+    if not root:
+        raise UserError("train_dataloader.dataset.cache_dir must be set to use the latent cache")
+    return Path(root).expanduser() / "latents" / key
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "meta.json").is_file()
+
+
+class _ShardWriter:
+    """Tensors into numbered safetensors files of about SHARD samples each."""
+
+    def __init__(self, folder: Path, prefix: str):
+        self.folder, self.prefix, self.files, self.pending, self.count = folder, prefix, [], {}, 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Store; returns the index (in `files`) of the file they will be in."""
+        self.pending.update({k: v.contiguous() for k, v in tensors.items()})
+        self.count += 1
+        file_id = len(self.files)
+        if self.count >= SHARD:
+            self.flush()
+        return file_id
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.pending:
+            name = f"{self.prefix}-{len(self.files):05d}.safetensors"
+            save_file(self.pending, str(self.folder / name))
+            self.files.append(name)
+            self.pending, self.count = {}, 0
+
+
+def build_cache(plan: DataPlan, data_cfg: dict, folder: Path, codec, conditioner, seed: int, device,
+                rank: int = 0, world_size: int = 1, barrier=lambda: None) -> None:
+    """Encode this rank's share of images and captions into `folder`; rank 0 then writes the index and meta.json."""
+    options = cache_options(data_cfg)
+    dtype = DTYPES[options["dtype"]]
+    work = folder.with_name(folder.name + ".building")
+    if rank == 0:
+        shutil.rmtree(work, ignore_errors=True)  # a build killed midway starts again
+        work.mkdir(parents=True)
+    barrier()
+    start = time.time()
+    transform = BucketTransform(bool(data_cfg.get("center_crop", False)), random_flip=False)
+    flips = (False, True) if data_cfg.get("random_flip", True) else (False,)
+    max_pixels = int(data_cfg.get("max_image_pixels") or 8192 * 8192)
+    captions, caption_ids = _caption_table(plan, conditioner.force_zeros_for_empty_prompt)
+
+    latents = _ShardWriter(work, f"latents-r{rank}")
+    positions = np.arange(rank, len(plan.index), world_size)
+    file_of, problems = {}, []
+    for bucket in range(len(plan.sizes)):  # one bucket at a time: a batch shares one shape
+        mine = positions[plan.bucket_of[positions] == bucket]
+        for chunk in np.array_split(mine, max(1, -(-len(mine) // options["batch_size"]))):
+            pixels, time_ids, kept = [], [], []
+            for position in chunk.tolist():
+                row = int(plan.index.rows[position])
+                original = (int(plan.index.widths[position]), int(plan.index.heights[position]))
+                target = plan.sizes[bucket]
+                try:
+                    image = decode(plan.rows.open(row), max_pixels, cover_size(*original, target))
+                except ImageProblem as problem:
+                    problems.append((plan.rows.label(row), str(problem)))
+                    continue
+                for flip in flips:  # same crop (same seeded draw), mirrored or not
+                    p, t = transform(image, target, random.Random(f"{seed}/cache/{position}"), original, flip=flip)
+                    pixels.append(p)
+                    time_ids.append(t)
+                kept.append(position)
+            if not kept:
+                continue
+            encoded = codec.encode_mean(torch.stack(pixels).to(device)).to(dtype).cpu()
+            encoded = encoded.view(len(kept), len(flips), *encoded.shape[1:])
+            stacked_ids = torch.stack(time_ids).view(len(kept), len(flips), 6)
+            for i, position in enumerate(kept):
+                file_of[position] = latents.add({str(position): encoded[i], f"{position}.time_ids": stacked_ids[i]})
+    latents.flush()
+
+    text = _ShardWriter(work, f"text-r{rank}")
+    text_file = {}
+    mine = list(range(rank, len(captions), world_size))
+    for first in range(0, len(mine), 64):
+        ids = mine[first : first + 64]
+        embeds, pooled = conditioner.encode([captions[i] for i in ids])
+        for i, caption_id in enumerate(ids):
+            text_file[caption_id] = text.add({f"{caption_id}.embeds": embeds[i].to(dtype).cpu(),
+                                              f"{caption_id}.pooled": pooled[i].to(dtype).cpu()})
+    text.flush()
+    part = {"latent_files": latents.files, "latent_of": file_of, "text_files": text.files, "text_of": text_file, "problems": problems}
+    torch.save(part, work / f"part-r{rank}.pt")
+    barrier()
+    if rank == 0:
+        _finish(work, folder, world_size, len(plan.index), captions, caption_ids, flips, options["dtype"], conditioner.force_zeros_for_empty_prompt)
+        logger.info("latent cache of %d images and %d captions written in %.0f s: %s", len(plan.index), len(captions),
+                    time.time() - start, folder)
+    barrier()
+
+
+def _caption_table(plan: DataPlan, force_zeros: bool) -> tuple[list[str], list[list[int]]]:
+    """Unique captions (with "" first when the unconditional input is its encoding) and each position's caption ids."""
+    captions, ids_of = ([] if force_zeros else [""]), {}
+    if not force_zeros:
+        ids_of[""] = 0
+    caption_ids = []
+    for row in plan.index.rows.tolist():
+        ids = []
+        for caption in plan.rows.captions[row]:
+            if caption not in ids_of:
+                ids_of[caption] = len(captions)
+                captions.append(caption)
+            ids.append(ids_of[caption])
+        caption_ids.append(ids)
+    return captions, caption_ids
+
+
+def _finish(work: Path, folder: Path, world_size: int, positions: int, captions, caption_ids, flips, dtype: str, force_zeros: bool) -> None:
+    files, latent_file = [], np.full(positions, -1, np.int64)
+    text_files, text_file = [], np.full(len(captions), -1, np.int64)
+    problems = []
+    for rank in range(world_size):
+        part = torch.load(work / f"part-r{rank}.pt", weights_only=True)
+        for position, local in part["latent_of"].items():
+            latent_file[position] = len(files) + local
+        for caption_id, local in part["text_of"].items():
+            text_file[caption_id] = len(text_files) + local
+        files += part["latent_files"]
+        text_files += part["text_files"]
+        problems += [tuple(p) for p in part["problems"]]
+        (work / f"part-r{rank}.pt").unlink()
+    lengths = np.array([len(ids) for ids in caption_ids], np.int64)
+    np.savez(work / "index.npz", latent_file=latent_file, text_file=text_file,
+             caption_ids=np.concatenate([np.array(ids, np.int64) for ids in caption_ids]), caption_offsets=np.concatenate([[0], np.cumsum(lengths)]))
+    meta = {"latent_files": files, "text_files": text_files, "flips": len(flips), "dtype": dtype, "captions": len(captions),
+            "force_zeros_for_empty_prompt": force_zeros, "unreadable": problems}
+    (work / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)
+    work.rename(folder)
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    """Item (step, slot, position) → a cached latent (plain or mirrored), time_ids and caption embeddings."""
+
+    def __init__(self, folder: Path, plan: DataPlan, caption_dropout: float = 0.0, seed: int = 0):
+        self.folder, self.plan, self.caption_dropout, self.seed = folder, plan, caption_dropout, seed
+        self.meta = json.loads((folder / "meta.json").read_text())
+        index = np.load(folder / "index.npz")
+        self.latent_file, self.text_file = index["latent_file"], index["text_file"]
+        self.caption_ids, self.caption_offsets = index["caption_ids"], index["caption_offsets"]
+        self._handles = {}  # opened lazily in each loader worker
+
+    def __len__(self) -> int:
+        return len(self.latent_file)
+
+    def _file(self, name: str):
+        if name not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[name] = safe_open(str(self.folder / name), framework="pt")
+        return self._handles[name]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        step, slot, position = key
+        rng = random.Random(f"{self.seed}/{step}/{slot}")
+        file_id = int(self.latent_file[position])
+        if file_id < 0:
+            return {"problem": "truncated or corrupt image", "label": self.plan.rows.label(int(self.plan.index.rows[position]))}
+        latents = self._file(self.meta["latent_files"][file_id])
+        variant = rng.randrange(self.meta["flips"])
+        ids = self.caption_ids[self.caption_offsets[position] : self.caption_offsets[position + 1]]
+        caption_id = int(ids[rng.randrange(len(ids))])
+        drop = rng.random() < self.caption_dropout
+        if drop and not self.meta["force_zeros_for_empty_prompt"]:
+            caption_id = 0  # the encoding of ""
+        text = self._file(self.meta["text_files"][int(self.text_file[caption_id])])
+        embeds, pooled = text.get_tensor(f"{caption_id}.embeds"), text.get_tensor(f"{caption_id}.pooled")
+        if drop and self.meta["force_zeros_for_empty_prompt"]:
+            embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        return {"latents": latents.get_tensor(str(position))[variant], "time_ids": latents.get_tensor(f"{position}.time_ids")[variant],
+                "prompt_embeds": embeds, "pooled": pooled}
+
+
+def ensure_cache(plan: DataPlan, data_cfg: dict, model_name: str, seed: int, device, encoder_dtype=torch.float32,
+                 vae_dtype=torch.float32, rank: int = 0, world_size: int = 1, barrier=lambda: None,
+                 decide=lambda value: value, config_name: str = "CFG") -> Path:
+    """The complete cache folder for this config, built first (by all ranks) when missing and `build='auto'`.
+
+    `decide` broadcasts rank 0's view of whether the cache exists, so all ranks agree to build.
+    """
+    from ..models.latent_codec import LatentCodec
+    from ..models.loading import component_identity, load_components, resolve_pretrained
+    from ..models.text_conditioner import TextConditioner
+
+    options = cache_options(data_cfg)
+    pipeline = resolve_pretrained(model_name)
+    index = json.loads((pipeline / "model_index.json").read_text())
+    force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
+    key, _ = cache_key(plan, data_cfg, component_identity(pipeline), force_zeros, seed)
+    folder = cache_folder(data_cfg, key)
+    if decide(is_complete(folder)):
+        logger.info("training from the latent cache %s (VAE and text encoders not loaded)", folder)
+        return folder
+    if options["build"] == "never":
+        raise UserError(f"no latent cache for this config and data in {folder.parent}; build it with: pgv25 data cache {config_name}")
+    logger.info("building the latent cache (%d images, %d process(es)) in %s", len(plan.index), world_size, folder)
+    parts = load_components(str(pipeline), encoder_dtype, encoders=True, unet=False)
+    conditioner = TextConditioner([parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2],
+                                  parts.force_zeros_for_empty_prompt).to(device)
+    codec = LatentCodec(parts.vae.to(device, vae_dtype)).to(device)
+    build_cache(plan, data_cfg, folder, codec, conditioner, seed, device, rank, world_size, barrier)
+    del parts, conditioner, codec  # the device memory goes to the UNet
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return folder

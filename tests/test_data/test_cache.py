@@ -1,0 +1,90 @@
+import random
+
+import pytest
+import torch
+
+from pgv25.data import cache as cache_module
+from pgv25.data.cache import CachedLatentDataset, ensure_cache
+from pgv25.data.dataset import collate, plan_data
+from pgv25.data.transforms import BucketTransform, decode
+from pgv25.errors import UserError
+from pgv25.models.latent_codec import LatentCodec
+
+from conftest import tiny_cfg
+
+
+def cached(tmp_path, *options):
+    cfg = tiny_cfg(tmp_path / "w", "train_dataloader.dataset.cache.enabled=True", *options)
+    data_cfg = cfg.train_dataloader.dataset
+    plan = plan_data(data_cfg, 4)
+    return cfg, data_cfg, plan
+
+
+def build(cfg, data_cfg, plan):
+    return ensure_cache(plan, data_cfg, cfg.model.pretrained_model_name_or_path, 0, torch.device("cpu"))
+
+
+def test_cached_latents_are_the_vae_encoding_of_the_transformed_pixels(tmp_path, tiny_assets, tiny_pipeline):
+    cfg, data_cfg, plan = cached(tmp_path)
+    folder = build(cfg, data_cfg, plan)
+    dataset = CachedLatentDataset(folder, plan, 0.0, seed=0)
+    codec = LatentCodec(tiny_pipeline.vae)
+    position = 5
+    image = decode(plan.rows.open(int(plan.index.rows[position])), 10**8)
+    target = plan.sizes[plan.bucket_of[position]]
+    transform = BucketTransform(center_crop=False, random_flip=False)
+    expected = []
+    for flip in (False, True):  # the same seeded crop, plain and mirrored
+        pixels, _ = transform(image, target, random.Random(f"0/cache/{position}"), flip=flip)
+        expected.append(codec.encode_mean(pixels[None])[0])
+    seen = set()
+    for step in range(20):
+        latents = dataset[(step, 0, position)]["latents"].float()
+        errors = [(latents - e).abs().max() / e.abs().max() for e in expected]
+        assert min(errors) < 2e-3  # fp16 storage
+        seen.add(int(errors[1] < errors[0]))
+    assert seen == {0, 1}, "both the plain and the mirrored latent are drawn"
+
+
+def test_caption_embeddings_and_dropout(tmp_path, tiny_assets, tiny_pipeline):
+    cfg, data_cfg, plan = cached(tmp_path)
+    dataset = CachedLatentDataset(build(cfg, data_cfg, plan), plan, caption_dropout=0.5, seed=0)
+    caption = plan.rows.captions[int(plan.index.rows[3])][0]
+    embeds, pooled = tiny_pipeline.encode_prompt(caption, do_classifier_free_guidance=False)[0::2]
+    items = [dataset[(step, 0, 3)] for step in range(16)]
+    kept = [i for i in items if i["pooled"].abs().sum() > 0]
+    dropped = [i for i in items if i["pooled"].abs().sum() == 0]
+    assert kept and dropped and all(i["prompt_embeds"].abs().sum() == 0 for i in dropped)  # force_zeros_for_empty_prompt
+    assert torch.allclose(kept[0]["prompt_embeds"].float(), embeds[0], atol=2e-3 * float(embeds.abs().max()))
+    assert torch.allclose(kept[0]["pooled"].float(), pooled[0], atol=2e-3 * float(pooled.abs().max()))
+    batch = collate([dataset[(0, s, p)] for s, p in enumerate(range(4))])
+    assert batch["latents"].shape[0] == 4 and batch["prompt_embeds"].shape[:2] == (4, 77)
+
+
+def test_cache_is_reused_and_a_changed_setting_gets_its_own(tmp_path, tiny_assets, monkeypatch):
+    calls = []
+    real = cache_module.build_cache
+    monkeypatch.setattr(cache_module, "build_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    unique = "train_dataloader.dataset.max_image_pixels=12345678"  # a key no other test builds
+    first = build(*cached(tmp_path, unique))
+    assert build(*cached(tmp_path, unique)) == first and len(calls) == 1
+    flipless = build(*cached(tmp_path, unique, "train_dataloader.dataset.random_flip=False"))
+    centred = build(*cached(tmp_path, unique, "train_dataloader.dataset.center_crop=True"))
+    assert len({first, flipless, centred}) == 3 and len(calls) == 3
+
+
+def test_a_changed_image_invalidates_the_cache(tmp_path, tiny_assets):
+    import shutil
+
+    shapes = tmp_path / "shapes"
+    shutil.copytree(tiny_assets["shapes"], shapes)
+    first = build(*cached(tmp_path, f"train_dataloader.dataset.path={shapes}"))
+    image = sorted(shapes.glob("*.png"))[0]
+    image.write_bytes(image.read_bytes())  # same bytes, new modification time
+    assert build(*cached(tmp_path, f"train_dataloader.dataset.path={shapes}")) != first
+
+
+def test_missing_cache_with_build_never_is_one_line(tmp_path, tiny_assets):
+    with pytest.raises(UserError, match="no latent cache for this config and data in .*; build it with: pgv25 data cache"):
+        build(*cached(tmp_path, "train_dataloader.dataset.cache.build=never", "train_dataloader.dataset.random_flip=False",
+                      "train_dataloader.dataset.center_crop=True", "randomness.seed=99"))
