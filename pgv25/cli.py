@@ -131,6 +131,9 @@ def _data_config(args):
         from .tiny import ensure_tiny_assets
 
         ensure_tiny_assets(**cfg.tiny_assets)
+    if cfg.train_dataloader.dataset.get("streaming"):
+        raise UserError(f"{args.config} streams its dataset: there is no scan to inspect or cache "
+                        "(add --cfg-options train_dataloader.dataset.streaming=False to download and scan it)")
     processes = int(os.environ.get("NPROC_PER_NODE") or 1) * int(os.environ.get("NNODES") or 1)
     return cfg, int(cfg.train_dataloader.batch_size) * processes
 

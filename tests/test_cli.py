@@ -98,3 +98,32 @@ def test_list_cfg_and_copy_cfg(tmp_path, capsys):
 
     assert load_config(str(dest)).train_cfg.max_iters == 10000
     assert main(["copy-cfg", "playgroundv2_5_pokemon_blip", str(dest)]) == 2  # never overwrites
+
+
+def test_data_inspect_prints_buckets_and_writes_the_histogram(tmp_path, tiny_assets):
+    import json
+
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rows = []
+    for i, size in enumerate([(96, 48)] * 6 + [(48, 96)] * 3 + [(64, 64)] * 9):
+        Image.new("RGB", size, (i, 0, 0)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"image {i}"})
+    (folder / "9.png").write_bytes(b"")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "hist.png"
+    result = run("data", "inspect", "playgroundv2_5_tiny_shapes", "--out", str(out), "--cfg-options",
+                 f"train_dataloader.dataset.path={folder}", "train_dataloader.batch_size=2",
+                 "train_dataloader.dataset.buckets.weighting=uniform", *TINY_OPTIONS)
+    assert result.returncode == 0, result.stderr
+    assert "18 rows, 17 usable, excluded 1 (1 empty file)" in result.stdout
+    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if "x" in line.split()[0][:5]}
+    assert lines["80x48"][2:5] == ["6", "35.3%", "33.3%"] and lines["64x64"][2] == "8"  # one square unreadable
+    assert Image.open(out).size[0] > 300 and (tmp_path / "excluded_rows.txt").read_text().startswith("empty file\t")
+
+
+def test_data_commands_refuse_a_streaming_config():
+    result = run("data", "inspect", "playgroundv2_5_pokemon_blip", "--cfg-options", "train_dataloader.dataset.streaming=True")
+    one_line_error(result, "streams its dataset: there is no scan to inspect or cache")

@@ -23,11 +23,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .sources import Rows
+from .transforms import EXIF_ORIENTATION
 
 logger = logging.getLogger("pgv25")
 VERSION = 1  # bump when what the scan checks changes
 DEFAULT_MAX_PIXELS = 8192 * 8192  # a decompression bomb is refused before it is decoded
-EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -56,6 +56,11 @@ def probe(rows: Rows, i: int, max_pixels: int) -> tuple[int, int] | str:
                 return "empty file"
         except OSError:
             return "file not found"
+    return header_size(target, max_pixels)
+
+
+def header_size(target, max_pixels: int) -> tuple[int, int] | str:
+    """(width, height) as displayed (EXIF rotation applied) from the header alone, or why not."""
     try:
         with Image.open(target) as image:
             width, height = image.size

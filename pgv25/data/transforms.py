@@ -102,10 +102,3 @@ class BucketTransform:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
         time_ids = torch.tensor([original_h, original_w, top, left, height, width], dtype=torch.float32)
         return pixels, time_ids
-
-
-def oriented_size(source) -> tuple[int, int]:
-    """(w, h) as displayed, from the header alone."""
-    with Image.open(source) as image:
-        rotated = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-        return (image.height, image.width) if rotated else image.size

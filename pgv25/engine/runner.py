@@ -28,6 +28,7 @@ from ..data.cache import CachedLatentDataset, cache_options, ensure_cache
 from ..data.dataset import build_dataset, collate, plan_data
 from ..data.index import describe_problems
 from ..data.sampler import BucketBatchSampler
+from ..data.streaming import StreamingBucketDataset, check_streaming
 from ..errors import UserError
 from ..generate import generate, labelled_grid, load_pipeline
 from ..models.edm_denoiser import Conditioning, EDMDenoiser, EDMLoss
@@ -74,6 +75,7 @@ class Batches:
     skipped: int = 0  # unreadable samples so far
     log_path: Path | None = None  # every rank appends `reason<TAB>path` lines here
     recent: Counter = field(default_factory=Counter)  # reasons since the last epoch summary
+    stream: dict = field(default_factory=dict)  # streaming: loader worker → (epoch, rows read) of its latest batch
 
     def __post_init__(self):
         self._iterator = iter(self.loader)
@@ -82,6 +84,9 @@ class Batches:
         while True:
             batch = next(self._iterator)
             self.consumed += 1
+            if "stream_position" in batch:
+                worker, epoch, read = batch.pop("stream_position")
+                self.stream[str(worker)] = (epoch, read)
             if batch["problems"]:
                 self._record(batch["problems"])
             if batch["size"]:
@@ -159,7 +164,13 @@ class Trainer:
             # Data before model: a wrong column or an empty dataset fails before gigabytes load.
             data_cfg = cfg.train_dataloader.dataset
             self.batch_size = int(cfg.train_dataloader.batch_size)
-            self.data = plan_data(data_cfg, self.batch_size * self.world_size)
+            self.streaming = bool(data_cfg.get("streaming"))
+            if self.streaming:  # no scan: rows are bucketed as they arrive (data/streaming.py)
+                check_streaming(data_cfg)
+                self.data = None
+                self.dataset = StreamingBucketDataset(data_cfg, self.batch_size, self.seed, self.rank, self.world_size)
+            else:
+                self.data = plan_data(data_cfg, self.batch_size * self.world_size)
             model_cfg = cfg.model
             resolve_pretrained(model_cfg.pretrained_model_name_or_path)  # one download per machine
         weight_dtype = DTYPES[model_cfg.get("weight_dtype", "fp32")] if on_gpu else torch.float32
@@ -171,7 +182,7 @@ class Trainer:
                                   weight_dtype, vae_dtype, self.rank, self.world_size, accelerator.wait_for_everyone,
                                   distributed.broadcast_object, cfg.config_name)
             self.dataset = CachedLatentDataset(folder, self.data, data_cfg.get("caption_dropout", 0.0), self.seed)
-        else:
+        elif not self.streaming:
             self.dataset = build_dataset(data_cfg, self.data, self.seed)
         with accelerator.local_main_process_first():
             parts = load_components(model_cfg.pretrained_model_name_or_path, weight_dtype, encoders=not cached)
@@ -224,6 +235,7 @@ class Trainer:
         self.fingerprint = fingerprint(cfg, self.world_size)
         checkpoint = checkpoint_to_resume(resume, self.work_dir)
         position, rng = (0, 0), None
+        self.stream_resume = None  # per loader worker (epoch, rows read) of a streaming dataset
         if checkpoint is not None:
             position, rng = self._restore(checkpoint, allow_config_change)
         self.batches = Batches(self._loader(position[0]), consumed=position[0], skipped=position[1],
@@ -263,6 +275,7 @@ class Trainer:
         if len(ranks) == self.world_size:
             mine = ranks[self.rank]
             position, rng = (mine["consumed"], mine["skipped"]), parts["rng"]["ranks"][self.rank]
+            self.stream_resume = mine.get("stream")
         else:  # allowed change of process count: same number of samples seen in total, fresh RNG streams
             per_rank = sum(r["consumed"] for r in ranks) // self.world_size
             position, rng = (per_rank, 0), None
@@ -281,13 +294,17 @@ class Trainer:
             path.write_text("".join(line + "\n" for line in kept))
 
     def _loader(self, start_batches: int):
+        workers = int(self.cfg.train_dataloader.get("num_workers", 0))
+        if self.streaming:
+            self.dataset.resume = self.stream_resume or {}
+            return torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=workers,
+                                               pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         try:
             self.sampler = sampler = BucketBatchSampler(
                 self.data.bucket_of, self.batch_size, self.data.weighting, self.seed, self.rank, self.world_size, start_batches
             )
         except ValueError as error:
             raise UserError(f"train_dataloader: {error}") from None
-        workers = int(self.cfg.train_dataloader.get("num_workers", 0))
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
@@ -377,7 +394,8 @@ class Trainer:
         model_state = distributed.full_model_state(self.unet)
         optimizer_state = distributed.full_optimizer_state(self.unet, self.optimizer.optimizer)
         ranks = distributed.gather_objects(
-            {"consumed": self.batches.consumed, "skipped": self.batches.skipped, "rng": rng_state(self.generator)}
+            {"consumed": self.batches.consumed, "skipped": self.batches.skipped, "rng": rng_state(self.generator),
+             "stream": self.batches.stream or None}
         )
         checkpoint = self.work_dir / "checkpoints" / f"iter_{self.iteration:07d}"
         step_dir = self.work_dir / f"step{self.iteration}" if export else None
@@ -437,6 +455,9 @@ class Trainer:
 
     def _report_scan(self) -> None:
         """Log the buckets and the rows the scan left out; start the skipped-files list on a fresh run."""
+        if self.streaming:
+            logger.info("streaming %s: rows are bucketed as they arrive", self.cfg.train_dataloader.dataset.path)
+            return
         histogram = ", ".join(f"{w}x{h}: {n}" for (w, h), n in self.data.histogram())
         logger.info("%d images in %d bucket(s) (%s)%s", len(self.data.index), len(self.data.sizes), histogram,
                     describe_problems(self.data.index.reasons(), "; the scan excluded"))
@@ -471,7 +492,8 @@ class Trainer:
             self.weighting, self.work_dir,
         )
         self._report_scan()
-        epoch_iters = max(1, self.sampler.steps_per_epoch // self.accumulation)
+        # a streaming dataset's epochs are per loader worker and of unknown length: no summary line
+        epoch_iters = math.inf if self.streaming else max(1, self.sampler.steps_per_epoch // self.accumulation)
         result = TrainResult(self.iteration)
         window_losses, window_images, window_start, run_start = [], 0, time.time(), time.time()
         start_iteration = self.iteration

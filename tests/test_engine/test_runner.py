@@ -178,3 +178,23 @@ def test_bad_files_are_skipped_listed_and_summarised_per_epoch(tiny_assets, tmp_
     # the truncated JPEG passes the scan and fails when decoded (drawn in this epoch with seed 0)
     assert f"truncated or corrupt image\t{shapes / 'cut.jpg'}" in listed
     assert "skipped 1 (1 truncated or corrupt image)" in summary[0]
+
+
+def test_streaming_a_local_parquet_dataset_trains_and_resumes(tiny_assets, tmp_path):
+    import datasets
+
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # see tests/test_data/test_streaming.py
+    rows = [json.loads(line) for line in (tiny_assets["shapes"] / "metadata.jsonl").read_text().splitlines()]
+    images = [{"bytes": (tiny_assets["shapes"] / r["file_name"]).read_bytes(), "path": r["file_name"]} for r in rows]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    (tmp_path / "hub").mkdir()
+    datasets.Dataset.from_dict({"image": images, "text": [r["text"] for r in rows]}, features=features).to_parquet(
+        str(tmp_path / "hub" / "train.parquet"))
+    options = ["train_dataloader.dataset.type=hub", f"train_dataloader.dataset.path={tmp_path / 'hub'}",
+               "train_dataloader.dataset.streaming=True", "train_cfg.max_iters=4", "default_hooks.checkpoint.interval=2",
+               "sample_grid.prompts=[]"]
+    train(tiny_cfg(tmp_path / "w", *options, "train_cfg.max_iters=2"))
+    state = json.loads((tmp_path / "w" / "checkpoints" / "iter_0000002" / "trainer_state.json").read_text())
+    assert state["ranks"][0]["stream"] == {"0": [0, 8]}  # 2 iterations × batch 4 rows read, none left buffered
+    result = train(tiny_cfg(tmp_path / "w", *options), resume=True)
+    assert result.iteration == 4 and result.step_dir == tmp_path / "w" / "step4"

@@ -14,6 +14,8 @@ train_dataloader = dict(
     dataset=dict(
         type='folder',
         path='{{$PGV25_CACHE:~/.cache/pgv25}}/tiny_shapes/shapes',
+        split='train',  # type='hub' only
+        streaming=False,  # type='hub' only
         image_column='image',
         caption_column='text',
         resolution=64,
