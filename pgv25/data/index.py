@@ -64,7 +64,7 @@ def header_size(target, max_pixels: int) -> tuple[int, int] | str:
     try:
         with Image.open(target) as image:
             width, height = image.size
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            orientation = header_orientation(image)
     except Image.DecompressionBombError:
         return "too many pixels"
     except UnidentifiedImageError:
@@ -76,6 +76,18 @@ def header_size(target, max_pixels: int) -> tuple[int, int] | str:
     if width == 0 or height == 0:
         return "unreadable image"
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # rotated by 90°: swap
+
+
+def header_orientation(image: Image.Image) -> int:
+    """The EXIF orientation, if the header holds it: PIL's getexif() on a PNG decodes the whole
+    image to look for an eXIf chunk after the pixels, which made PNG scans 80× slower."""
+    if image.format in ("JPEG", "MPO", "TIFF", "WEBP"):
+        return image.getexif().get(EXIF_ORIENTATION, 1)
+    if "exif" in image.info:
+        exif = Image.Exif()
+        exif.load(image.info["exif"])
+        return exif.get(EXIF_ORIENTATION, 1)
+    return 1
 
 
 def scan(rows: Rows, cache_dir: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 16) -> Index:
