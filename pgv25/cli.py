@@ -109,7 +109,7 @@ def cmd_generate(args) -> int:
         raise UserError(f"cannot write to {out.parent}: {error.strerror or error}") from None
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"cannot write to {out.parent}: permission denied")
-    pipe = load_pipeline(args.model, args.scheduler)
+    pipe = load_pipeline(args.model, args.scheduler, lora=args.lora)
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[args.scheduler]
     prompts = args.prompt
     images = generate(
@@ -204,6 +204,7 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images from an exported pipeline folder")
     g.add_argument("--model", required=True, help="a diffusers pipeline folder, e.g. work_dirs/<cfg>/step<N>")
     g.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
+    g.add_argument("--lora", help="a LoRA export (work_dirs/<config>/step<N>) to apply to --model, the base pipeline")
     g.add_argument("--negative-prompt")
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--guidance", type=float, help="classifier-free guidance (default 3.0 for dpmpp, 5.0 for euler)")

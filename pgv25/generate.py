@@ -17,8 +17,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_GUIDANCE = {"dpmpp": 3.0, "euler": 5.0}
 
 
-def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str | None = None, dtype: torch.dtype | None = None):
-    """`StableDiffusionXLPipeline.from_pretrained` on a folder; `euler` swaps in `EDMEulerScheduler`."""
+def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str | None = None, dtype: torch.dtype | None = None,
+                  lora: str | Path | None = None):
+    """`StableDiffusionXLPipeline.from_pretrained` on a folder; `euler` swaps in `EDMEulerScheduler`;
+    `lora`: a folder with `pytorch_lora_weights.safetensors`, applied with `pipe.load_lora_weights`."""
     from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler, StableDiffusionXLPipeline
 
     if scheduler not in DEFAULT_GUIDANCE:
@@ -35,6 +37,14 @@ def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str |
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     if getattr(pipe.vae.config, "force_upcast", False) and dtype == torch.float16:
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+    if lora is not None:
+        lora = Path(lora)
+        if not (lora / "pytorch_lora_weights.safetensors").is_file():
+            raise UserError(f"{lora} holds no pytorch_lora_weights.safetensors (a LoRA export is work_dirs/<config>/step<N>)")
+        try:
+            pipe.load_lora_weights(str(lora))
+        except (ImportError, ValueError) as error:
+            raise UserError(f"cannot apply the LoRA in {lora}: {str(error).strip().splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

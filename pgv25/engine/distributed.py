@@ -109,9 +109,13 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """All weights, full size, on CPU; empty on ranks other than 0 when sharded (a collective)."""
-    return get_model_state_dict(model, options=_GATHER)
+def full_model_state(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """All weights (or only the trained ones: LoRA), full size, on CPU; empty on ranks other than 0 when sharded (a collective)."""
+    state = get_model_state_dict(model, options=_GATHER)
+    if trainable_only:
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trained}
+    return state
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -119,12 +123,21 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     return get_optimizer_state_dict(model, optimizer, options=_GATHER)
 
 
-def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
-    """Inverse of the two above; each rank keeps its own shard. Missing or extra keys are an error.
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict,
+                    trainable_only: bool = False) -> None:
+    """Inverse of the two above; each rank keeps its own shard. Missing or extra keys are an error
+    (with `trainable_only`, among the trained parameters: the frozen ones come from the base model).
 
     With several processes only rank 0 passes the states (read from disk) and they are broadcast: a
     node of 8 ranks need not hold 8 copies of a full-size checkpoint in host memory.
     """
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world()[1] > 1)
-    set_model_state_dict(model, model_state, options=options)
+    if trainable_only:
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        if world()[0] == 0 and set(model_state) != trained:
+            raise ValueError(f"checkpoint weights do not match the trained parameters ({len(model_state)} vs {len(trained)})")
+        set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=False,
+                                                                          broadcast_from_rank0=world()[1] > 1))
+    else:
+        set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

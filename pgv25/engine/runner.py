@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from ..generate import generate, labelled_grid, load_pipeline
 from ..models.edm_denoiser import Conditioning, EDMDenoiser, EDMLoss
 from ..models.latent_codec import LatentCodec
 from ..models.loading import load_components, resolve_pretrained
+from ..models.lora import LORA_FILE, add_lora, fused_unet_state, save_lora
 from ..models.text_conditioner import TextConditioner
 from . import distributed
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -194,6 +196,16 @@ class Trainer:
             ).to(self.device)
             self.codec = LatentCodec(parts.vae.to(self.device, vae_dtype)).to(self.device)
         self.unet = unet = parts.unet.train()
+        self.lora = dict(model_cfg.get("lora") or {})
+        if not self.lora.get("enabled"):
+            self.lora = None
+        elif self.strategy == "fsdp" and self.world_size > 1:
+            raise UserError("model.lora with strategy='fsdp' is not supported; LoRA weights are small: use strategy='ddp'")
+        else:
+            trainable = add_lora(unet, self.lora)
+            logger.info("LoRA rank %d (alpha %s) on %s: %.2fM trainable parameters", self.lora.get("rank", 16),
+                        self.lora.get("alpha", self.lora.get("rank", 16)), sorted(unet.peft_config["default"].target_modules),
+                        trainable / 1e6)
         if model_cfg.get("gradient_checkpointing"):
             unet.enable_gradient_checkpointing()
         denoiser = EDMDenoiser(
@@ -212,7 +224,7 @@ class Trainer:
             unet.to(self.device)
             fsdp_cfg = cfg.get("fsdp") or {}
             distributed.shard_unet(unet, {"bf16": torch.bfloat16}.get(mixed_precision), bool(fsdp_cfg.get("reshard_after_forward", True)))
-        optimizer = build_optimizer(unet.parameters(), optim_cfg.optimizer, use_fused=on_gpu)
+        optimizer = build_optimizer([p for p in unet.parameters() if p.requires_grad], optim_cfg.optimizer, use_fused=on_gpu)
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.get("param_scheduler", {}), self.max_iters)
         if self.sharded:
             self.objective, self.optimizer = objective, accelerator.prepare(optimizer)
@@ -255,7 +267,8 @@ class Trainer:
         if failed:  # every rank raises, none waits in a broadcast
             raise UserError(failed[0])
         try:
-            distributed.load_full_state(self.unet, self.optimizer.optimizer, model_state, parts["optimizer"])
+            distributed.load_full_state(self.unet, self.optimizer.optimizer, model_state, parts["optimizer"],
+                                        trainable_only=self.lora is not None)
             self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
             if self.accelerator.scaler is not None and "grad_scaler" in parts:
                 self.accelerator.scaler.load_state_dict(parts["grad_scaler"])
@@ -391,7 +404,7 @@ class Trainer:
 
         A failed write raises the same one-line error on every rank, so none waits for the others.
         """
-        model_state = distributed.full_model_state(self.unet)
+        model_state = distributed.full_model_state(self.unet, trainable_only=self.lora is not None)
         optimizer_state = distributed.full_optimizer_state(self.unet, self.optimizer.optimizer)
         ranks = distributed.gather_objects(
             {"consumed": self.batches.consumed, "skipped": self.batches.skipped, "rng": rng_state(self.generator),
@@ -424,8 +437,12 @@ class Trainer:
                     dtype = self.cfg.get("export", {}).get("dtype", "fp32")
                     use_ema = self.ema is not None and self.export_ema == "ema"
                     weights = {**model_state, **parts["ema"]} if use_ema else model_state  # EMA values for trained parameters
-                    export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=weights)
-                    exported = f", export {step_dir}" + (" (EMA weights)" if use_ema else "")
+                    if self.lora is not None:
+                        exported = self._export_lora(step_dir, weights, dtype)
+                    else:
+                        export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=weights)
+                        exported = f", export {step_dir}"
+                    exported += " (EMA weights)" if use_ema else ""
                 logger.info("iteration %d: checkpoint %s%s", self.iteration, checkpoint, exported)
             except UserError as failure:
                 error = str(failure)
@@ -433,6 +450,25 @@ class Trainer:
         if error:
             raise UserError(error)
         return checkpoint, step_dir
+
+    def _export_lora(self, step_dir: Path, weights: dict, dtype: str) -> str:
+        """`step<N>/pytorch_lora_weights.safetensors`, and with `lora.fuse_export` a full pipeline `step<N>_fused/`."""
+        tmp = step_dir.with_name(f".{step_dir.name}.tmp{os.getpid()}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_lora(self.unet, weights, tmp)
+            if step_dir.exists():
+                shutil.rmtree(step_dir)
+            os.replace(tmp, step_dir)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"cannot write export {step_dir}: {error.strerror or error}; earlier exports are intact") from None
+        text = f", LoRA {step_dir / LORA_FILE}"
+        if self.lora.get("fuse_export"):
+            fused = step_dir.with_name(f"{step_dir.name}_fused")
+            export_pipeline(self.unet, self.base_folder, fused, dtype, state=fused_unet_state(self.unet, weights))
+            text += f", fused pipeline {fused}"
+        return text
 
     def _log(self, window_losses: list, window_images: int, elapsed: float, seconds_per_iter: float, grad_norm) -> None:
         """A progress line, TensorBoard scalars and a scalars.jsonl line (a collective: the loss is the mean over ranks)."""
@@ -539,7 +575,10 @@ class Trainer:
         if not prompts or not self.accelerator.is_main_process:
             return None
         resolution = self.cfg.train_dataloader.dataset.get("resolution")
-        pipe = load_pipeline(step_dir, options.get("scheduler", "dpmpp"), device=str(self.device))
+        if self.lora is not None:  # the base pipeline with the exported LoRA, as a user would load it
+            pipe = load_pipeline(self.base_folder, options.get("scheduler", "dpmpp"), device=str(self.device), lora=step_dir)
+        else:
+            pipe = load_pipeline(step_dir, options.get("scheduler", "dpmpp"), device=str(self.device))
         images = generate(
             pipe, prompts, seed=options.get("seed", 0), steps=options.get("steps", 50),
             guidance_scale=options.get("guidance_scale", 3.0),

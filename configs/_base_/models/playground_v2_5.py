@@ -14,4 +14,15 @@ model = dict(
     vae_dtype='fp32',
     # Trade compute for memory in the UNet's backward pass.
     gradient_checkpointing=False,
+    # LoRA (peft) on the UNet instead of a full fine-tune: base weights frozen, checkpoints hold only the
+    # adapter, exports are work_dirs/<cfg>/step<N>/pytorch_lora_weights.safetensors (pipe.load_lora_weights).
+    lora=dict(
+        enabled=False,
+        rank=16,
+        alpha=16,  # scale = alpha / rank
+        dropout=0.0,
+        target_modules=['to_q', 'to_k', 'to_v', 'to_out.0'],  # self- and cross-attention projections
+        feed_forward=False,  # also the feed-forward projections (ff.net.0.proj, ff.net.2)
+        fuse_export=False,  # also export step<N>_fused/: a full pipeline with the LoRA folded into the UNet
+    ),
 )

@@ -1,0 +1,88 @@
+"""LoRA on the UNet through peft, exported in the diffusers LoRA format.
+
+The base weights stay frozen; peft wraps the chosen projections with low-rank A·B pairs scaled
+by alpha/rank. Exports are `pytorch_lora_weights.safetensors` written by diffusers' own
+`save_lora_weights` with the adapter's config as metadata, so `pipe.load_lora_weights(dir)` on the
+base pipeline rebuilds exactly the trained layers (alpha included), and optionally a full
+pipeline with the LoRA fused into the UNet's weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections
+FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]  # the GEGLU input and the output projection
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def lora_config(cfg: dict):
+    """peft LoraConfig from `model.lora` (rank, alpha, dropout, feed_forward, target_modules)."""
+    from peft import LoraConfig
+
+    rank = int(cfg.get("rank", 16))
+    if rank < 1:
+        raise UserError(f"model.lora.rank must be ≥ 1, got {rank}")
+    targets = list(cfg.get("target_modules") or ATTENTION) + (FEED_FORWARD if cfg.get("feed_forward") else [])
+    return LoraConfig(
+        r=rank,
+        lora_alpha=float(cfg.get("alpha", rank)),  # alpha = rank: scale 1
+        lora_dropout=float(cfg.get("dropout", 0.0)),
+        init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: training starts at the base model
+        target_modules=targets,
+    )
+
+
+def add_lora(unet, cfg: dict) -> int:
+    """Freeze the UNet and add the adapter; returns the number of trainable parameters."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise UserError("LoRA needs peft: pip install 'peft>=0.10'") from None
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(lora_config(cfg))
+    except ValueError as error:  # e.g. a target module name that matches nothing
+        raise UserError(f"model.lora: {str(error).strip().splitlines()[0]}") from None
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def lora_state(unet, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's weights in the diffusers format, from `trainable` (name → tensor; raw or EMA)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=dict(trainable)))
+
+
+def save_lora(unet, trainable: dict[str, torch.Tensor], folder: Path) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (diffusers format, adapter config in its metadata)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    config = unet.peft_config["default"].to_dict()
+    config["target_modules"] = sorted(config["target_modules"])  # a set: not JSON
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder, unet_lora_layers={k: v.contiguous() for k, v in lora_state(unet, trainable).items()},
+        unet_lora_adapter_metadata=config,
+    )
+    return folder / LORA_FILE
+
+
+def fused_unet_state(unet, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain UNet weights with W ← W + (alpha/r)·B·A folded in: a UNet with no adapter at all."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {k: v for k, v in unet.state_dict().items() if "lora_" not in k}
+    state.update({k: v for k, v in trainable.items() if k in state})
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            a = trainable.get(f"{name}.lora_A.default.weight", module.lora_A["default"].weight).float()
+            b = trainable.get(f"{name}.lora_B.default.weight", module.lora_B["default"].weight).float()
+            key = f"{name}.base_layer.weight"
+            delta = (b @ a) * module.scaling["default"]
+            state[key] = (state[key].float() + delta.view(state[key].shape)).to(state[key].dtype)
+    return {k.replace(".base_layer.", "."): v for k, v in state.items()}
