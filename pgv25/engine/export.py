@@ -8,6 +8,7 @@ assembled under a temporary name and renamed, so a `step<N>` that exists is comp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -52,22 +53,30 @@ def save_unet(unet, folder: Path, dtype: str = "fp32", state: dict | None = None
     save_file(state, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
 
 
-def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "fp32", state: dict | None = None) -> Path:
-    """Write `out_dir` as a diffusers pipeline: the base pipeline's frozen parts + this UNet."""
-    base_folder = Path(base_folder)
+@contextlib.contextmanager
+def atomic_folder(out_dir: Path):
+    """Yield a temporary folder that replaces `out_dir` once the block succeeds; on an OSError,
+    a one-line UserError and `out_dir` (an earlier export) untouched."""
     tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
     for stale in out_dir.parent.glob(f".{out_dir.name}.tmp*"):  # left by a run killed mid-export
         shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        _link_or_copy(base_folder / "model_index.json", tmp / "model_index.json")
-        for name in FROZEN:
-            _link_tree(base_folder / name, tmp / name)
-        save_unet(unet, tmp / "unet", dtype, state)
+        yield tmp
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write export {out_dir}: {error.strerror or error}; earlier exports are intact") from None
+
+
+def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "fp32", state: dict | None = None) -> Path:
+    """Write `out_dir` as a diffusers pipeline: the base pipeline's frozen parts + this UNet."""
+    base_folder = Path(base_folder)
+    with atomic_folder(out_dir) as tmp:
+        _link_or_copy(base_folder / "model_index.json", tmp / "model_index.json")
+        for name in FROZEN:
+            _link_tree(base_folder / name, tmp / name)
+        save_unet(unet, tmp / "unet", dtype, state)
     return out_dir

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from ..models.text_conditioner import TextConditioner
 from . import distributed
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .ema import build_ema
-from .export import DTYPES, export_pipeline
+from .export import DTYPES, atomic_folder, export_pipeline
 from .metrics import SigmaBinnedLoss
 from .optim import build_lr_scheduler, build_optimizer
 from .resume import check_same_run, checkpoint_to_resume, fingerprint
@@ -453,16 +452,8 @@ class Trainer:
 
     def _export_lora(self, step_dir: Path, weights: dict, dtype: str) -> str:
         """`step<N>/pytorch_lora_weights.safetensors`, and with `lora.fuse_export` a full pipeline `step<N>_fused/`."""
-        tmp = step_dir.with_name(f".{step_dir.name}.tmp{os.getpid()}")
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(step_dir) as tmp:
             save_lora(self.unet, weights, tmp)
-            if step_dir.exists():
-                shutil.rmtree(step_dir)
-            os.replace(tmp, step_dir)
-        except OSError as error:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"cannot write export {step_dir}: {error.strerror or error}; earlier exports are intact") from None
         text = f", LoRA {step_dir / LORA_FILE}"
         if self.lora.get("fuse_export"):
             fused = step_dir.with_name(f"{step_dir.name}_fused")
