@@ -18,9 +18,10 @@ DEFAULT_GUIDANCE = {"dpmpp": 3.0, "euler": 5.0}
 
 
 def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str | None = None, dtype: torch.dtype | None = None,
-                  lora: str | Path | None = None):
+                  lora: str | Path | None = None, unet=None):
     """`StableDiffusionXLPipeline.from_pretrained` on a folder; `euler` swaps in `EDMEulerScheduler`;
-    `lora`: a folder with `pytorch_lora_weights.safetensors`, applied with `pipe.load_lora_weights`."""
+    `lora`: a folder with `pytorch_lora_weights.safetensors`, applied with `pipe.load_lora_weights`;
+    `unet`: a UNet object to use instead of the folder's (the one being trained, for validation)."""
     from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler, StableDiffusionXLPipeline
 
     if scheduler not in DEFAULT_GUIDANCE:
@@ -31,7 +32,7 @@ def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str |
     check_pipeline_folder(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=dtype)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=dtype, **({"unet": unet} if unet is not None else {}))
     scheduler_class = EDMEulerScheduler if scheduler == "euler" else EDMDPMSolverMultistepScheduler
     if not isinstance(pipe.scheduler, scheduler_class):
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)

@@ -44,3 +44,16 @@ sample_grid = dict(
     width=None,  # None: the training resolution
     height=None,
 )
+# Validation grids during training: the model being trained (and its EMA) on fixed prompts and seeds,
+# saved as work_dir/validation/iter_<N>.png and logged to TensorBoard. Does not touch the training RNG.
+validation = dict(
+    interval=0,  # iterations between grids (0: off); one is also made before the first iteration
+    prompts=[],
+    seed=0,
+    scheduler='dpmpp',  # the pipeline's own EDM DPM++ sampler ('euler': EDM Euler)
+    steps=25,
+    guidance_scale=3.0,
+    width=None,  # None: the training resolution
+    height=None,
+    raw_and_ema=True,  # with EMA enabled, a row from the raw weights under the EMA row
+)

@@ -14,3 +14,4 @@ sample_grid = dict(prompts=[
     'a cute green cat pokemon',
     'a red fire bird pokemon',
 ])
+validation = dict(interval=500, prompts=['yoda pokemon', 'a cute green cat pokemon'])

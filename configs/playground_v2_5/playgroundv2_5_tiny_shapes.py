@@ -27,3 +27,12 @@ sample_grid = dict(
     steps=25,
     guidance_scale=3.0,
 )
+validation = dict(
+    interval=500,
+    prompts=[
+        'a red circle on a white background',
+        'a blue square on a black background',
+        'a yellow triangle on a blue background',
+        'a white circle on a black background',
+    ],
+)

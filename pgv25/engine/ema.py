@@ -8,6 +8,8 @@ for thousands of steps. The shadow weights can live on the CPU (`device='cpu'`) 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -42,6 +44,19 @@ class EMA:
     def state(self) -> dict[str, torch.Tensor]:
         """The EMA weights by parameter name, on the CPU (what checkpoints and exports store)."""
         return {name: s.detach().cpu() for (name, _), s in zip(self.params, self.shadow)}
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def applied(self):
+        """Inside the block the model holds the EMA weights; its own come back afterwards (for sampling)."""
+        raw = [p.detach().clone() for _, p in self.params]
+        for (_, p), s in zip(self.params, self.shadow):
+            p.copy_(s)
+        try:
+            yield
+        finally:
+            for (_, p), r in zip(self.params, raw):
+                p.copy_(r)
 
     @torch.no_grad()
     def load_state(self, weights: dict[str, torch.Tensor], updates: int) -> None:

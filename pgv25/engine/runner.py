@@ -44,6 +44,7 @@ from .metrics import SigmaBinnedLoss
 from .optim import build_lr_scheduler, build_optimizer
 from .resume import check_same_run, checkpoint_to_resume, fingerprint
 from .signals import GracefulStop
+from .validation import ValidationSampler
 
 logger = logging.getLogger("pgv25")
 SCALARS = "scalars.jsonl"  # one JSON line per logged iteration, full precision (for plots and checks)
@@ -239,6 +240,12 @@ class Trainer:
             raise UserError("ema with strategy='fsdp' is not supported yet; use strategy='ddp' or disable ema")
         # DDP keeps identical weights on every rank, so rank 0's EMA is the EMA; the others keep none.
         self.ema = build_ema(unet, ema_cfg) if accelerator.is_main_process else None
+        self.validation = ValidationSampler(cfg.get("validation") or {}, self.base_folder, unet, self.ema, self.device,
+                                            self.cond_dtype, accelerator.autocast, self.work_dir,
+                                            int(cfg.train_dataloader.dataset.resolution))
+        if self.validation.enabled and self.sharded:
+            raise UserError("validation samples with strategy='fsdp' are not supported yet; set validation.interval=0 "
+                            "(the final sample grid still comes from the export)")
 
         self.iteration = 0
         self.nonfinite_total = 0  # skipped updates so far
@@ -480,6 +487,11 @@ class Trainer:
             with open(self.work_dir / SCALARS, "a") as f:
                 f.write(json.dumps({"iteration": self.iteration, **metrics}) + "\n")
 
+    def _validate(self) -> None:
+        """Validation samples on rank 0 (the others wait for it at the next step's all-reduce)."""
+        if self.validation.enabled and self.accelerator.is_main_process:
+            self.validation.run(self.iteration, self.accelerator.trackers)
+
     def _report_scan(self) -> None:
         """Log the buckets and the rows the scan left out; start the skipped-files list on a fresh run."""
         if self.streaming:
@@ -524,6 +536,8 @@ class Trainer:
         result = TrainResult(self.iteration)
         window_losses, window_images, window_start, run_start = [], 0, time.time(), time.time()
         start_iteration = self.iteration
+        if self.iteration == 0:
+            self._validate()  # the starting point, to compare every later grid with
         with GracefulStop() as stop:
             while self.iteration < self.max_iters:
                 step = self.step(stop.requested)
@@ -540,6 +554,8 @@ class Trainer:
                     seconds_per_iter = (time.time() - run_start) / (self.iteration - start_iteration)
                     self._log(window_losses, window_images, time.time() - window_start, seconds_per_iter, step.grad_norm)
                     window_losses, window_images, window_start = [], 0, time.time()
+                if self.validation.due(self.iteration):
+                    self._validate()
                 if self.iteration % save_every == 0 or self.iteration == self.max_iters:
                     result.checkpoint, result.step_dir = self.save()
                 elif step.stop:

@@ -1,0 +1,100 @@
+"""Validation samples during training: fixed prompts and seeds, the pipeline's own sampler.
+
+Every `validation.interval` iterations, and before the first, the UNet being trained (and its EMA,
+when there is one) generates one image per prompt; a labelled grid goes to
+`work_dir/validation/iter_<N>.png` and to the trackers. The pipeline is built once around the
+training UNet itself (no copy of the weights) with the base model's frozen parts, which wait on
+the CPU between rounds on a GPU machine. Sampling runs under `torch.random.fork_rng` with its own
+seeded generators, so the training RNG stream, and with it exact resume, is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..generate import generate, labelled_grid, load_pipeline
+
+logger = logging.getLogger("pgv25")
+
+
+class ValidationSampler:
+    def __init__(self, cfg: dict, base_folder: str, unet, ema, device: torch.device, dtype: torch.dtype,
+                 autocast, work_dir: Path, resolution: int):
+        self.interval = int(cfg.get("interval", 0) or 0)
+        self.prompts = list(cfg.get("prompts") or [])
+        self.seed, self.steps = int(cfg.get("seed", 0)), int(cfg.get("steps", 25))
+        self.guidance = float(cfg.get("guidance_scale", 3.0))
+        self.scheduler = cfg.get("scheduler", "dpmpp")
+        self.width, self.height = cfg.get("width") or resolution, cfg.get("height") or resolution
+        self.show_raw = bool(cfg.get("raw_and_ema", True))
+        self.base_folder, self.unet, self.ema = base_folder, unet, ema
+        self.device, self.dtype, self.autocast = device, dtype, autocast
+        self.folder = work_dir / "validation"
+        self._pipe = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval > 0 and bool(self.prompts)
+
+    def due(self, iteration: int) -> bool:
+        return self.enabled and iteration % self.interval == 0
+
+    def _pipeline(self):
+        if self._pipe is None:
+            self._pipe = load_pipeline(self.base_folder, self.scheduler, device="cpu", dtype=self.dtype, unet=self.unet)
+        return self._pipe
+
+    def _images(self) -> list:
+        pipe = self._pipeline()
+        return generate(pipe, self.prompts, seed=self.seed, steps=self.steps, guidance_scale=self.guidance,
+                        width=self.width, height=self.height)
+
+    @torch.no_grad()
+    def run(self, iteration: int, trackers=()) -> Path:
+        """Generate the grid for `iteration`; the UNet is back in training mode, with its own weights, afterwards."""
+        pipe = self._pipeline()
+        frozen = [pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
+        for module in frozen:
+            module.to(self.device)
+        was_training = self.unet.training
+        self.unet.eval()
+        rng_devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=rng_devices), self.autocast():
+                rows, labels = [], []
+                if self.ema is not None:
+                    with self.ema.applied():
+                        rows += self._images()
+                    labels += [f"EMA: {p}" for p in self.prompts]
+                if self.ema is None or self.show_raw:
+                    rows += self._images()
+                    labels += [f"raw: {p}" if self.ema is not None else p for p in self.prompts]
+        finally:
+            self.unet.train(was_training)
+            if self.device.type != "cpu":
+                for module in frozen:
+                    module.to("cpu")
+        grid = labelled_grid(rows, labels, columns=len(self.prompts))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        out = self.folder / f"iter_{iteration:07d}.png"
+        grid.save(out)
+        for tracker in trackers:
+            log_image(tracker, grid, iteration)
+        logger.info("iteration %d: validation samples %s", iteration, out)
+        return out
+
+
+def log_image(tracker, image, step: int) -> None:
+    """The grid as an image in TensorBoard (or W&B) at `step`."""
+    if tracker.name == "tensorboard":
+        tracker.writer.add_image("validation", np.asarray(image), step, dataformats="HWC")
+        tracker.writer.flush()
+    elif tracker.name == "wandb":
+        import wandb
+
+        tracker.tracker.log({"validation": wandb.Image(image)}, step=step)
+
