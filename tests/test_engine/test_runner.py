@@ -198,3 +198,15 @@ def test_streaming_a_local_parquet_dataset_trains_and_resumes(tiny_assets, tmp_p
     assert state["ranks"][0]["stream"] == {"0": [0, 8]}  # 2 iterations × batch 4 rows read, none left buffered
     result = train(tiny_cfg(tmp_path / "w", *options), resume=True)
     assert result.iteration == 4 and result.step_dir == tmp_path / "w" / "step4"
+
+
+def test_channels_last_and_compiled_unet_train_like_eager(tiny_assets, tmp_path):
+    """Both switches are numerically the same model: same losses (to float tolerance) as the eager run."""
+    base = ["train_cfg.max_iters=2", "default_hooks.checkpoint.interval=2", "sample_grid.prompts=[]"]
+    eager = train(tiny_cfg(tmp_path / "eager", *base))
+    switched = train(tiny_cfg(tmp_path / "switched", *base, "model.channels_last=True", "model.compile.enabled=True",
+                              "model.compile.backend=aot_eager"))  # traced fwd+bwd graphs, no C++ build in the test
+    for a, b in zip(scalars(tmp_path / "eager"), scalars(tmp_path / "switched")):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"])
+    weights = unet_weights(switched.step_dir)
+    assert set(weights) == set(unet_weights(eager.step_dir))  # no _orig_mod. prefixes in the export

@@ -14,6 +14,11 @@ model = dict(
     vae_dtype='fp32',
     # Trade compute for memory in the UNet's backward pass.
     gradient_checkpointing=False,
+    # NHWC memory layout for the UNet's convolutions (faster on tensor-core GPUs).
+    channels_last=False,
+    # torch.compile of the UNet (in place: checkpoints and exports unchanged). One graph per bucket shape;
+    # mode='max-autotune' tunes longer for faster kernels; backend='eager' only traces (for debugging).
+    compile=dict(enabled=False, backend='inductor', mode=None, dynamic=False),
     # LoRA (peft) on the UNet instead of a full fine-tune: base weights frozen, checkpoints hold only the
     # adapter, exports are work_dirs/<cfg>/step<N>/pytorch_lora_weights.safetensors (pipe.load_lora_weights).
     lora=dict(
