@@ -58,7 +58,7 @@ def test_list_configs_excludes_bases():
     names = list_configs()
     assert {"playgroundv2_5_pokemon_blip", "playgroundv2_5_tiny_shapes"} <= set(names)
     assert not any("_base_" in str(p) for p in names.values())
-    assert list(list_configs("tiny")) == ["playgroundv2_5_tiny_shapes"]
+    assert list(list_configs("tiny")) == ["playgroundv2_5_lora_tiny_shapes", "playgroundv2_5_tiny_shapes"]
 
 
 def test_option_without_equals_is_refused():
@@ -72,3 +72,11 @@ def test_syntax_error_in_a_base_file_names_that_file(tmp_path):
     (tmp_path / "leaf.py").write_text("_base_ = ['./_base_/broken_base.py']\ntrain_cfg = dict(max_iters=1)\n")
     with pytest.raises(UserError, match=r"broken_base\.py:1: syntax error"):
         load_config(str(tmp_path / "leaf.py"))
+
+
+@pytest.mark.parametrize("name", ["playgroundv2_5_pokemon_blip", "playgroundv2_5_tiny_shapes",
+                                  "playgroundv2_5_lora_pokemon_blip", "playgroundv2_5_lora_tiny_shapes"])
+def test_every_shipped_config_loads_and_lora_configs_enable_lora(name):
+    cfg = load_config(name)
+    assert cfg.model.lora.enabled == ("lora" in name)
+    assert cfg.train_dataloader.dataset.buckets.enabled and cfg.validation.interval > 0

@@ -57,3 +57,7 @@ validation = dict(
     height=None,
     raw_and_ema=True,  # with EMA enabled, a row from the raw weights under the EMA row
 )
+# Trackers beside TensorBoard (always on): ['wandb'] needs `pip install 'pgv25[wandb]'`. W&B runs offline
+# (files under work_dir/wandb, `wandb sync` later) unless WANDB_API_KEY is set or WANDB_MODE says otherwise.
+log_with = []
+wandb = dict()  # extra wandb.init arguments, e.g. dict(entity='me', tags=['pokemon'])

@@ -55,6 +55,45 @@ def work_dir_of(cfg) -> Path:
     return Path(cfg.get("work_dir") or Path("work_dirs") / cfg.config_name)
 
 
+def trackers_of(cfg) -> list[str]:
+    """`log_with`: TensorBoard always; 'wandb' when asked for and installed (one line if not)."""
+    wanted = list(dict.fromkeys(["tensorboard", *(cfg.get("log_with") or [])]))
+    unknown = [t for t in wanted if t not in ("tensorboard", "wandb")]
+    if unknown:
+        raise UserError(f"log_with: unknown tracker {unknown[0]!r} (choose from 'tensorboard', 'wandb')")
+    if "wandb" in wanted:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("log_with=['wandb'] needs Weights & Biases: pip install 'pgv25[wandb]'") from None
+    return wanted
+
+
+def tracker_options(cfg, work_dir: Path) -> dict:
+    """W&B offline unless a key is configured (WANDB_API_KEY) or WANDB_MODE says otherwise: a machine
+    without network or login still trains, and `wandb sync work_dir/wandb` uploads later."""
+    wandb_cfg = dict(cfg.get("wandb") or {})
+    mode = os.environ.get("WANDB_MODE") or wandb_cfg.pop("mode", None) or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return {"wandb": {"mode": mode, "dir": str(work_dir), "name": cfg.config_name, **wandb_cfg}}
+
+
+def flat_config(cfg) -> dict:
+    """The config as flat scalar key/values, the form trackers record as run parameters."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix] = value
+        else:
+            flat[prefix] = str(value)
+
+    walk("", cfg.to_dict())
+    return flat
+
+
 def ensure_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -127,6 +166,7 @@ class Trainer:
 
     def __init__(self, cfg, resume: str | bool | None = None, allow_config_change: bool = False):
         from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
         from accelerate.utils import set_seed
 
         self.cfg = cfg
@@ -143,8 +183,9 @@ class Trainer:
         self.accelerator = accelerator = Accelerator(
             mixed_precision=mixed_precision,
             cpu=not on_gpu,  # under torchrun without CUDA this gives real gloo training, not N lone processes
-            log_with="tensorboard",
-            project_dir=str(self.work_dir),
+            log_with=trackers_of(cfg),
+            # TensorBoard under work_dir/tensorboard/pgv25; W&B project 'pgv25', run named after the config
+            project_config=ProjectConfiguration(project_dir=str(self.work_dir), logging_dir=str(self.work_dir / "tensorboard")),
         )
         set_seed(self.seed)
         self.device = accelerator.device
@@ -538,7 +579,7 @@ class Trainer:
         cfg, accelerator = self.cfg, self.accelerator
         if accelerator.is_main_process:
             cfg.dump(str(self.work_dir / f"{cfg.config_name}.py"))
-        accelerator.init_trackers("tensorboard")
+        accelerator.init_trackers("pgv25", config=flat_config(cfg), init_kwargs=tracker_options(cfg, self.work_dir))
         log_every = int(cfg.default_hooks.logger.interval)
         save_every = int(cfg.default_hooks.checkpoint.interval)
         logger.info(

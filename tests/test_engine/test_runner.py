@@ -210,3 +210,23 @@ def test_channels_last_and_compiled_unet_train_like_eager(tiny_assets, tmp_path)
         assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"])
     weights = unet_weights(switched.step_dir)
     assert set(weights) == set(unet_weights(eager.step_dir))  # no _orig_mod. prefixes in the export
+
+
+def test_weights_and_biases_offline(tiny_assets, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    train(tiny_cfg(tmp_path, "log_with=[wandb]", "train_cfg.max_iters=2", "default_hooks.checkpoint.interval=2",
+                   "sample_grid.prompts=[]", "validation.interval=2", "validation.prompts=[a red circle on a white background]"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "an offline run, no network or login needed"
+    images = sorted(p.name.split("_")[1] for p in (runs[0] / "files" / "media" / "images").glob("validation_*.png"))
+    assert images == ["0", "2"]  # the validation grids at iterations 0 and 2
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the run's log, synced later with `wandb sync`
+    assert b"train_cfg.max_iters" in record and b"loss_sigma/2-10" in record and b"images_per_s" in record
+
+
+def test_unknown_tracker_is_one_line(tiny_assets, tmp_path):
+    from pgv25.errors import UserError
+
+    with pytest.raises(UserError, match="unknown tracker 'mlflow'"):
+        train(tiny_cfg(tmp_path, "log_with=[mlflow]"))
