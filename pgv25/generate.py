@@ -22,7 +22,7 @@ def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str |
     """`StableDiffusionXLPipeline.from_pretrained` on a folder; `euler` swaps in `EDMEulerScheduler`;
     `lora`: a folder with `pytorch_lora_weights.safetensors`, applied with `pipe.load_lora_weights`;
     `unet`: a UNet object to use instead of the folder's (the one being trained, for validation)."""
-    from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     if scheduler not in DEFAULT_GUIDANCE:
         raise UserError(f"--scheduler must be one of {', '.join(DEFAULT_GUIDANCE)}, got '{scheduler}'")
@@ -33,11 +33,6 @@ def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str |
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=dtype, **({"unet": unet} if unet is not None else {}))
-    scheduler_class = EDMEulerScheduler if scheduler == "euler" else EDMDPMSolverMultistepScheduler
-    if not isinstance(pipe.scheduler, scheduler_class):
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    if getattr(pipe.vae.config, "force_upcast", False) and dtype == torch.float16:
-        pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
     if lora is not None:
         lora = Path(lora)
         if not (lora / "pytorch_lora_weights.safetensors").is_file():
@@ -46,6 +41,19 @@ def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str |
             pipe.load_lora_weights(str(lora))
         except (ImportError, ValueError) as error:
             raise UserError(f"cannot apply the LoRA in {lora}: {str(error).strip().splitlines()[0]}") from None
+    return configure_pipeline(pipe, scheduler, device, dtype)
+
+
+def configure_pipeline(pipe, scheduler: str = "dpmpp", device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The sampler (`dpmpp`: EDM DPM++ 2M, Playground's own; `euler`: EDM Euler), the VAE kept in fp32
+    when its config asks (the SDXL VAE overflows in fp16), no progress bar, on `device`."""
+    from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+    scheduler_class = EDMEulerScheduler if scheduler == "euler" else EDMDPMSolverMultistepScheduler
+    if not isinstance(pipe.scheduler, scheduler_class):
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if getattr(pipe.vae.config, "force_upcast", False) and dtype == torch.float16:
+        pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -90,7 +90,7 @@ class StandInConditioner:
         return torch.randn(len(prompts), 77, 2048), torch.randn(len(prompts), 1280)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=96, help="images per format")
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
     parser.add_argument("--gpu-rate", type=float, default=20.0, help="images/s a GPU consumes")
     parser.add_argument("--json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -32,7 +32,8 @@ CONFIG = "playgroundv2_5_tiny_shapes"
 
 def command(work: Path, args) -> list[str]:
     options = [f"train_cfg.max_iters={args.iters}", f"default_hooks.checkpoint.interval={args.interval}",
-               f"train_dataloader.batch_size={args.batch}", "default_hooks.logger.interval=1", "sample_grid.prompts=[]"]
+               f"train_dataloader.batch_size={args.batch}", "default_hooks.logger.interval=1", "sample_grid.prompts=[]",
+               "validation.interval=0"]
     return [sys.executable, "-m", "pgv25.cli", "train", CONFIG, "--work-dir", str(work), "--resume", "--cfg-options", *options]
 
 

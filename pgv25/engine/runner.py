@@ -287,9 +287,9 @@ class Trainer:
         self.validation = ValidationSampler(cfg.get("validation") or {}, self.base_folder, unet, self.ema, self.device,
                                             self.cond_dtype, accelerator.autocast, self.work_dir,
                                             int(cfg.train_dataloader.dataset.resolution))
-        if self.validation.enabled and self.sharded:
-            raise UserError("validation samples with strategy='fsdp' are not supported yet; set validation.interval=0 "
-                            "(the final sample grid still comes from the export)")
+        if self.validation.enabled and self.sharded:  # a sharded UNet cannot sample on rank 0 alone
+            logger.warning("validation samples are not made with strategy='fsdp' yet; the final sample grid still comes from the export")
+            self.validation.interval = 0
 
         self.iteration = 0
         self.nonfinite_total = 0  # skipped updates so far

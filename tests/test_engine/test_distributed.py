@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import TINY_OPTIONS, wait_for_logged_iterations
 
 HERE = Path(__file__).resolve().parent
-SMALL = TINY_OPTIONS + ["train_dataloader.batch_size=4", "default_hooks.logger.interval=1", "sample_grid.prompts=[]"]
+SMALL = TINY_OPTIONS + ["train_dataloader.batch_size=4", "default_hooks.logger.interval=1", "sample_grid.prompts=[]",
+                        "validation.interval=0"]
 
 
 def run_worker(tmp_path, strategy: str, *options: str, steps: int = 2) -> tuple[dict, Path]:

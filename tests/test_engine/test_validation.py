@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import tiny_cfg
 from pgv25.engine.runner import train
 
-OPTIONS = ["train_cfg.max_iters=4", "default_hooks.checkpoint.interval=4", "sample_grid.prompts=[]", "ema.enabled=True",
+OPTIONS = ["validation.prompts=[a red circle on a white background,a blue square on a black background]", "train_cfg.max_iters=4", "default_hooks.checkpoint.interval=4", "sample_grid.prompts=[]", "ema.enabled=True",
            "ema.warmup=False", "ema.decay=0.5"]
 
 
@@ -30,7 +30,7 @@ def test_validation_grids_do_not_change_training(tiny_assets, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # with EMA: an EMA row and a raw row, one column per prompt
     grid = Image.open(tmp_path / "a" / "validation" / "iter_0000004.png")
-    assert grid.size == (4 * 192, 2 * (192 + 28))
+    assert grid.size == (2 * 192, 2 * (192 + 28))
     first, last = (Image.open(tmp_path / "a" / "validation" / f"iter_000000{i}.png") for i in (0, 4))
     assert first.tobytes() != last.tobytes()
 

@@ -1,0 +1,67 @@
+"""The benchmarks in tools/ run (on a reduced architecture, on CPU) and report what they claim to."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+sys.path.insert(0, str(TOOLS))
+
+
+def test_bench_train_measures_pgv25_and_the_reference_step(tiny_assets, tmp_path):
+    import bench_train
+
+    common = ["--arch", "tiny", "--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0", "--rounds", "1"]
+    rows = bench_train.main([*common, "--size", "64x64", "48x80", "--variants", "full", "adamw8bit"])
+    rows += bench_train.main([*common, "--size", "48x80", "--variants", "lora64", "--markdown", str(tmp_path / "t.md")])
+    measured = [r for r in rows if "error" not in r]
+    assert {(r["variant"], r["size"]) for r in measured} == {("full", "64x64"), ("full", "48x80"), ("lora64", "48x80")}
+    for row in measured:
+        assert row["images_per_s"] > 0 and row["reference_images_per_s"] > 0 and row["tflop_per_step"] > 0
+    # FLOPs of a full step scale with the latent area: 48×80 has 15/16 of 64×64's pixels
+    full = {r["size"]: r["tflop_per_step"] for r in measured if r["variant"] == "full"}
+    assert 0.85 < full["48x80"] / full["64x64"] < 1.0
+    assert [r["error"] for r in rows if "error" in r] == ["skip: 8-bit AdamW (bitsandbytes) needs CUDA"] * 2
+    assert "| lora64 | 48x80 | 2 |" in (tmp_path / "t.md").read_text()
+
+
+def test_playground_unet_config_has_the_published_parameter_count():
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    import bench_train
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(bench_train.PLAYGROUND_UNET)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+
+
+def test_bench_generate_times_both_paths(tiny_assets):
+    import bench_generate
+
+    rows = bench_generate.main(["--arch", "tiny", "--device", "cpu", "--size", "64", "--steps", "2", "--images", "1",
+                                "--compile", "none"])
+    assert [(r["path"], r["compile"]) for r in rows] == [("pgv25", "none"), ("diffusers", "none")]
+    assert all(r["seconds_per_image"] > 0 for r in rows)
+
+
+def test_bench_overhead_compares_the_trainer_with_the_reference_loop(tiny_assets, tmp_path):
+    import bench_overhead
+
+    from conftest import TINY_OPTIONS
+
+    result = bench_overhead.main(["--iters", "1", "--rounds", "1", "--batch", "4", "--work-dir", str(tmp_path),
+                                  "--cfg-options", *TINY_OPTIONS])
+    assert result["pgv25_images_per_s"] > 0 and result["reference_images_per_s"] > 0
+    assert result["overhead"] == pytest.approx(result["reference_images_per_s"] / result["pgv25_images_per_s"] - 1)
+
+
+def test_bench_loader_runs(tmp_path):
+    import bench_loader
+
+    bench_loader.main(["--images", "8", "--batches", "1", "--workers", "0", "--json", str(tmp_path / "l.json")])
+    import json
+
+    results = json.loads((tmp_path / "l.json").read_text())["results"]
+    assert {r["source"] for r in results} == {"jpeg", "png", "cache"} and all(r["images_per_s"] > 0 for r in results)

@@ -1,0 +1,299 @@
+"""Training-step throughput, MFU and memory of the Playground v2.5 UNet: pgv25's step vs the reference step.
+
+    python tools/bench_train.py                                   # full-size UNet on the GPU, 1024² and 896×1152
+    python tools/bench_train.py --variants full ckpt adamw8bit lora64 --batch 1 2 4 8 16 --markdown out.md
+    python tools/bench_train.py --arch tiny --device cpu --size 64x64 --batch 2 --steps 2   # a smoke run on CPU
+
+The UNet is built from its config with random weights (no download): Playground v2.5's UNet is the
+SDXL UNet, 2,567,463,684 parameters. Inputs are synthetic cached latents and text embeddings of
+the real shapes (latents 4 × h/8 × w/8, prompt embeddings 77 × 2048, pooled 1280).
+
+- pgv25 step: the runner's training step built from pgv25's own pieces: EDMLoss(EDMDenoiser(unet))
+  with Karras-index σ, bf16 autocast over fp32 master weights, pgv25's optimizer builder (fused AdamW
+  on CUDA), gradient norm and the non-finite guard with one host sync per step.
+- reference step: the EDM path of diffusers' SDXL DreamBooth-LoRA script (`--do_edm_style_training`),
+  written out here: EDMEulerScheduler's Karras σ by random index, `precondition_inputs`/`outputs`,
+  MSE to x0, torch.optim.AdamW with default settings, bf16 autocast, `loss.item()` each step for its
+  progress bar.
+
+The two are timed in alternating rounds (each with a fresh optimizer) so drift hits both alike.
+FLOPs per step are counted with torch.utils.flop_counter (forward + backward, matmul/conv/attention),
+MFU = FLOPs / step time / peak (`--peak-tflops`, 989 dense bf16 for H100/H200 SXM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pgv25 import edm  # noqa: E402
+from pgv25.engine.optim import build_optimizer  # noqa: E402
+from pgv25.models.edm_denoiser import Conditioning, EDMDenoiser, EDMLoss  # noqa: E402
+
+# playgroundai/playground-v2.5-1024px-aesthetic, unet/config.json (the SDXL UNet)
+PLAYGROUND_UNET = {
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+}
+PLAYGROUND_SCHEDULER = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "rho": 7.0, "num_train_timesteps": 1000,
+                        "prediction_type": "epsilon", "sigma_schedule": "karras"}
+VARIANTS = ("full", "ckpt", "adamw8bit", "lora64", "compile")
+
+
+def build_unet(arch: str, device: str, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    if arch == "tiny":
+        from pgv25.tiny.base_pipeline import build_unet as tiny_unet
+
+        return tiny_unet(64).to(device)
+    with torch.device(device):  # allocate straight on the GPU: no 10 GB host copy
+        return UNet2DConditionModel.from_config(PLAYGROUND_UNET)
+
+
+def synthetic_batch(unet, batch: int, height: int, width: int, factor: int, device: str, seed: int = 0) -> dict:
+    config = unet.config
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    g = torch.Generator(device).manual_seed(seed)
+    h, w = height // factor, width // factor
+    return {
+        "latents": torch.randn(batch, config.in_channels, h, w, generator=g, device=device) * 0.5,
+        "prompt_embeds": torch.randn(batch, 77, config.cross_attention_dim, generator=g, device=device),
+        "pooled": torch.randn(batch, pooled, generator=g, device=device),
+        "time_ids": torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=torch.float32).repeat(batch, 1),
+    }
+
+
+class Pgv25Step:
+    """The runner's step (Trainer.micro_step + Trainer.step) on one process, from the same pieces."""
+
+    def __init__(self, unet, optimizer_type: str, device: str, autocast):
+        self.sampler = edm.build_sigma_sampler("karras_index", PLAYGROUND_SCHEDULER)
+        self.objective = EDMLoss(EDMDenoiser(unet, 0.5, "epsilon"), "none")
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, {"type": optimizer_type, "lr": 1e-5, "weight_decay": 1e-2},
+                                         use_fused=device == "cuda")
+        self.generator = torch.Generator(device).manual_seed(0)
+        self.autocast, self.device = autocast, device
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        x0 = batch["latents"]
+        cond = Conditioning(batch["prompt_embeds"], batch["pooled"], batch["time_ids"])
+        sigma = self.sampler(len(x0), self.generator, self.device)
+        noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
+        with self.autocast():
+            loss = self.objective(x0, sigma, noise, cond).mean()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, math.inf)
+        if not bool(torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)]).any()):  # the one host sync
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+class ReferenceStep:
+    """diffusers' `--do_edm_style_training` step (SDXL DreamBooth-LoRA script), written from its documented procedure."""
+
+    def __init__(self, unet, optimizer_type: str, device: str, autocast):
+        from diffusers import EDMEulerScheduler
+
+        self.unet, self.device, self.autocast = unet, device, autocast
+        self.scheduler = EDMEulerScheduler(**PLAYGROUND_SCHEDULER)
+        params = [p for p in unet.parameters() if p.requires_grad]
+        if optimizer_type == "AdamW8bit":
+            import bitsandbytes as bnb
+
+            self.optimizer = bnb.optim.AdamW8bit(params, lr=1e-5, weight_decay=1e-2)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2)
+        self.sigmas = self.scheduler.sigmas.to(device)
+        self.timesteps = self.scheduler.timesteps.to(device)
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        model_input = batch["latents"]
+        noise = torch.randn_like(model_input)
+        indices = torch.randint(0, self.scheduler.config.num_train_timesteps, (model_input.shape[0],), device=self.device)
+        timesteps = self.timesteps[indices]
+        sigmas = self.sigmas[indices].view(-1, 1, 1, 1)
+        noisy = model_input + noise * sigmas
+        inputs = self.scheduler.precondition_inputs(noisy, sigmas)
+        with self.autocast():
+            model_pred = self.unet(inputs, timesteps, encoder_hidden_states=batch["prompt_embeds"],
+                                   added_cond_kwargs={"text_embeds": batch["pooled"], "time_ids": batch["time_ids"]}).sample
+        model_pred = self.scheduler.precondition_outputs(noisy, model_pred, sigmas)
+        loss = torch.nn.functional.mse_loss(model_pred.float(), model_input.float(), reduction="mean")
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the script's progress-bar log, every step
+        return loss.detach()
+
+
+def count_flops(step, batch: dict) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return counter.get_total_flops()
+
+
+def timed(step, batch: dict, warmup: int, steps: int, device: str) -> dict:
+    for _ in range(warmup):
+        step(batch)
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step(batch)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return {"step_s": statistics.median(times), "peak_gib": peak}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def prepare(variant: str, args):
+    """A fresh UNet set up for the variant; returns (unet, optimizer type) or raises RuntimeError('skip: ...')."""
+    if variant == "adamw8bit" and args.device != "cuda":
+        raise RuntimeError("skip: 8-bit AdamW (bitsandbytes) needs CUDA")
+    unet = build_unet(args.arch, args.device).train()
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if variant == "ckpt":
+        unet.enable_gradient_checkpointing()
+    if variant == "lora64":
+        from pgv25.models.lora import add_lora
+
+        add_lora(unet, {"rank": 64, "alpha": 64})
+    if variant == "compile":
+        unet.compile(mode=args.compile_mode)
+    return unet, "AdamW8bit" if variant == "adamw8bit" else "AdamW"
+
+
+def measure(variant: str, batch_size: int, size: tuple[int, int], args) -> dict:
+    row = {"variant": variant, "batch": batch_size, "size": f"{size[1]}x{size[0]}"}
+    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if args.device == "cuda" else (lambda: torch.autocast("cpu", enabled=False))
+    try:
+        unet, optimizer_type = prepare(variant, args)
+    except RuntimeError as error:
+        return {**row, "error": str(error)}
+    batch = synthetic_batch(unet, batch_size, *size, args.latent_factor, args.device)
+    try:
+        rounds = {"pgv25": [], "reference": []}
+        flops = None
+        for _ in range(args.rounds):
+            for name, cls in (("pgv25", Pgv25Step), ("reference", ReferenceStep)):
+                step = cls(unet, optimizer_type, args.device, autocast)
+                if flops is None and name == "pgv25" and variant != "compile":
+                    flops = count_flops(step, batch)
+                rounds[name].append(timed(step, batch, args.warmup, args.steps, args.device))
+                del step
+                gc.collect()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+    except torch.OutOfMemoryError:
+        return {**row, "error": "OOM"}
+    finally:
+        del unet
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    ours = statistics.median(r["step_s"] for r in rounds["pgv25"])
+    ref = statistics.median(r["step_s"] for r in rounds["reference"])
+    row.update({
+        "images_per_s": batch_size / ours, "step_s": ours, "peak_gib": max(r["peak_gib"] for r in rounds["pgv25"]),
+        "reference_images_per_s": batch_size / ref, "reference_peak_gib": max(r["peak_gib"] for r in rounds["reference"]),
+        "speedup_vs_reference": ref / ours,
+    })
+    if flops:
+        row["tflop_per_step"] = flops / 1e12
+        if args.device == "cuda":  # against the GPU's dense bf16 peak; meaningless for a CPU
+            row["mfu"] = flops / ours / (args.peak_tflops * 1e12)
+    return row
+
+
+def markdown(rows: list[dict], args) -> str:
+    lines = [f"`python tools/bench_train.py {' '.join(sys.argv[1:])}` on {device_name(args.device)}", "",
+             "| variant | size | batch | images/s | step s | TFLOP/step | MFU | peak GiB | reference images/s | ×reference |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['size']} | {r['batch']} | {r['error']} | | | | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "–"
+        tflop = f"{r['tflop_per_step']:.4g}" if "tflop_per_step" in r else "–"
+        lines.append(f"| {r['variant']} | {r['size']} | {r['batch']} | {r['images_per_s']:.2f} | {r['step_s']:.3f} | {tflop} | {mfu} "
+                     f"| {r['peak_gib']:.1f} | {r['reference_images_per_s']:.2f} | {r['speedup_vs_reference']:.2f} |")
+    return "\n".join(lines)
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, height = (int(v) for v in text.lower().split("x"))
+    return height, width
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=["playground", "tiny"], default="playground")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["full", "ckpt", "adamw8bit", "lora64"])
+    parser.add_argument("--size", nargs="+", default=["1024x1024", "896x1152"], help="WxH in pixels")
+    parser.add_argument("--latent-factor", type=int, help="pixels per latent (8 for the SDXL VAE; 4 for the tiny one)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating pgv25/reference rounds")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile-mode", default=None)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args(argv)
+    args.latent_factor = args.latent_factor or (4 if args.arch == "tiny" else 8)
+    rows = []
+    for variant in args.variants:
+        for size in map(parse_size, args.size):
+            for batch_size in args.batch:
+                row = measure(variant, batch_size, size, args)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if "error" in row:  # OOM or unavailable: larger batches will not do better
+                    break
+    table = markdown(rows, args)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": device_name(args.device), "rows": rows}, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
