@@ -18,10 +18,10 @@ DEFAULT_GUIDANCE = {"dpmpp": 3.0, "euler": 5.0}
 
 
 def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str | None = None, dtype: torch.dtype | None = None,
-                  lora: str | Path | None = None, unet=None):
+                  lora: str | Path | None = None, **components):
     """`StableDiffusionXLPipeline.from_pretrained` on a folder; `euler` swaps in `EDMEulerScheduler`;
     `lora`: a folder with `pytorch_lora_weights.safetensors`, applied with `pipe.load_lora_weights`;
-    `unet`: a UNet object to use instead of the folder's (the one being trained, for validation)."""
+    `components`: modules to use instead of the folder's (`unet=`, `text_encoder=`: the ones being trained)."""
     from diffusers import StableDiffusionXLPipeline
 
     if scheduler not in DEFAULT_GUIDANCE:
@@ -32,7 +32,7 @@ def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str |
     check_pipeline_folder(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=dtype, **({"unet": unet} if unet is not None else {}))
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=dtype, **components)
     if lora is not None:
         lora = Path(lora)
         if not (lora / "pytorch_lora_weights.safetensors").is_file():

@@ -109,6 +109,19 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Mean of each gradient over all ranks, for trained parameters outside the DDP-wrapped module."""
+    if params and world()[1] > 1:
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all of them
+        dist.all_reduce(flat)
+        flat /= world()[1]
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 def full_model_state(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """All weights (or only the trained ones: LoRA), full size, on CPU; empty on ranks other than 0 when sharded (a collective)."""
     state = get_model_state_dict(model, options=_GATHER)
@@ -136,8 +149,8 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mo
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         if world()[0] == 0 and set(model_state) != trained:
             raise ValueError(f"checkpoint weights do not match the trained parameters ({len(model_state)} vs {len(trained)})")
-        set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=False,
-                                                                          broadcast_from_rank0=world()[1] > 1))
-    else:
-        set_model_state_dict(model, model_state, options=options)
+        options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=world()[1] > 1)
+        # strict=False for the optimizer too: an adapter that never receives a gradient (LoRA on CLIP's
+        # last layer, whose output the penultimate-layer embeddings never use) has no optimizer state.
+    set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

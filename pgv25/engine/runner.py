@@ -34,7 +34,7 @@ from ..generate import generate, labelled_grid, load_pipeline
 from ..models.edm_denoiser import Conditioning, EDMDenoiser, EDMLoss
 from ..models.latent_codec import LatentCodec
 from ..models.loading import load_components, resolve_pretrained
-from ..models.lora import LORA_FILE, add_lora, fused_unet_state, save_lora
+from ..models.lora import LORA_FILE, add_lora, add_text_lora, fused_unet_state, save_lora
 from ..models.text_conditioner import TextConditioner
 from . import distributed
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -247,6 +247,21 @@ class Trainer:
             logger.info("LoRA rank %d (alpha %s) on %s: %.2fM trainable parameters", self.lora.get("rank", 16),
                         self.lora.get("alpha", self.lora.get("rank", 16)), sorted(unet.peft_config["default"].target_modules),
                         trainable / 1e6)
+        # What trains, as one module so names, optimizer state, EMA and checkpoints cover all of it.
+        self.trained = unet
+        self.text_lora = bool(self.lora and self.lora.get("text_encoders"))
+        if self.text_lora:
+            if cached:
+                raise UserError("model.lora.text_encoders trains the text encoders: captions must be encoded every step; "
+                                "set train_dataloader.dataset.cache.enabled=False")
+            if self.lora.get("fuse_export"):
+                raise UserError("model.lora.fuse_export folds the UNet's LoRA only; with model.lora.text_encoders=True "
+                                "use the LoRA file (pipe.load_lora_weights)")
+            encoders = list(self.conditioner.text_encoders)
+            count = add_text_lora(encoders, self.lora)
+            logger.info("LoRA on both text encoders: %.2fM trainable parameters", count / 1e6)
+            self.trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": encoders[0], "text_encoder_2": encoders[1]})
+        self.trained_params = [p for p in self.trained.parameters() if p.requires_grad]
         if model_cfg.get("gradient_checkpointing"):
             unet.enable_gradient_checkpointing()
         if model_cfg.get("channels_last"):  # NHWC convolutions: faster with tensor cores, neutral elsewhere
@@ -268,7 +283,7 @@ class Trainer:
             unet.to(self.device)
             fsdp_cfg = cfg.get("fsdp") or {}
             distributed.shard_unet(unet, {"bf16": torch.bfloat16}.get(mixed_precision), bool(fsdp_cfg.get("reshard_after_forward", True)))
-        optimizer = build_optimizer([p for p in unet.parameters() if p.requires_grad], optim_cfg.optimizer, use_fused=on_gpu)
+        optimizer = build_optimizer(self.trained_params, optim_cfg.optimizer, use_fused=on_gpu)
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.get("param_scheduler", {}), self.max_iters)
         if self.sharded:
             self.objective, self.optimizer = objective, accelerator.prepare(optimizer)
@@ -283,10 +298,11 @@ class Trainer:
         if ema_cfg.get("enabled") and self.sharded:
             raise UserError("ema with strategy='fsdp' is not supported yet; use strategy='ddp' or disable ema")
         # DDP keeps identical weights on every rank, so rank 0's EMA is the EMA; the others keep none.
-        self.ema = build_ema(unet, ema_cfg) if accelerator.is_main_process else None
+        self.ema = build_ema(self.trained, ema_cfg) if accelerator.is_main_process else None
         self.validation = ValidationSampler(cfg.get("validation") or {}, self.base_folder, unet, self.ema, self.device,
                                             self.cond_dtype, accelerator.autocast, self.work_dir,
-                                            int(cfg.train_dataloader.dataset.resolution))
+                                            int(cfg.train_dataloader.dataset.resolution),
+                                            list(self.conditioner.text_encoders) if self.text_lora else None)
         if self.validation.enabled and self.sharded:  # a sharded UNet cannot sample on rank 0 alone
             logger.warning("validation samples are not made with strategy='fsdp' yet; the final sample grid still comes from the export")
             self.validation.interval = 0
@@ -304,6 +320,11 @@ class Trainer:
                                log_path=self.work_dir / SKIPPED_FILES)
         if rng is not None:  # last: building the loader iterator draws from the global torch RNG
             set_rng_state(rng, self.generator)
+
+    def _in_unet(self, param) -> bool:
+        if not hasattr(self, "_unet_param_ids"):
+            self._unet_param_ids = {id(p) for p in self.unet.parameters()}
+        return id(param) in self._unet_param_ids
 
     def _compile(self, unet, options: dict) -> None:
         """`torch.compile` the UNet in place (parameter names, and so checkpoints and exports, unchanged)."""
@@ -333,7 +354,7 @@ class Trainer:
         if failed:  # every rank raises, none waits in a broadcast
             raise UserError(failed[0])
         try:
-            distributed.load_full_state(self.unet, self.optimizer.optimizer, model_state, parts["optimizer"],
+            distributed.load_full_state(self.trained, self.optimizer.optimizer, model_state, parts["optimizer"],
                                         trainable_only=self.lora is not None)
             self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
             if self.accelerator.scaler is not None and "grad_scaler" in parts:
@@ -425,7 +446,9 @@ class Trainer:
 
     def _grad_norm(self) -> torch.Tensor:
         """Total gradient norm, clipped to `clip_grad.max_norm` when set (unscaled first under fp16)."""
-        norm = self.accelerator.clip_grad_norm_(self.unet.parameters(), self.clip_norm)
+        if self.text_lora and self.world_size > 1:  # outside the DDP module: average their gradients here
+            distributed.average_gradients([p for p in self.trained_params if p.grad is not None and not self._in_unet(p)])
+        norm = self.accelerator.clip_grad_norm_(self.trained_params, self.clip_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
     def step(self, stop_requested: bool = False) -> StepResult:
@@ -470,8 +493,8 @@ class Trainer:
 
         A failed write raises the same one-line error on every rank, so none waits for the others.
         """
-        model_state = distributed.full_model_state(self.unet, trainable_only=self.lora is not None)
-        optimizer_state = distributed.full_optimizer_state(self.unet, self.optimizer.optimizer)
+        model_state = distributed.full_model_state(self.trained, trainable_only=self.lora is not None)
+        optimizer_state = distributed.full_optimizer_state(self.trained, self.optimizer.optimizer)
         ranks = distributed.gather_objects(
             {"consumed": self.batches.consumed, "skipped": self.batches.skipped, "rng": rng_state(self.generator),
              "stream": self.batches.stream or None}
@@ -520,7 +543,13 @@ class Trainer:
     def _export_lora(self, step_dir: Path, weights: dict, dtype: str) -> str:
         """`step<N>/pytorch_lora_weights.safetensors`, and with `lora.fuse_export` a full pipeline `step<N>_fused/`."""
         with atomic_folder(step_dir) as tmp:
-            save_lora(self.unet, weights, tmp)
+            if self.text_lora:  # names carry the component: unet.*, text_encoder.*, text_encoder_2.*
+                parts = {key: {n[len(key) + 1:]: v for n, v in weights.items() if n.startswith(key + ".")}
+                         for key in ("unet", "text_encoder", "text_encoder_2")}
+                save_lora(self.unet, parts["unet"], tmp, list(self.conditioner.text_encoders),
+                          [parts["text_encoder"], parts["text_encoder_2"]])
+            else:
+                save_lora(self.unet, weights, tmp)
         text = f", LoRA {step_dir / LORA_FILE}"
         if self.lora.get("fuse_export"):
             fused = step_dir.with_name(f"{step_dir.name}_fused")

@@ -23,7 +23,7 @@ logger = logging.getLogger("pgv25")
 
 class ValidationSampler:
     def __init__(self, cfg: dict, base_folder: str, unet, ema, device: torch.device, dtype: torch.dtype,
-                 autocast, work_dir: Path, resolution: int):
+                 autocast, work_dir: Path, resolution: int, text_encoders=None):
         self.interval = int(cfg.get("interval", 0) or 0)
         self.prompts = list(cfg.get("prompts") or [])
         self.seed, self.steps = int(cfg.get("seed", 0)), int(cfg.get("steps", 25))
@@ -32,6 +32,7 @@ class ValidationSampler:
         self.width, self.height = cfg.get("width") or resolution, cfg.get("height") or resolution
         self.show_raw = bool(cfg.get("raw_and_ema", True))
         self.base_folder, self.unet, self.ema = base_folder, unet, ema
+        self.text_encoders = text_encoders  # the trained ones (text-encoder LoRA), else the base model's
         self.device, self.dtype, self.autocast = device, dtype, autocast
         self.folder = work_dir / "validation"
         self._pipe = None
@@ -45,7 +46,8 @@ class ValidationSampler:
 
     def _pipeline(self):
         if self._pipe is None:
-            self._pipe = load_pipeline(self.base_folder, self.scheduler, device="cpu", dtype=self.dtype, unet=self.unet)
+            trained = dict(zip(("text_encoder", "text_encoder_2"), self.text_encoders or ()))
+            self._pipe = load_pipeline(self.base_folder, self.scheduler, device="cpu", dtype=self.dtype, unet=self.unet, **trained)
         return self._pipe
 
     def _images(self) -> list:
@@ -57,7 +59,7 @@ class ValidationSampler:
     def run(self, iteration: int, trackers=()) -> Path:
         """Generate the grid for `iteration`; the UNet is back in training mode, with its own weights, afterwards."""
         pipe = self._pipeline()
-        frozen = [pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
+        frozen = [pipe.vae] + ([] if self.text_encoders else [pipe.text_encoder, pipe.text_encoder_2])  # trained ones stay put
         for module in frozen:
             module.to(self.device)
         was_training = self.unet.training

@@ -17,6 +17,7 @@ from ..errors import UserError
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections
 FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]  # the GEGLU input and the output projection
+TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP self-attention projections
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -35,6 +36,23 @@ def lora_config(cfg: dict):
         init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: training starts at the base model
         target_modules=targets,
     )
+
+
+def text_lora_config(cfg: dict):
+    """LoraConfig for the CLIP encoders: `text_encoder_rank`/`text_encoder_alpha` (default: the UNet's)."""
+    rank = int(cfg.get("text_encoder_rank") or cfg.get("rank", 16))
+    alpha = float(cfg.get("text_encoder_alpha") or (cfg.get("alpha", rank) if not cfg.get("text_encoder_rank") else rank))
+    return lora_config({"rank": rank, "alpha": alpha, "dropout": cfg.get("dropout", 0.0), "target_modules": TEXT_ATTENTION})
+
+
+def add_text_lora(text_encoders, cfg: dict) -> int:
+    """Adapters on both CLIP encoders' attention (frozen otherwise); returns their trainable parameter count."""
+    count = 0
+    for encoder in text_encoders:
+        encoder.requires_grad_(False)
+        encoder.add_adapter(text_lora_config(cfg))
+        count += sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    return count
 
 
 def add_lora(unet, cfg: dict) -> int:
@@ -59,16 +77,25 @@ def lora_state(unet, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=dict(trainable)))
 
 
-def save_lora(unet, trainable: dict[str, torch.Tensor], folder: Path) -> Path:
-    """Write `pytorch_lora_weights.safetensors` (diffusers format, adapter config in its metadata)."""
+def _metadata(model) -> dict:
+    config = model.peft_config["default"].to_dict()
+    config["target_modules"] = sorted(config["target_modules"])  # a set: not JSON
+    return config
+
+
+def save_lora(unet, trainable: dict[str, torch.Tensor], folder: Path, text_encoders=(), text_trainable=()) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (diffusers format, each adapter's config in its metadata).
+
+    `trainable`: the UNet's trained weights by name; `text_trainable`: the same for each text encoder.
+    """
     from diffusers import StableDiffusionXLPipeline
 
-    config = unet.peft_config["default"].to_dict()
-    config["target_modules"] = sorted(config["target_modules"])  # a set: not JSON
-    StableDiffusionXLPipeline.save_lora_weights(
-        folder, unet_lora_layers={k: v.contiguous() for k, v in lora_state(unet, trainable).items()},
-        unet_lora_adapter_metadata=config,
-    )
+    layers = {"unet_lora_layers": lora_state(unet, trainable), "unet_lora_adapter_metadata": _metadata(unet)}
+    for key, encoder, weights in zip(("text_encoder", "text_encoder_2"), text_encoders, text_trainable):
+        layers[f"{key}_lora_layers"] = lora_state(encoder, weights)
+        layers[f"{key}_lora_adapter_metadata"] = _metadata(encoder)
+    layers = {k: ({n: t.contiguous() for n, t in v.items()} if k.endswith("_layers") else v) for k, v in layers.items()}
+    StableDiffusionXLPipeline.save_lora_weights(folder, **layers)
     return folder / LORA_FILE
 
 

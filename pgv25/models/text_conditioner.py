@@ -25,8 +25,12 @@ class TextConditioner(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: dropout inside the encoders stays off
 
-    @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Gradients only reach the encoders when something in them trains (text-encoder LoRA).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.text_encoders.parameters())):
+            return self._encode(prompts)
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             ids = tokenizer(
@@ -38,7 +42,6 @@ class TextConditioner(nn.Module):
             hidden.append(out.hidden_states[-2])
         return torch.cat(hidden, dim=-1), pooled
 
-    @torch.no_grad()
     def forward(self, prompts: list[str], drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode `prompts`; rows where `drop` is True get the unconditional input instead."""
         if drop is not None and bool(drop.any()):

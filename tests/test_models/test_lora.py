@@ -86,3 +86,34 @@ def test_lora_with_a_target_that_matches_nothing(tiny_assets, tmp_path):
 
     with pytest.raises(UserError, match="model.lora"):
         Trainer(tiny_cfg(tmp_path, "model.lora.enabled=True", "model.lora.target_modules=[no_such_layer]"))
+
+
+def test_text_encoder_lora_exports_loads_and_resumes(tiny_assets, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    options = [*OPTIONS, "model.lora.text_encoders=True", "model.lora.text_encoder_rank=2"]
+    trainer = Trainer(tiny_cfg(tmp_path / "a", *options))
+    trained_text = [n for e in trainer.conditioner.text_encoders for n, p in e.named_parameters() if p.requires_grad]
+    assert trained_text and all("lora_" in n for n in trained_text)
+    result = trainer.run()
+    saved = load_file(result.checkpoint / "model.safetensors")
+    assert {k.split(".")[0] for k in saved} == {"unet", "text_encoder", "text_encoder_2"}
+    exported = load_file(result.step_dir / LORA_FILE)
+    assert {k.split(".")[0] for k in exported} == {"unet", "text_encoder", "text_encoder_2"}
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(trainer.base_folder)
+    pipe.set_progress_bar_config(disable=True)
+    base_embeds = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)[0]
+    pipe.load_lora_weights(str(result.step_dir))
+    loaded_embeds = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)[0]
+    assert (loaded_embeds - base_embeds).abs().max() > 1e-3, "the text encoders' LoRA changes the prompt embeddings"
+    encoders = trainer.conditioner.text_encoders
+    training_time = StableDiffusionXLPipeline.from_pretrained(trainer.base_folder, unet=trainer.unet.eval(),
+                                                              text_encoder=encoders[0].eval(), text_encoder_2=encoders[1].eval())
+    with torch.no_grad():
+        training_embeds = training_time.encode_prompt("a red circle", do_classifier_free_guidance=False)[0]
+    assert (training_embeds - loaded_embeds).abs().max() < 1e-5  # diffusers rebuilt the trained encoders
+
+    resumed = train(tiny_cfg(tmp_path / "b", *options), resume=str(tmp_path / "a" / "checkpoints" / "iter_0000002"))
+    again = load_file(resumed.step_dir / LORA_FILE)
+    assert all(torch.equal(exported[k], again[k]) for k in exported)

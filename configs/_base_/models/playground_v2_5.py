@@ -29,5 +29,8 @@ model = dict(
         target_modules=['to_q', 'to_k', 'to_v', 'to_out.0'],  # self- and cross-attention projections
         feed_forward=False,  # also the feed-forward projections (ff.net.0.proj, ff.net.2)
         fuse_export=False,  # also export step<N>_fused/: a full pipeline with the LoRA folded into the UNet
+        text_encoders=False,  # also LoRA on both CLIP encoders' attention (q/k/v/out projections)
+        text_encoder_rank=None,  # None: the UNet's rank and alpha
+        text_encoder_alpha=None,
     ),
 )
