@@ -261,7 +261,6 @@ class Trainer:
             count = add_text_lora(encoders, self.lora)
             logger.info("LoRA on both text encoders: %.2fM trainable parameters", count / 1e6)
             self.trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": encoders[0], "text_encoder_2": encoders[1]})
-        self.trained_params = [p for p in self.trained.parameters() if p.requires_grad]
         if model_cfg.get("gradient_checkpointing"):
             unet.enable_gradient_checkpointing()
         if model_cfg.get("channels_last"):  # NHWC convolutions: faster with tensor cores, neutral elsewhere
@@ -283,6 +282,8 @@ class Trainer:
             unet.to(self.device)
             fsdp_cfg = cfg.get("fsdp") or {}
             distributed.shard_unet(unet, {"bf16": torch.bfloat16}.get(mixed_precision), bool(fsdp_cfg.get("reshard_after_forward", True)))
+        # after sharding: FSDP replaces the parameters with sharded ones, which the optimizer must hold
+        self.trained_params = [p for p in self.trained.parameters() if p.requires_grad]
         optimizer = build_optimizer(self.trained_params, optim_cfg.optimizer, use_fused=on_gpu)
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.get("param_scheduler", {}), self.max_iters)
         if self.sharded:
