@@ -44,7 +44,7 @@ def main(out: str, work_dir: str, strategy: str, steps: int, *options: str) -> N
     record = {"captions": distributed.gather_objects(first_captions), "steps": []}
     for _ in range(steps):
         result = trainer.step()
-        weights = full_weights(trainer.unet)
+        weights = full_weights(trainer.trained)  # the UNet, or with text-encoder LoRA all that trains
         record["steps"].append({
             "local_loss": distributed.gather_objects(float(result.loss)),
             "mean_loss": distributed.gather_objects(float(distributed.mean_over_ranks(result.loss))),

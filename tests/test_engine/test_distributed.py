@@ -124,3 +124,13 @@ def test_a_mistake_under_the_launcher_is_one_line_and_exit_2(tiny_assets, tmp_pa
     result = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [f"pgv25: error: --resume: checkpoint {tmp_path / 'missing'} does not exist"]
+
+
+def test_text_encoder_lora_stays_identical_across_ranks(tiny_assets, tmp_path):
+    """The text encoders are outside the DDP module: their adapters' gradients are averaged by hand."""
+    record, weights = run_worker(tmp_path, "ddp", "model.lora.enabled=True", "model.lora.text_encoders=True",
+                                 "optim_wrapper.optimizer.lr=1e-2")
+    assert any(name.startswith("text_encoder_2.") and "lora_B" in name for name in load_file(weights))
+    for step in record["steps"]:
+        assert step["local_loss"][0] != step["local_loss"][1]
+        assert step["weights"][0] == step["weights"][1]
