@@ -74,7 +74,8 @@ def lora_state(unet, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=dict(trainable)))
+    # save_embedding_layers=False: no embedding is trained, and peft's "auto" check looks for a hub config
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=dict(trainable), save_embedding_layers=False))
 
 
 def _metadata(model) -> dict:

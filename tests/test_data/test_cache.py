@@ -50,7 +50,8 @@ def test_caption_embeddings_and_dropout(tmp_path, tiny_assets, tiny_pipeline):
     cfg, data_cfg, plan = cached(tmp_path)
     dataset = CachedLatentDataset(build(cfg, data_cfg, plan), plan, caption_dropout=0.5, seed=0)
     caption = plan.rows.captions[int(plan.index.rows[3])][0]
-    embeds, pooled = tiny_pipeline.encode_prompt(caption, do_classifier_free_guidance=False)[0::2]
+    with torch.no_grad():
+        embeds, pooled = tiny_pipeline.encode_prompt(caption, do_classifier_free_guidance=False)[0::2]
     items = [dataset[(step, 0, 3)] for step in range(16)]
     kept = [i for i in items if i["pooled"].abs().sum() > 0]
     dropped = [i for i in items if i["pooled"].abs().sum() == 0]
