@@ -176,6 +176,22 @@ def cmd_data_cache(args) -> int:
     return 0
 
 
+def cmd_eval_shapes(args) -> int:
+    from .eval.shapes import evaluate_pipeline, format_table, write_report
+    from .generate import load_pipeline
+    from .tiny.shapes import combinations
+
+    pipe = load_pipeline(args.model, "dpmpp", lora=args.lora)
+    chosen = combinations()[: args.limit] if args.limit else combinations()
+    scores, results = evaluate_pipeline(pipe, chosen, per_prompt=args.per_prompt, seed=args.seed, steps=args.steps,
+                                        guidance_scale=args.guidance)
+    out = Path(args.out or Path(args.lora or args.model) / "eval")
+    write_report(scores, results, out)
+    print(format_table(scores))
+    print(f"report: {out / 'shapes_eval.json'}  worst cases: {out / 'shapes_eval_worst.png'}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgv25", description="Fine-tune Playground v2.5 with its EDM schedule; export diffusers pipelines.")
     p.add_argument("--version", action="version", version=f"pgv25 {__version__}")
@@ -216,6 +232,19 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--out", required=True, help="output PNG (a labelled grid when several images)")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="measure a trained model automatically")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    es = esub.add_parser("shapes", help="shapes task: background, shape colour and shape type read back from generated images")
+    es.add_argument("--model", required=True, help="a diffusers pipeline folder (an export, or the base with --lora)")
+    es.add_argument("--lora", help="a LoRA export to apply to --model")
+    es.add_argument("--per-prompt", type=int, default=2, help="images per prompt (seeds seed, seed+1, ...)")
+    es.add_argument("--steps", type=int, default=25)
+    es.add_argument("--guidance", type=float, default=3.0)
+    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--limit", type=int, help="only the first N colour/shape/background combinations")
+    es.add_argument("--out", help="report folder (default MODEL/eval)")
+    es.set_defaults(func=cmd_eval_shapes)
 
     d = sub.add_parser("data", help="look at or prepare a config's dataset")
     dsub = d.add_subparsers(dest="data_command", required=True)

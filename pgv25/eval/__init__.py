@@ -1,0 +1,1 @@
+"""Automatic evaluation of trained models (the shapes task)."""

@@ -1,0 +1,60 @@
+"""The shapes evaluator is itself checked: perfect on the dataset's own images, chance on noise."""
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pgv25.eval.shapes import evaluate_images, read_image
+from pgv25.tiny.shapes import COLOURS, combinations, draw
+
+
+def ground_truth(per=2, size=64, seed=0):
+    rng = random.Random(seed)
+    return [(c, draw(*c, size, rng)) for c in combinations() for _ in range(per)]
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_dataset_images_score_100_percent(size):
+    scores, _ = evaluate_images(ground_truth(size=size))
+    assert scores["background_accuracy"] == scores["shape_colour_accuracy"] == scores["shape_accuracy"] == 1.0
+    assert scores["black_background_rgb_error"] < 1 and scores["white_background_rgb_error"] < 1
+
+
+def test_noise_scores_chance():
+    rng = np.random.default_rng(0)
+    items = [(c, Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))) for c in combinations() for _ in range(4)]
+    scores, _ = evaluate_images(items)
+    assert abs(scores["background_accuracy"] - 1 / 6) < 0.06  # 6 backgrounds
+    assert abs(scores["shape_colour_accuracy"] - 1 / 5) < 0.06  # 5 colours other than the background
+    assert scores["shape_accuracy"] <= 0.4  # 3 shapes
+
+
+def test_grey_background_is_read_with_its_error():
+    image = Image.new("RGB", (64, 64), (40, 40, 40))  # a model that drifts to dark grey instead of black
+    reading = read_image(image)
+    assert reading.background == "black" and abs(reading.background_error - 40) < 1e-6 and reading.shape is None
+
+
+def test_each_shape_and_colour_is_told_apart():
+    rng = random.Random(1)
+    for colour in COLOURS:
+        for shape in ("circle", "square", "triangle"):
+            background = "black" if colour != "black" else "white"
+            reading = read_image(draw(colour, shape, background, 64, rng))
+            assert (reading.shape_colour, reading.shape, reading.background) == (colour, shape, background)
+
+
+def test_eval_command_writes_table_json_and_worst_cases(tiny_assets, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pgv25.cli", "eval", "shapes", "--model", str(tiny_assets["model"]),
+                             "--per-prompt", "1", "--steps", "2", "--limit", "6", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "shape colour" in result.stdout
+    report = json.loads((tmp_path / "shapes_eval.json").read_text())
+    assert report["scores"]["images"] == 6 and len(report["images"]) == 6
+    assert Image.open(tmp_path / "shapes_eval_worst.png").size[0] > 0
