@@ -140,6 +140,7 @@ def _data_config(args):
 
 def cmd_data_inspect(args) -> int:
     from .data.dataset import plan_data
+    from .data.index import problem_lines
     from .data.inspect import plot, report
 
     cfg, global_batch = _data_config(args)
@@ -149,7 +150,7 @@ def cmd_data_inspect(args) -> int:
     print(f"histogram: {plot(plan, out)}")
     if plan.index.problems:
         listing = out.with_name("excluded_rows.txt")
-        listing.write_text("".join(f"{reason}\t{label}\n" for label, reason in plan.index.problems))
+        listing.write_text(problem_lines(plan.index.problems))
         print(f"excluded rows: {listing}")
     return 0
 

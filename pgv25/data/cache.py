@@ -29,6 +29,7 @@ import torch
 
 from ..errors import UserError
 from .dataset import DataPlan
+from .index import DEFAULT_MAX_PIXELS
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
 
 logger = logging.getLogger("pgv25")
@@ -113,7 +114,7 @@ def build_cache(plan: DataPlan, data_cfg: dict, folder: Path, codec, conditioner
     start = time.time()
     transform = BucketTransform(bool(data_cfg.get("center_crop", False)), random_flip=False)
     flips = (False, True) if data_cfg.get("random_flip", True) else (False,)
-    max_pixels = int(data_cfg.get("max_image_pixels") or 8192 * 8192)
+    max_pixels = int(data_cfg.get("max_image_pixels") or DEFAULT_MAX_PIXELS)
     captions, caption_ids = _caption_table(plan, conditioner.force_zeros_for_empty_prompt)
 
     latents = _ShardWriter(work, f"latents-r{rank}")
@@ -168,9 +169,8 @@ def build_cache(plan: DataPlan, data_cfg: dict, folder: Path, codec, conditioner
 
 def _caption_table(plan: DataPlan, force_zeros: bool) -> tuple[list[str], list[list[int]]]:
     """Unique captions (with "" first when the unconditional input is its encoding) and each position's caption ids."""
-    captions, ids_of = ([] if force_zeros else [""]), {}
-    if not force_zeros:
-        ids_of[""] = 0
+    captions = [] if force_zeros else [""]
+    ids_of = {c: i for i, c in enumerate(captions)}
     caption_ids = []
     for row in plan.index.rows.tolist():
         ids = []

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .sources import Rows
-from .transforms import EXIF_ORIENTATION
+from .transforms import header_orientation
 
 logger = logging.getLogger("pgv25")
 VERSION = 1  # bump when what the scan checks changes
@@ -78,18 +78,6 @@ def header_size(target, max_pixels: int) -> tuple[int, int] | str:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # rotated by 90°: swap
 
 
-def header_orientation(image: Image.Image) -> int:
-    """The EXIF orientation, if the header holds it: PIL's getexif() on a PNG decodes the whole
-    image to look for an eXIf chunk after the pixels, which made PNG scans 80× slower."""
-    if image.format in ("JPEG", "MPO", "TIFF", "WEBP"):
-        return image.getexif().get(EXIF_ORIENTATION, 1)
-    if "exif" in image.info:
-        exif = Image.Exif()
-        exif.load(image.info["exif"])
-        return exif.get(EXIF_ORIENTATION, 1)
-    return 1
-
-
 def scan(rows: Rows, cache_dir: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 16) -> Index:
     """The index of `rows`, read from `cache_dir` when an identical scan was done before."""
     key = hashlib.sha1(f"{VERSION}:{rows.fingerprint}:{max_pixels}".encode()).hexdigest()[:20]
@@ -127,6 +115,11 @@ def scan(rows: Rows, cache_dir: str | Path | None = None, max_pixels: int = DEFA
 
             shutil.rmtree(tmp, ignore_errors=True)
     return index
+
+
+def problem_lines(problems) -> str:
+    """`reason<TAB>path` lines, the format of skipped_files.txt and excluded_rows.txt."""
+    return "".join(f"{reason}\t{label}\n" for label, reason in problems)
 
 
 def describe_problems(reasons: Counter, prefix: str) -> str:

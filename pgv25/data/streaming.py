@@ -23,8 +23,8 @@ import torch
 from ..errors import UserError
 from .buckets import make_buckets, nearest_buckets
 from .dataset import collate
-from .sources import _captions, check_columns, open_hub_dataset
-from .index import header_size
+from .sources import EMPTY_CAPTION, NO_CAPTION, _captions, check_columns, open_hub_dataset
+from .index import DEFAULT_MAX_PIXELS, header_size
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
 
 logger = logging.getLogger("pgv25")
@@ -64,7 +64,7 @@ class StreamingBucketDataset(torch.utils.data.IterableDataset):
         self.transform = BucketTransform(cfg.get("center_crop", False), cfg.get("random_flip", True))
         self.caption_dropout = float(cfg.get("caption_dropout", 0.0))
         self.keep_uncaptioned = bool(cfg.get("keep_uncaptioned", False))
-        self.max_pixels = int(cfg.get("max_image_pixels", 8192 * 8192))
+        self.max_pixels = int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS))
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.resume = resume or {}  # worker id → (epoch, rows read)
 
@@ -106,7 +106,7 @@ class StreamingBucketDataset(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed}/stream/{worker}/{epoch}/{read}")
         captions = _captions(row.get(self.caption_column))
         if isinstance(captions, str):
-            if not (self.keep_uncaptioned and captions in ("missing caption", "empty caption")):
+            if not (self.keep_uncaptioned and captions in (NO_CAPTION, EMPTY_CAPTION)):
                 return {"problem": captions, "label": label}
             captions = [""]
         value = row.get(self.image_column)

@@ -17,6 +17,18 @@ class ImageProblem(Exception):
     """A file that cannot be used; the message is the counted reason (e.g. 'truncated or corrupt image')."""
 
 
+def header_orientation(image: Image.Image) -> int:
+    """The EXIF orientation, if the header holds it: PIL's getexif() on a PNG decodes the whole
+    image to look for an eXIf chunk after the pixels, which made PNG scans 80× slower."""
+    if image.format in ("JPEG", "MPO", "TIFF", "WEBP"):
+        return image.getexif().get(EXIF_ORIENTATION, 1)
+    if "exif" in image.info:
+        exif = Image.Exif()
+        exif.load(image.info["exif"])
+        return exif.get(EXIF_ORIENTATION, 1)
+    return 1
+
+
 def decode(source, max_pixels: int, cover: tuple[int, int] | None = None) -> Image.Image:
     """Open and fully decode an image (path or file object); raise ImageProblem with the reason.
 
@@ -29,7 +41,7 @@ def decode(source, max_pixels: int, cover: tuple[int, int] | None = None) -> Ima
         if image.width * image.height > max_pixels:
             raise ImageProblem("too many pixels")
         if cover is not None and image.format == "JPEG":
-            rotated = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            rotated = header_orientation(image) in (5, 6, 7, 8)
             width, height = (image.height, image.width) if rotated else image.size
             scale = max(cover[0] / width, cover[1] / height)
             if scale < 0.5:

@@ -26,7 +26,7 @@ import torch
 from .. import edm
 from ..data.cache import CachedLatentDataset, cache_options, ensure_cache
 from ..data.dataset import build_dataset, collate, plan_data
-from ..data.index import describe_problems
+from ..data.index import describe_problems, problem_lines
 from ..data.sampler import BucketBatchSampler
 from ..data.streaming import StreamingBucketDataset, check_streaming
 from ..errors import UserError
@@ -140,7 +140,7 @@ class Batches:
             logger.warning("skipped %s: %s", label, reason)
         if self.log_path is not None:  # short lines in append mode: concurrent ranks do not interleave
             with open(self.log_path, "a") as f:
-                f.writelines(f"{reason}\t{label}\n" for label, reason in problems)
+                f.write(problem_lines(problems))
 
 
 @dataclass
@@ -284,6 +284,8 @@ class Trainer:
             distributed.shard_unet(unet, {"bf16": torch.bfloat16}.get(mixed_precision), bool(fsdp_cfg.get("reshard_after_forward", True)))
         # after sharding: FSDP replaces the parameters with sharded ones, which the optimizer must hold
         self.trained_params = [p for p in self.trained.parameters() if p.requires_grad]
+        unet_params = {id(p) for p in unet.parameters()}
+        self.text_params = [p for p in self.trained_params if id(p) not in unet_params]  # text-encoder LoRA only
         optimizer = build_optimizer(self.trained_params, optim_cfg.optimizer, use_fused=on_gpu)
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.get("param_scheduler", {}), self.max_iters)
         if self.sharded:
@@ -321,11 +323,6 @@ class Trainer:
                                log_path=self.work_dir / SKIPPED_FILES)
         if rng is not None:  # last: building the loader iterator draws from the global torch RNG
             set_rng_state(rng, self.generator)
-
-    def _in_unet(self, param) -> bool:
-        if not hasattr(self, "_unet_param_ids"):
-            self._unet_param_ids = {id(p) for p in self.unet.parameters()}
-        return id(param) in self._unet_param_ids
 
     def _compile(self, unet, options: dict) -> None:
         """`torch.compile` the UNet in place (parameter names, and so checkpoints and exports, unchanged)."""
@@ -447,8 +444,8 @@ class Trainer:
 
     def _grad_norm(self) -> torch.Tensor:
         """Total gradient norm, clipped to `clip_grad.max_norm` when set (unscaled first under fp16)."""
-        if self.text_lora and self.world_size > 1:  # outside the DDP module: average their gradients here
-            distributed.average_gradients([p for p in self.trained_params if p.grad is not None and not self._in_unet(p)])
+        if self.text_params and self.world_size > 1:  # outside the DDP module: average their gradients here
+            distributed.average_gradients([p for p in self.text_params if p.grad is not None])
         norm = self.accelerator.clip_grad_norm_(self.trained_params, self.clip_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
@@ -591,7 +588,7 @@ class Trainer:
         logger.info("%d images in %d bucket(s) (%s)%s", len(self.data.index), len(self.data.sizes), histogram,
                     describe_problems(self.data.index.reasons(), "; the scan excluded"))
         if self.accelerator.is_main_process and self.iteration == 0:
-            (self.work_dir / SKIPPED_FILES).write_text("".join(f"{reason}\t{label}\n" for label, reason in self.data.index.problems))
+            (self.work_dir / SKIPPED_FILES).write_text(problem_lines(self.data.index.problems))
             if self.data.index.problems:
                 logger.info("excluded rows and their reasons: %s", self.work_dir / SKIPPED_FILES)
 

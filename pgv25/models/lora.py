@@ -40,8 +40,12 @@ def lora_config(cfg: dict):
 
 def text_lora_config(cfg: dict):
     """LoraConfig for the CLIP encoders: `text_encoder_rank`/`text_encoder_alpha` (default: the UNet's)."""
-    rank = int(cfg.get("text_encoder_rank") or cfg.get("rank", 16))
-    alpha = float(cfg.get("text_encoder_alpha") or (cfg.get("alpha", rank) if not cfg.get("text_encoder_rank") else rank))
+    if cfg.get("text_encoder_rank"):  # its own rank: alpha = rank unless given
+        rank = int(cfg["text_encoder_rank"])
+        alpha = float(cfg.get("text_encoder_alpha") or rank)
+    else:  # the UNet's rank and alpha
+        rank = int(cfg.get("rank", 16))
+        alpha = float(cfg.get("text_encoder_alpha") or cfg.get("alpha", rank))
     return lora_config({"rank": rank, "alpha": alpha, "dropout": cfg.get("dropout", 0.0), "target_modules": TEXT_ATTENTION})
 
 

@@ -26,11 +26,6 @@ train_dataloader = dict(
         keep_uncaptioned=False,
         max_image_pixels=8192 * 8192,
         cache_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/data',
-        cache=dict(
-            enabled=False,  # train from VAE latents + caption embeddings on disk (see `pgv25 data cache`)
-            build='auto',  # 'auto': build it before training when missing; 'never': refuse to start
-            dtype='fp16',  # storage precision of latents and embeddings
-            batch_size=16,  # images per VAE call while building
-        ),
+        cache=dict(enabled=False, build='auto', dtype='fp16', batch_size=16),  # as in pokemon_blip.py
     ),
 )
