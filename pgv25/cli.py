@@ -178,17 +178,15 @@ def cmd_data_cache(args) -> int:
 
 
 def cmd_eval_shapes(args) -> int:
-    from .eval.shapes import evaluate_pipeline, format_table, write_report
+    from .eval.shapes import evaluate_model, format_table, write_report
     from .generate import load_pipeline
-    from .tiny.shapes import combinations
 
-    pipe = load_pipeline(args.model, "dpmpp", lora=args.lora)
-    chosen = combinations()[: args.limit] if args.limit else combinations()
-    scores, results = evaluate_pipeline(pipe, chosen, per_prompt=args.per_prompt, seed=args.seed, steps=args.steps,
-                                        guidance_scale=args.guidance)
+    pipe = load_pipeline(args.model, args.scheduler, lora=args.lora)
+    report, results = evaluate_model(pipe, tuple(args.aspect), per_prompt=args.per_prompt, seed=args.seed, steps=args.steps,
+                                     guidance_scale=args.guidance, limit=args.limit)
     out = Path(args.out or Path(args.lora or args.model) / "eval")
-    write_report(scores, results, out)
-    print(format_table(scores))
+    write_report(report, results, out)
+    print(format_table(report))
     print(f"report: {out / 'shapes_eval.json'}  worst cases: {out / 'shapes_eval_worst.png'}")
     return 0
 
@@ -225,8 +223,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt")
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--guidance", type=float, help="classifier-free guidance (default 3.0 for dpmpp, 5.0 for euler)")
-    g.add_argument("--scheduler", choices=["dpmpp", "euler"], default="dpmpp",
-                   help="EDM DPM++ 2M Karras (default) or EDM Euler")
+    g.add_argument("--scheduler", choices=["dpmpp", "euler", "native"], default="dpmpp",
+                   help="EDM DPM++ 2M Karras (default), EDM Euler, or the folder's own sampler")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--seed", type=int, default=0)
@@ -243,7 +241,11 @@ def parser() -> argparse.ArgumentParser:
     es.add_argument("--steps", type=int, default=25)
     es.add_argument("--guidance", type=float, default=3.0)
     es.add_argument("--seed", type=int, default=0)
-    es.add_argument("--limit", type=int, help="only the first N colour/shape/background combinations")
+    es.add_argument("--limit", type=int, help="only the first N seen and N held-out colour/shape/background combinations")
+    es.add_argument("--aspect", nargs="+", default=["1:1"], choices=["1:1", "2:1", "1:2"],
+                    help="aspect ratios to generate at (2:1 is 1.5x wide, 0.75x high: the same area)")
+    es.add_argument("--scheduler", default="native", choices=["native", "dpmpp", "euler"],
+                    help="native: the folder's own sampler (an EDM export's is DPM++; a ddpm-schedule export's its DDPM one)")
     es.add_argument("--out", help="report folder (default MODEL/eval)")
     es.set_defaults(func=cmd_eval_shapes)
 

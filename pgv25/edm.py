@@ -109,12 +109,15 @@ def build_sigma_sampler(kind: str, scheduler_config: dict, **kwargs):
 
 def loss_weight(sigma: torch.Tensor, sigma_data: float, weighting: str = "none") -> torch.Tensor:
     """`none`: 1 (the public Playground path); `edm`: λ(σ) = (σ²+σ_d²)/(σ·σ_d)², which makes the
-    effective target of F unit-variance at every σ (paper, Sec. 5)."""
+    effective target of F unit-variance at every σ (paper, Sec. 5); `epsilon`: 1/σ², DDPM's ε-MSE
+    ‖ε̂ − ε‖² written on x0 (ddpm.py)."""
     if weighting == "none":
         return torch.ones_like(sigma)
     if weighting == "edm":
         return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    raise ValueError(f"unknown loss weighting {weighting!r}; choose 'none' or 'edm'")
+    if weighting == "epsilon":
+        return sigma**-2.0
+    raise ValueError(f"unknown loss weighting {weighting!r}; choose 'none', 'edm' or 'epsilon'")
 
 
 def add_noise(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ from .models.loading import check_pipeline_folder
 logger = logging.getLogger(__name__)
 
 # Playground v2.5's model card: EDM DPM++ 2M (Karras) at guidance 3, or EDM Euler at guidance 5.
-DEFAULT_GUIDANCE = {"dpmpp": 3.0, "euler": 5.0}
+# `native` keeps the folder's own scheduler (a ddpm-schedule export carries a DDPM sampler).
+DEFAULT_GUIDANCE = {"dpmpp": 3.0, "euler": 5.0, "native": 3.0}
 
 
 def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str | None = None, dtype: torch.dtype | None = None,
@@ -45,12 +46,12 @@ def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str |
 
 
 def configure_pipeline(pipe, scheduler: str = "dpmpp", device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """The sampler (`dpmpp`: EDM DPM++ 2M, Playground's own; `euler`: EDM Euler), the VAE kept in fp32
+    """The sampler (`dpmpp`: EDM DPM++ 2M, Playground's own; `euler`: EDM Euler; `native`: the pipeline's), the VAE kept in fp32
     when its config asks (the SDXL VAE overflows in fp16), no progress bar, on `device`."""
     from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
     scheduler_class = EDMEulerScheduler if scheduler == "euler" else EDMDPMSolverMultistepScheduler
-    if not isinstance(pipe.scheduler, scheduler_class):
+    if scheduler != "native" and not isinstance(pipe.scheduler, scheduler_class):
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     if getattr(pipe.vae.config, "force_upcast", False) and dtype == torch.float16:
         pipe.vae.to(torch.float32)

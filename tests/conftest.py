@@ -7,7 +7,7 @@ import os
 import pytest
 
 # Small enough to build in seconds; the VAE need not reconstruct well for plumbing tests.
-TINY = dict(image_size=64, per_caption=2, vae_steps=20, seed=0)
+TINY = dict(image_size=64, per_caption=2, vae_steps=20, text_steps=40, seed=0)
 TINY_OPTIONS = [f"tiny_assets.{k}={v}" for k, v in TINY.items()]
 
 

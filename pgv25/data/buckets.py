@@ -35,6 +35,24 @@ def make_buckets(resolution: int, step: int = 64, max_ratio: float = 4.0) -> lis
     return sorted(sizes, key=lambda s: s[0] / s[1])
 
 
+def bucket_sizes(resolution: int, buckets: dict) -> list[tuple[int, int]]:
+    """The configured buckets: `buckets.sizes` ([[w, h], ...], e.g. exactly 2:1 and 1:2 beside the square)
+    when given, else `make_buckets(resolution, step, max_ratio)`; disabled: one resolution² square."""
+    if not buckets.get("enabled", bool(buckets)):
+        return [(resolution, resolution)]
+    step = int(buckets.get("step", 64))
+    if buckets.get("sizes"):
+        try:
+            sizes = sorted({(int(w), int(h)) for w, h in buckets["sizes"]}, key=lambda s: s[0] / s[1])
+        except (TypeError, ValueError):
+            raise ValueError(f"sizes must be a list of [width, height] pairs, got {buckets['sizes']!r}") from None
+        bad = [f"{w}x{h}" for w, h in sizes if w <= 0 or h <= 0 or w % step or h % step]
+        if bad:
+            raise ValueError(f"sizes {', '.join(bad)} are not positive multiples of the bucket step {step}")
+        return sizes
+    return make_buckets(resolution, step, float(buckets.get("max_ratio", 4.0)))
+
+
 def nearest_buckets(widths: np.ndarray, heights: np.ndarray, sizes: list[tuple[int, int]]) -> np.ndarray:
     """The bucket whose aspect ratio is nearest each image's, measured in log ratio (2:1 is as far from 1:1 as 1:2)."""
     log_ratio = np.log(np.asarray(widths, np.float64) / np.asarray(heights, np.float64))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .buckets import make_buckets, merge_small, nearest_buckets
+from .buckets import bucket_sizes, merge_small, nearest_buckets
 from .index import DEFAULT_MAX_PIXELS, Index, describe_problems, scan
 from .sources import EMPTY_CAPTION, NO_CAPTION, Rows, load_rows
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
@@ -49,16 +49,16 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
         raise UserError(f"no usable images in {rows.name}{describe_problems(index.reasons(), ': excluded')}")
     resolution = int(cfg["resolution"])
     buckets = cfg.get("buckets") or {}
+    try:
+        sizes = bucket_sizes(resolution, buckets)
+    except ValueError as error:
+        raise UserError(f"{key}.buckets: {error}") from None
     if buckets.get("enabled", bool(buckets)):
-        try:
-            sizes = make_buckets(resolution, int(buckets.get("step", 64)), float(buckets.get("max_ratio", 4.0)))
-        except ValueError as error:
-            raise UserError(f"{key}.buckets: {error}") from None
         bucket_of = nearest_buckets(index.widths, index.heights, sizes)
         bucket_of = merge_small(bucket_of, sizes, int(buckets.get("min_images", global_batch)))
         weighting = buckets.get("weighting", 1.0)
     else:  # every image a square crop of resolution²
-        sizes, bucket_of, weighting = [(resolution, resolution)], np.zeros(len(index), np.int64), 1.0
+        bucket_of, weighting = np.zeros(len(index), np.int64), 1.0
     used = np.bincount(bucket_of, minlength=len(sizes)) > 0  # keep only buckets that have images
     renumber = np.cumsum(used) - 1
     return DataPlan(rows, index, [s for s, u in zip(sizes, used) if u], renumber[bucket_of], weighting)

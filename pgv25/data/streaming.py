@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .buckets import make_buckets, nearest_buckets
+from .buckets import bucket_sizes, nearest_buckets
 from .dataset import collate
 from .sources import EMPTY_CAPTION, NO_CAPTION, _captions, check_columns, open_hub_dataset
 from .index import DEFAULT_MAX_PIXELS, header_size
@@ -59,8 +59,10 @@ class StreamingBucketDataset(torch.utils.data.IterableDataset):
         self.stream = stream
         resolution = int(cfg["resolution"])
         buckets = cfg.get("buckets") or {}
-        self.sizes = (make_buckets(resolution, int(buckets.get("step", 64)), float(buckets.get("max_ratio", 4.0)))
-                      if buckets.get("enabled", bool(buckets)) else [(resolution, resolution)])
+        try:
+            self.sizes = bucket_sizes(resolution, buckets)
+        except ValueError as error:
+            raise UserError(f"{key}.buckets: {error}") from None
         self.transform = BucketTransform(cfg.get("center_crop", False), cfg.get("random_flip", True))
         self.caption_dropout = float(cfg.get("caption_dropout", 0.0))
         self.keep_uncaptioned = bool(cfg.get("keep_uncaptioned", False))

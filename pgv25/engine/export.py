@@ -9,6 +9,7 @@ assembled under a temporary name and renamed, so a `step<N>` that exists is comp
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -71,12 +72,24 @@ def atomic_folder(out_dir: Path):
         raise UserError(f"cannot write export {out_dir}: {error.strerror or error}; earlier exports are intact") from None
 
 
-def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "fp32", state: dict | None = None) -> Path:
-    """Write `out_dir` as a diffusers pipeline: the base pipeline's frozen parts + this UNet."""
+def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "fp32", state: dict | None = None,
+                    scheduler=None) -> Path:
+    """Write `out_dir` as a diffusers pipeline: the base pipeline's frozen parts + this UNet.
+
+    `scheduler`: a diffusers scheduler to ship instead of the base's (a model trained on another noise
+    schedule must be sampled on it); model_index.json then names its class.
+    """
     base_folder = Path(base_folder)
     with atomic_folder(out_dir) as tmp:
-        _link_or_copy(base_folder / "model_index.json", tmp / "model_index.json")
-        for name in FROZEN:
+        frozen = FROZEN if scheduler is None else tuple(n for n in FROZEN if n != "scheduler")
+        for name in frozen:
             _link_tree(base_folder / name, tmp / name)
+        if scheduler is None:
+            _link_or_copy(base_folder / "model_index.json", tmp / "model_index.json")
+        else:
+            scheduler.save_pretrained(tmp / "scheduler")
+            index = json.loads((base_folder / "model_index.json").read_text())
+            index["scheduler"] = ["diffusers", type(scheduler).__name__]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         save_unet(unet, tmp / "unet", dtype, state)
     return out_dir

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .. import edm
+from .. import ddpm, edm
 from ..data.cache import CachedLatentDataset, cache_options, ensure_cache
 from ..data.dataset import build_dataset, collate, plan_data
 from ..data.index import describe_problems, problem_lines
@@ -266,12 +266,7 @@ class Trainer:
         if model_cfg.get("channels_last"):  # NHWC convolutions: faster with tensor cores, neutral elsewhere
             unet.to(memory_format=torch.channels_last)
         self._compile(unet, model_cfg.get("compile") or {})
-        denoiser = EDMDenoiser(
-            unet, parts.scheduler_config.get("sigma_data", 0.5), parts.scheduler_config.get("prediction_type", "epsilon")
-        )
-        sampler_cfg = dict(model_cfg.get("sigma_sampler", {"type": "karras_index"}))
-        self.sigma_sampler = edm.build_sigma_sampler(sampler_cfg.pop("type"), parts.scheduler_config, **sampler_cfg)
-        self.weighting = model_cfg.get("loss_weighting", "none")
+        denoiser, self.export_scheduler = self._objective_parts(model_cfg, unet, parts.scheduler_config)
         objective = EDMLoss(denoiser, self.weighting)
 
         self.max_iters = int(cfg.train_cfg.max_iters)
@@ -305,7 +300,8 @@ class Trainer:
         self.validation = ValidationSampler(cfg.get("validation") or {}, self.base_folder, unet, self.ema, self.device,
                                             self.cond_dtype, accelerator.autocast, self.work_dir,
                                             int(cfg.train_dataloader.dataset.resolution),
-                                            list(self.conditioner.text_encoders) if self.text_lora else None)
+                                            list(self.conditioner.text_encoders) if self.text_lora else None,
+                                            self.export_scheduler)
         if self.validation.enabled and self.sharded:  # a sharded UNet cannot sample on rank 0 alone
             logger.warning("validation samples are not made with strategy='fsdp' yet; the final sample grid still comes from the export")
             self.validation.interval = 0
@@ -323,6 +319,25 @@ class Trainer:
                                log_path=self.work_dir / SKIPPED_FILES)
         if rng is not None:  # last: building the loader iterator draws from the global torch RNG
             set_rng_state(rng, self.generator)
+
+    def _objective_parts(self, model_cfg, unet, scheduler_config: dict):
+        """The denoiser, σ sampler and loss weighting of `model.noise_schedule`, and the scheduler an
+        export must ship (None: the base pipeline's). 'edm' is Playground's; 'ddpm' is SDXL's, kept for
+        the schedule comparison (docs/experiments)."""
+        schedule = model_cfg.get("noise_schedule", "edm")
+        if schedule == "edm":
+            sampler_cfg = dict(model_cfg.get("sigma_sampler", {"type": "karras_index"}))
+            self.sigma_sampler = edm.build_sigma_sampler(sampler_cfg.pop("type"), scheduler_config, **sampler_cfg)
+            self.weighting = model_cfg.get("loss_weighting", "none")
+            return EDMDenoiser(unet, scheduler_config.get("sigma_data", 0.5), scheduler_config.get("prediction_type", "epsilon")), None
+        if schedule != "ddpm":
+            raise UserError(f"model.noise_schedule must be 'edm' (Playground v2.5) or 'ddpm' (SDXL's), got {schedule!r}")
+        if self.lora is not None:
+            raise UserError("model.noise_schedule='ddpm' retrains the UNet for another schedule: use a full fine-tune, not LoRA")
+        logger.info("noise schedule: SDXL's DDPM (scaled-linear β, ε-prediction, t uniform); "
+                    "model.sigma_sampler and model.loss_weighting do not apply; exports ship its DPM++ sampler")
+        self.sigma_sampler, self.weighting = ddpm.DDPMIndexSampler(), "epsilon"
+        return EDMDenoiser(unet, precondition=ddpm.VPPreconditioning()), ddpm.sdxl_scheduler()
 
     def _compile(self, unet, options: dict) -> None:
         """`torch.compile` the UNet in place (parameter names, and so checkpoints and exports, unchanged)."""
@@ -527,7 +542,7 @@ class Trainer:
                     if self.lora is not None:
                         exported = self._export_lora(step_dir, weights, dtype)
                     else:
-                        export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=weights)
+                        export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=weights, scheduler=self.export_scheduler)
                         exported = f", export {step_dir}"
                     exported += " (EMA weights)" if use_ema else ""
                 logger.info("iteration %d: checkpoint %s%s", self.iteration, checkpoint, exported)
@@ -672,7 +687,8 @@ class Trainer:
         if self.lora is not None:  # the base pipeline with the exported LoRA, as a user would load it
             pipe = load_pipeline(self.base_folder, options.get("scheduler", "dpmpp"), device=str(self.device), lora=step_dir)
         else:
-            pipe = load_pipeline(step_dir, options.get("scheduler", "dpmpp"), device=str(self.device))
+            sampler = "native" if self.export_scheduler is not None else options.get("scheduler", "dpmpp")
+            pipe = load_pipeline(step_dir, sampler, device=str(self.device))
         images = generate(
             pipe, prompts, seed=options.get("seed", 0), steps=options.get("steps", 50),
             guidance_scale=options.get("guidance_scale", 3.0),

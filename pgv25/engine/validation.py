@@ -23,12 +23,13 @@ logger = logging.getLogger("pgv25")
 
 class ValidationSampler:
     def __init__(self, cfg: dict, base_folder: str, unet, ema, device: torch.device, dtype: torch.dtype,
-                 autocast, work_dir: Path, resolution: int, text_encoders=None):
+                 autocast, work_dir: Path, resolution: int, text_encoders=None, scheduler=None):
         self.interval = int(cfg.get("interval", 0) or 0)
         self.prompts = list(cfg.get("prompts") or [])
         self.seed, self.steps = int(cfg.get("seed", 0)), int(cfg.get("steps", 25))
         self.guidance = float(cfg.get("guidance_scale", 3.0))
         self.scheduler = cfg.get("scheduler", "dpmpp")
+        self.own_scheduler = scheduler  # a DDPM-schedule run samples on its own schedule
         self.width, self.height = cfg.get("width") or resolution, cfg.get("height") or resolution
         self.show_raw = bool(cfg.get("raw_and_ema", True))
         self.base_folder, self.unet, self.ema = base_folder, unet, ema
@@ -48,6 +49,8 @@ class ValidationSampler:
         if self._pipe is None:
             trained = dict(zip(("text_encoder", "text_encoder_2"), self.text_encoders or ()))
             self._pipe = load_pipeline(self.base_folder, self.scheduler, device="cpu", dtype=self.dtype, unet=self.unet, **trained)
+            if self.own_scheduler is not None:
+                self._pipe.scheduler = self.own_scheduler
         return self._pipe
 
     def _images(self) -> list:

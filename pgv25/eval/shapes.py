@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..tiny.shapes import COLOURS, SHAPES, caption
+from ..tiny.shapes import COLOURS, SHAPES, aspect_size, caption, combinations
 
 PALETTE_NAMES = list(COLOURS)
 PALETTE = np.array([COLOURS[n] for n in PALETTE_NAMES], dtype=np.float64)
@@ -37,6 +37,7 @@ class Reading:
     shape_colour: str | None
     shape: str | None
     fill: float
+    inside: bool = True  # no shape pixel in the border band: the shape is whole and inside the frame
 
 
 def nearest(rgb: np.ndarray, exclude: str | None = None) -> str:
@@ -57,13 +58,16 @@ def read_image(image: Image.Image) -> Reading:
     error = float(np.abs(border - PALETTE[PALETTE_NAMES.index(background)]).mean())
     mask = np.linalg.norm(pixels - background_rgb, axis=2) > FOREGROUND
     if mask.sum() < 0.005 * h * w:  # nothing drawn
-        return Reading(background, error, None, None, 0.0)
+        return Reading(background, error, None, None, 0.0, False)
     shape_colour = nearest(np.median(pixels[mask], axis=0), exclude=background)
     ys, xs = np.nonzero(mask)
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
     fill = float(mask.sum() / box)
     shape = "square" if fill >= FILL_SQUARE else "circle" if fill >= FILL_CIRCLE else "triangle"
-    return Reading(background, error, shape_colour, shape, fill)
+    ring = np.ones_like(mask)
+    ring[b:-b, b:-b] = False
+    inside = bool(mask[ring].mean() < 0.01)  # a stray pixel is noise; a cut shape fills a stretch of the border
+    return Reading(background, error, shape_colour, shape, fill, inside)
 
 
 def score(readings: list[tuple[tuple[str, str, str], Reading]]) -> dict:
@@ -74,6 +78,8 @@ def score(readings: list[tuple[tuple[str, str, str], Reading]]) -> dict:
         "background_accuracy": sum(r.background == bg for (_, _, bg), r in readings) / n,
         "shape_colour_accuracy": sum(r.shape_colour == c for (c, _, _), r in readings) / n,
         "shape_accuracy": sum(r.shape == s for (_, s, _), r in readings) / n,
+        "inside_frame": sum(r.inside for _, r in readings) / n,
+        "whole_shape_accuracy": sum(r.inside and r.shape == s for (_, s, _), r in readings) / n,
     }
     for extreme in ("black", "white"):
         errors = [r.background_error for (_, _, bg), r in readings if bg == extreme and r.background == extreme]
@@ -91,15 +97,39 @@ def prompts_for(combinations: list[tuple[str, str, str]]) -> list[str]:
 
 
 def evaluate_pipeline(pipe, combinations: list[tuple[str, str, str]], per_prompt: int = 2, seed: int = 0, steps: int = 25,
-                      guidance_scale: float = 3.0, size: int | None = None) -> tuple[dict, list]:
-    """Generate `per_prompt` images per combination (seeds seed, seed+1, ...) and read them back."""
+                      guidance_scale: float = 3.0, size: int | tuple[int, int] | None = None) -> tuple[dict, list]:
+    """Generate `per_prompt` images per combination (seeds seed, seed+1, ...) and read them back.
+    `size`: side or (width, height); default the pipeline's own."""
     from ..generate import generate
 
+    width, height = (size, size) if isinstance(size, int) or size is None else size
     images = generate(pipe, prompts_for(combinations), seed=seed, steps=steps, guidance_scale=guidance_scale,
-                      width=size, height=size, num_images=per_prompt)
+                      width=width, height=height, num_images=per_prompt)
     expected = [c for c in combinations for _ in range(per_prompt)]
     scores, readings = evaluate_images(list(zip(expected, images)))
     return scores, [(e, r, im) for (e, r), im in zip(readings, images)]
+
+
+def native_size(pipe) -> int:
+    """The side the pipeline generates by default (the UNet's sample size × the VAE's downscale)."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def evaluate_model(pipe, aspects: tuple[str, ...] = ("1:1",), per_prompt: int = 2, seed: int = 0, steps: int = 25,
+                   guidance_scale: float = 3.0, limit: int | None = None) -> tuple[dict, list]:
+    """Every aspect ratio × {seen, held-out} prompt group: {"aspect seen": scores, ...} and all results."""
+    groups = {"seen": combinations(held_out=False), "held-out": combinations(held_out=True)}
+    side = native_size(pipe)
+    report, results = {}, []
+    for aspect in aspects:
+        for group, combos in groups.items():
+            combos = combos[:limit] if limit else combos
+            if not combos:
+                continue
+            scores, found = evaluate_pipeline(pipe, combos, per_prompt, seed, steps, guidance_scale, aspect_size(side, aspect))
+            report[f"{aspect} {group}"] = scores
+            results += found
+    return report, results
 
 
 def worst_cases_sheet(results: list, out: Path, limit: int = 16) -> Path:
@@ -116,29 +146,39 @@ def worst_cases_sheet(results: list, out: Path, limit: int = 16) -> Path:
     return out
 
 
-def write_report(scores: dict, results: list, folder: Path) -> dict:
+def write_report(report: dict, results: list, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"asked": {"colour": c, "shape": s, "background": b}, "read": asdict(r)} for (c, s, b), r, _ in results]
-    (folder / "shapes_eval.json").write_text(json.dumps({"scores": scores, "images": rows}, indent=2))
+    rows = [{"asked": {"colour": c, "shape": s, "background": b}, "size": list(im.size), "read": asdict(r)}
+            for (c, s, b), r, im in results]
+    (folder / "shapes_eval.json").write_text(json.dumps({"scores": report, "images": rows}, indent=2))
     worst_cases_sheet(results, folder / "shapes_eval_worst.png")
-    return scores
+    return report
 
 
-def format_table(scores: dict) -> str:
-    def pct(v):
-        return "–" if v is None else f"{v:.1%}"
-
-    def err(v):
-        return "–" if v is None else f"{v:.1f}"
-
-    return "\n".join([
-        f"images                 {scores['images']}",
-        f"background colour      {pct(scores['background_accuracy'])}",
-        f"shape colour           {pct(scores['shape_colour_accuracy'])}",
-        f"shape type             {pct(scores['shape_accuracy'])}",
-        f"black background error {err(scores['black_background_rgb_error'])} (mean |RGB| of 255)",
-        f"white background error {err(scores['white_background_rgb_error'])}",
-    ])
+ROWS = [
+    ("images", "images", str),
+    ("background colour", "background_accuracy", "pct"),
+    ("shape colour", "shape_colour_accuracy", "pct"),
+    ("shape type", "shape_accuracy", "pct"),
+    ("whole, inside frame", "whole_shape_accuracy", "pct"),
+    ("black bg |RGB| error", "black_background_rgb_error", "err"),
+    ("white bg |RGB| error", "white_background_rgb_error", "err"),
+]
 
 
-__all__ = ["SHAPES", "read_image", "score", "evaluate_images", "evaluate_pipeline", "write_report", "format_table"]
+def format_table(report: dict) -> str:
+    """One column per group ("1:1 seen", "1:1 held-out", ...), one row per measure; errors in RGB units of 255."""
+    def cell(value, kind):
+        if value is None:
+            return "–"
+        return f"{value:.1%}" if kind == "pct" else f"{value:.1f}" if kind == "err" else kind(value)
+
+    groups = list(report)
+    width = max(12, *(len(g) + 2 for g in groups))
+    lines = [" " * 22 + "".join(g.rjust(width) for g in groups)]
+    for label, key, kind in ROWS:
+        lines.append(label.ljust(22) + "".join(cell(report[g].get(key), kind).rjust(width) for g in groups))
+    return "\n".join(lines)
+
+
+__all__ = ["SHAPES", "read_image", "score", "evaluate_images", "evaluate_pipeline", "evaluate_model", "write_report", "format_table"]

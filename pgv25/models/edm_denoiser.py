@@ -22,14 +22,16 @@ class Conditioning:
 class EDMDenoiser(nn.Module):
     """D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise, cond), with F the UNet (Karras et al., Eq. 7)."""
 
-    def __init__(self, unet: nn.Module, sigma_data: float = 0.5, prediction_type: str = "epsilon"):
+    def __init__(self, unet: nn.Module, sigma_data: float = 0.5, prediction_type: str = "epsilon", precondition=None):
+        """`precondition`: σ → Preconditioning; default EDM's (Table 1); `ddpm.VPPreconditioning()` for DDPM."""
         super().__init__()
         self.unet = unet
         self.sigma_data = sigma_data
         self.prediction_type = prediction_type
+        self.precondition = precondition or (lambda sigma: edm.preconditioning(sigma, self.sigma_data, self.prediction_type))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        c = edm.preconditioning(sigma, self.sigma_data, self.prediction_type)
+        c = self.precondition(sigma)
         F = self.unet(
             (c.c_in * x).to(self.unet.dtype),
             c.c_noise,

@@ -18,7 +18,7 @@ from .base_pipeline import build_base_pipeline
 from .shapes import write_shapes_dataset
 
 logger = logging.getLogger(__name__)
-ASSETS_VERSION = 1  # bump when the builders change what they write
+ASSETS_VERSION = 2  # bump when the builders change what they write
 STAMP = "pgv25_assets.json"
 
 
@@ -48,22 +48,37 @@ def _build_atomically(target: Path, params: dict, build, what: str) -> dict:
     return stamp
 
 
-def ensure_tiny_assets(root: str | Path, image_size: int = 64, per_caption: int = 8, vae_steps: int = 800, seed: int = 0) -> dict:
+def ensure_tiny_assets(root: str | Path, image_size: int = 64, per_caption: int = 8, vae_steps: int = 800, seed: int = 0,
+                       hold_out: bool = True, extra_datasets: dict | None = None, text_steps: int = 300) -> dict:
     """Make sure `root/shapes` and `root/playground-v2.5-tiny` exist for these parameters.
 
+    `text_steps`: pre-training steps of the tiny text encoders (base_pipeline.pretrain_text_encoders).
+    `hold_out`: leave `shapes.HELD_OUT` out of the training images (asked for at evaluation).
+    `extra_datasets`: {folder name: dict(per_caption=, aspects={'1:1': share, '2:1': ..., '1:2': ...})},
+    more shapes datasets under `root` (e.g. mixed aspect ratios) for the same tiny pipeline.
     Returns the pipeline's stamp (it holds the VAE's PSNR and the measured latents_mean/std).
     """
     root = Path(os.path.expanduser(str(root)))
-    data_params = {"version": ASSETS_VERSION, "image_size": image_size, "per_caption": per_caption, "seed": seed}
+    data_params = {"version": ASSETS_VERSION, "image_size": image_size, "per_caption": per_caption, "seed": seed,
+                   "hold_out": bool(hold_out)}
     shapes = root / "shapes"
     _build_atomically(
-        shapes, data_params, lambda d: {"images": write_shapes_dataset(d, image_size, per_caption, seed)},
+        shapes, data_params, lambda d: {"images": write_shapes_dataset(d, image_size, per_caption, seed, hold_out)},
         "the shapes dataset",
     )
-    model_params = {**data_params, "vae_steps": vae_steps}
+    for name, options in (extra_datasets or {}).items():
+        options = dict(options)
+        params = {**data_params, "per_caption": int(options.get("per_caption", per_caption)),
+                  "aspects": dict(options.get("aspects") or {"1:1": 1.0})}
+        _build_atomically(
+            root / name, params,
+            lambda d, p=params: {"images": write_shapes_dataset(d, image_size, p["per_caption"], seed, hold_out, p["aspects"])},
+            f"the shapes dataset {name}",
+        )
+    model_params = {**data_params, "vae_steps": vae_steps, "text_steps": text_steps}
     model = root / "playground-v2.5-tiny"
     stamp = _build_atomically(
-        model, model_params, lambda d: build_base_pipeline(d, shapes, image_size, vae_steps, seed),
+        model, model_params, lambda d: build_base_pipeline(d, shapes, image_size, vae_steps, seed, text_steps),
         f"the tiny Playground v2.5 base pipeline (VAE: {vae_steps} steps)",
     )
     logger.info("tiny base pipeline ready: VAE reconstruction PSNR %.2f dB", stamp["vae_psnr_db"])

@@ -25,21 +25,60 @@ SHAPES = ("circle", "square", "triangle")
 SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges like a real photo's
 
 
+# Kept out of the training set and asked for at evaluation (compositional generalisation): every
+# shape twice, every colour once as shape and once as background, each seen in other combinations.
+HELD_OUT = (
+    ("red", "triangle", "blue"),
+    ("green", "circle", "white"),
+    ("blue", "square", "yellow"),
+    ("yellow", "circle", "black"),
+    ("white", "triangle", "green"),
+    ("black", "square", "red"),
+)
+# Image sizes per aspect ratio, as multiples of the square side (all multiples of 16 at size 64, the
+# tiny VAE + UNet's granularity); the area stays near size².
+ASPECTS = {"1:1": (1.0, 1.0), "2:1": (1.5, 0.75), "1:2": (0.75, 1.5)}
+
+
 def caption(colour: str, shape: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
 
-def combinations() -> list[tuple[str, str, str]]:
-    """Every (shape colour, shape, background) with the shape visible against its background."""
-    return [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if c != b]
+def parse_caption(text: str) -> tuple[str, str, str] | None:
+    """(colour, shape, background) of a caption written by `caption`, else None."""
+    words = text.split()
+    if len(words) != 7 or words[0] != "a" or words[3:5] != ["on", "a"] or words[6] != "background":
+        return None
+    found = (words[1], words[2], words[5])
+    return found if found[0] in COLOURS and found[1] in SHAPES and found[2] in COLOURS else None
 
 
-def draw(colour: str, shape: str, background: str, size: int, rng: random.Random) -> Image.Image:
-    """One image: the shape at a random size and position, wholly inside the frame."""
-    big = size * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), COLOURS[background])
-    extent = rng.uniform(0.4, 0.7) * big
-    left, top = rng.uniform(0.05 * big, big - extent - 0.05 * big), rng.uniform(0.05 * big, big - extent - 0.05 * big)
+def combinations(held_out: bool | None = None) -> list[tuple[str, str, str]]:
+    """Every (shape colour, shape, background) with the shape visible against its background;
+    `held_out=False`: only the trained ones, `True`: only the held-out ones, None: all."""
+    every = [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if c != b]
+    if held_out is None:
+        return every
+    return [combo for combo in every if (combo in HELD_OUT) == held_out]
+
+
+def aspect_size(size: int, aspect: str) -> tuple[int, int]:
+    """(width, height) of an image of this aspect ratio ('1:1', '2:1', '1:2') for square side `size`."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, got {aspect!r}")
+    fw, fh = ASPECTS[aspect]
+    return round(size * fw), round(size * fh)
+
+
+def draw(colour: str, shape: str, background: str, size: int | tuple[int, int], rng: random.Random) -> Image.Image:
+    """One image (`size`: side, or (width, height)): the shape at a random size and position, wholly inside the frame."""
+    width, height = (size, size) if isinstance(size, int) else size
+    big_w, big_h = width * SUPERSAMPLE, height * SUPERSAMPLE
+    image = Image.new("RGB", (big_w, big_h), COLOURS[background])
+    side = min(big_w, big_h)
+    extent = rng.uniform(0.4, 0.7) * side
+    margin = 0.05 * side
+    left, top = rng.uniform(margin, big_w - extent - margin), rng.uniform(margin, big_h - extent - margin)
     box = (left, top, left + extent, top + extent)
     pen = ImageDraw.Draw(image)
     if shape == "circle":
@@ -48,19 +87,37 @@ def draw(colour: str, shape: str, background: str, size: int, rng: random.Random
         pen.rectangle(box, fill=COLOURS[colour])
     else:
         pen.polygon([(left + extent / 2, top), (left + extent, top + extent), (left, top + extent)], fill=COLOURS[colour])
-    return image.resize((size, size), Image.LANCZOS)
+    return image.resize((width, height), Image.LANCZOS)
 
 
-def write_shapes_dataset(root: str | Path, size: int = 64, per_caption: int = 8, seed: int = 0) -> int:
-    """Write `root/*.png` and `root/metadata.jsonl`; returns the number of images. Deterministic in `seed`."""
+def aspect_plan(per_caption: int, aspects: dict[str, float]) -> list[str]:
+    """The aspect ratio of each of a caption's images, in exact proportion to the shares in `aspects`."""
+    names, shares = list(aspects), [float(v) for v in aspects.values()]
+    if not names or min(shares) < 0 or sum(shares) <= 0:
+        raise ValueError(f"aspects must map '1:1' / '2:1' / '1:2' to non-negative shares, got {aspects!r}")
+    bounds, total = [], 0.0
+    for share in shares:
+        total += share / sum(shares)
+        bounds.append(total)
+    return [names[min(i for i, b in enumerate(bounds) if (k + 0.5) / per_caption <= b + 1e-9)] for k in range(per_caption)]
+
+
+def write_shapes_dataset(root: str | Path, size: int = 64, per_caption: int = 8, seed: int = 0,
+                         hold_out: bool = True, aspects: dict[str, float] | None = None) -> int:
+    """Write `root/*.png` and `root/metadata.jsonl`; returns the number of images. Deterministic in `seed`.
+
+    `hold_out`: leave the HELD_OUT combinations out; `aspects`: share of each aspect ratio (default all square).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    plan = aspect_plan(per_caption, aspects or {"1:1": 1.0})
     rows = []
-    for colour, shape, background in combinations():
-        for k in range(per_caption):
-            name = f"{colour}_{shape}_on_{background}_{k}.png"
-            draw(colour, shape, background, size, rng).save(root / name)
+    for colour, shape, background in combinations(held_out=False if hold_out else None):
+        for k, aspect in enumerate(plan):
+            tag = "" if aspect == "1:1" else "_" + aspect.replace(":", "x")
+            name = f"{colour}_{shape}_on_{background}_{k}{tag}.png"
+            draw(colour, shape, background, aspect_size(size, aspect), rng).save(root / name)
             rows.append({"file_name": name, "text": caption(colour, shape, background)})
     with open(root / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)

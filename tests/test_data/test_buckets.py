@@ -44,3 +44,15 @@ def test_bucket_probabilities_temperature():
     for bad in (1.5, -1, "often"):
         with pytest.raises(ValueError, match="weighting"):
             bucket_probabilities(counts, bad)
+
+
+def test_explicit_bucket_sizes_replace_the_generated_ones():
+    from pgv25.data.buckets import bucket_sizes
+
+    assert bucket_sizes(64, dict(enabled=True, step=16, sizes=[[64, 64], [96, 48], [48, 96]])) == [(48, 96), (64, 64), (96, 48)]
+    assert bucket_sizes(64, dict(enabled=True, step=16)) == make_buckets(64, 16)
+    assert bucket_sizes(64, dict(enabled=False, sizes=[[96, 48]])) == [(64, 64)]
+    with pytest.raises(ValueError, match="100x48 are not positive multiples of the bucket step 16"):
+        bucket_sizes(64, dict(step=16, sizes=[[64, 64], [100, 48]]))
+    with pytest.raises(ValueError, match="list of \\[width, height\\] pairs"):
+        bucket_sizes(64, dict(step=16, sizes=[64, 64]))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pgv25.eval.shapes import evaluate_images, read_image
-from pgv25.tiny.shapes import COLOURS, combinations, draw
+from pgv25.tiny.shapes import COLOURS, HELD_OUT, combinations, draw
 
 
 def ground_truth(per=2, size=64, seed=0):
@@ -49,12 +49,38 @@ def test_each_shape_and_colour_is_told_apart():
             assert (reading.shape_colour, reading.shape, reading.background) == (colour, shape, background)
 
 
+@pytest.mark.parametrize("aspect", ["1:1", "2:1", "1:2"])
+def test_dataset_images_are_whole_and_inside_the_frame_at_every_aspect(aspect):
+    from pgv25.tiny.shapes import aspect_size
+
+    rng = random.Random(3)
+    items = [(c, draw(*c, aspect_size(64, aspect), rng)) for c in combinations() for _ in range(2)]
+    scores, _ = evaluate_images(items)
+    assert scores["inside_frame"] == scores["whole_shape_accuracy"] == scores["shape_accuracy"] == 1.0
+    assert scores["background_accuracy"] == scores["shape_colour_accuracy"] == 1.0
+
+
+def test_a_shape_cut_by_the_frame_is_not_whole():
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (96, 48), COLOURS["white"])
+    ImageDraw.Draw(image).ellipse((70, 10, 110, 50), fill=COLOURS["red"])  # runs off the right and bottom edges
+    reading = read_image(image)
+    assert reading.background == "white" and reading.shape_colour == "red" and not reading.inside
+    scores, _ = evaluate_images([(("red", "circle", "white"), image)])
+    assert scores["whole_shape_accuracy"] == 0.0
+
+
 def test_eval_command_writes_table_json_and_worst_cases(tiny_assets, tmp_path):
     result = subprocess.run([sys.executable, "-m", "pgv25.cli", "eval", "shapes", "--model", str(tiny_assets["model"]),
-                             "--per-prompt", "1", "--steps", "2", "--limit", "6", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+                             "--per-prompt", "1", "--steps", "2", "--limit", "3", "--aspect", "1:1", "2:1",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "shape colour" in result.stdout
+    assert "shape colour" in result.stdout and "2:1 held-out" in result.stdout
     report = json.loads((tmp_path / "shapes_eval.json").read_text())
-    assert report["scores"]["images"] == 6 and len(report["images"]) == 6
+    assert list(report["scores"]) == ["1:1 seen", "1:1 held-out", "2:1 seen", "2:1 held-out"]
+    assert all(group["images"] == 3 for group in report["scores"].values()) and len(report["images"]) == 12
+    assert sorted({tuple(row["size"]) for row in report["images"]}) == [(64, 64), (96, 48)]
+    held_out = [row["asked"] for row in report["images"][3:6]]
+    assert [(a["colour"], a["shape"], a["background"]) for a in held_out] == list(HELD_OUT[:3])
     assert Image.open(tmp_path / "shapes_eval_worst.png").size[0] > 0

@@ -4,8 +4,10 @@
 tiny_assets = dict(
     root='{{$PGV25_CACHE:~/.cache/pgv25}}/tiny_shapes',
     image_size=64,
-    per_caption=8,  # images per caption: 90 captions
+    per_caption=8,  # images per caption: 84 captions (90 combinations, 6 held out)
     vae_steps=800,  # steps to train the tiny VAE on the shapes
+    text_steps=300,  # steps teaching the random tiny CLIP encoders to tell captions apart (CLIP's pre-training, in small)
+    hold_out=True,  # leave the 6 combinations of pgv25.tiny.shapes.HELD_OUT out (asked for by `pgv25 eval shapes`)
     seed=0,
 )
 train_dataloader = dict(

@@ -2,6 +2,9 @@
 model = dict(
     # A hub id or a local diffusers pipeline folder (what `huggingface-cli download ... --local-dir` makes).
     pretrained_model_name_or_path='playgroundai/playground-v2.5-1024px-aesthetic',
+    # 'edm' (Playground v2.5: σ_max 80, EDM preconditioning). 'ddpm' trains on SDXL's scaled-linear ε schedule
+    # instead (its exports ship a DDPM sampler): only for comparing the two (docs/experiments/noise_schedule.md).
+    noise_schedule='edm',
     # σ sampling. 'karras_index': uniform over the scheduler's 1000-step Karras grid (median σ ≈ 2.5),
     # as diffusers' --do_edm_style_training and sdxlengine do. Or dict(type='lognormal', P_mean=-1.2, P_std=1.2),
     # the EDM paper's choice.

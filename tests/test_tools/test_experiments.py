@@ -1,0 +1,60 @@
+"""The experiment runner and the reference loop run end to end on the tiny assets (few iterations)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_OPTIONS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+SMALL = ["--iters", "2", "--per-prompt", "1", "--eval-steps", "2", "--eval-limit", "1",
+         "--cfg-options", *TINY_OPTIONS, "train_dataloader.batch_size=4"]
+
+
+def test_reference_loop_trains_and_saves_a_pipeline(tiny_assets, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    import reference_edm
+
+    reference_edm.main(["--model", str(tiny_assets["model"]), "--data", str(tiny_assets["shapes"]), "--out", str(tmp_path),
+                        "--iters", "2", "--batch", "4"])
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path)
+    assert pipe.scheduler.__class__.__name__ == "EDMDPMSolverMultistepScheduler"  # saved as loaded
+
+
+def test_experiment_writes_docs_and_does_not_retrain_a_scored_arm(tiny_assets, tmp_path):
+    import experiments
+
+    args = ["goal", "--work-dir", str(tmp_path / "work"), "--docs", str(tmp_path / "docs"), *SMALL]
+    experiments.main(args)
+    record = json.loads((tmp_path / "work" / "goal" / "record.json").read_text())
+    scores = record["arms"]["default"]["scores"]
+    assert list(scores) == ["1:1 seen", "1:1 held-out"] and scores["1:1 seen"]["images"] == 1
+    doc = (tmp_path / "docs" / "goal.md").read_text()
+    assert "| default | 1:1 seen (1 images) |" in doc and "python tools/experiments.py goal" in doc
+    assert (tmp_path / "docs" / "goal.png").stat().st_size > 0
+    assert (tmp_path / "docs" / "goal_default_samples_1x1.png").is_file()
+    export = Path(record["arms"]["default"]["step_dir"]) / "unet" / "diffusion_pytorch_model.safetensors"
+    written = export.stat().st_mtime_ns
+    experiments.main(args)  # scored arms are kept: nothing trains again
+    assert export.stat().st_mtime_ns == written
+    assert json.loads((tmp_path / "work" / "goal" / "record.json").read_text())["arms"] == record["arms"]
+
+
+@pytest.mark.parametrize("experiment", ["parity", "buckets"])
+def test_parity_and_bucket_experiments_run(tiny_assets, tmp_path, experiment):
+    import experiments
+
+    extra = ["--arms", "balanced_buckets"] if experiment == "buckets" else []
+    experiments.main([experiment, "--work-dir", str(tmp_path), "--docs", str(tmp_path / "docs"), *extra, *SMALL])
+    record = json.loads((tmp_path / experiment / "record.json").read_text())
+    if experiment == "parity":
+        assert set(record["arms"]) == {"pgv25", "reference"}
+        assert record["timing"]["ratio_pgv25_over_reference"] > 0 and record["timing"]["iterations"] == 2
+        assert "ratio" in (tmp_path / "docs" / "parity.md").read_text()
+    else:
+        assert list(record["arms"]["balanced_buckets"]["scores"]) == [
+            "1:1 seen", "1:1 held-out", "2:1 seen", "2:1 held-out", "1:2 seen", "1:2 held-out"]
+        assert (tmp_path / "docs" / "buckets_balanced_buckets_samples_2x1.png").is_file()

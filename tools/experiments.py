@@ -1,0 +1,228 @@
+"""The shapes experiments of docs/experiments: train each arm on the tiny config, score it with the
+shapes evaluator, write a markdown table, a JSON record and PNG plots.
+
+    PGV25_CACHE=/tmp/pgv25 python tools/experiments.py noise_schedule   # EDM vs SDXL's DDPM schedule
+    PGV25_CACHE=/tmp/pgv25 python tools/experiments.py sigma_sampling   # karras_index vs lognormal + EDM weighting, ...
+    PGV25_CACHE=/tmp/pgv25 python tools/experiments.py buckets          # balanced aspect buckets vs centre crop
+    PGV25_CACHE=/tmp/pgv25 python tools/experiments.py parity           # pgv25 vs tools/reference_edm.py
+    PGV25_CACHE=/tmp/pgv25 python tools/experiments.py goal             # the default config, scored
+
+Every arm starts from the same tiny base pipeline with the same data order seed and the same number
+of iterations; only what the experiment varies differs. An arm whose scores exist under
+`--work-dir` is not trained again (delete `<work-dir>/<experiment>/<arm>` to redo it), so an
+interrupted experiment continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pgv25.config import load_config  # noqa: E402
+
+logger = logging.getLogger("pgv25")
+CONFIG = "playgroundv2_5_tiny_shapes"
+# Mixed aspect ratios for the bucket experiment: mostly square, as photo collections are.
+MIXED = dict(per_caption=10, aspects={"1:1": 0.6, "2:1": 0.2, "1:2": 0.2})
+EXTREME_PROMPTS = [  # pure black and pure white backgrounds: where a DDPM-schedule model drifts to grey
+    "a red circle on a black background", "a yellow square on a black background", "a white triangle on a black background",
+    "a blue circle on a black background", "a red square on a white background", "a black circle on a white background",
+    "a green triangle on a white background", "a blue square on a white background",
+]
+SAMPLE_PROMPTS = [
+    "a red circle on a white background", "a blue square on a black background", "a yellow triangle on a blue background",
+    "a green square on a yellow background", "a red triangle on a blue background", "a black square on a red background",
+    "a white triangle on a green background", "a green circle on a white background",
+]
+
+
+@dataclass
+class Arm:
+    name: str
+    options: dict = field(default_factory=dict)  # dotted config keys → values
+    note: str = ""
+
+
+def mixed_data(root: str, weighting) -> dict:
+    return {"tiny_assets.extra_datasets": {"shapes_mixed": MIXED},
+            "train_dataloader.dataset.path": f"{root}/shapes_mixed",
+            "train_dataloader.dataset.buckets": dict(enabled=True, step=16, sizes=[[64, 64], [96, 48], [48, 96]],
+                                                     weighting=weighting)}
+
+
+def experiments(root: str) -> dict:
+    """Arms per experiment; `root` is the tiny assets folder."""
+    karras = {"model.sigma_sampler": dict(type="karras_index"), "model.loss_weighting": "none"}
+    lognormal = {"model.sigma_sampler": dict(type="lognormal", P_mean=-1.2, P_std=1.2), "model.loss_weighting": "edm"}
+    return {
+        "noise_schedule": dict(
+            title="Insight #1: EDM's noise schedule vs SDXL's DDPM schedule",
+            arms=[Arm("edm", {"model.noise_schedule": "edm"}, "Playground v2.5: EDM, σ_max 80"),
+                  Arm("ddpm", {"model.noise_schedule": "ddpm"}, "SDXL: scaled-linear β, ε-prediction, σ_max 14.6")],
+            aspects=("1:1",), prompts=EXTREME_PROMPTS),
+        "sigma_sampling": dict(
+            title="σ sampling and loss weighting",
+            arms=[Arm("karras_index", karras, "uniform over the 1000-step Karras grid, unweighted (diffusers, sdxlengine)"),
+                  Arm("lognormal_edm", lognormal, "ln σ ~ N(−1.2, 1.2²), λ(σ) = (σ²+σ_d²)/(σσ_d)² (EDM paper)"),
+                  Arm("karras_index_edm", {**karras, "model.loss_weighting": "edm"}, "the Karras grid with EDM weighting")],
+            aspects=("1:1",), prompts=SAMPLE_PROMPTS),
+        "buckets": dict(
+            title="Insight #2: balanced aspect-ratio buckets vs centre-crop to square",
+            arms=[Arm("balanced_buckets", mixed_data(root, "uniform"), "64², 96×48, 48×96 buckets drawn uniformly"),
+                  Arm("center_crop", {**mixed_data(root, "uniform"), "train_dataloader.dataset.buckets": dict(enabled=False),
+                                      "train_dataloader.dataset.center_crop": True}, "every image centre-cropped to 64²")],
+            aspects=("1:1", "2:1", "1:2"), per_prompt=1, prompts=SAMPLE_PROMPTS[:4]),
+        "goal": dict(title="The tiny config's defaults", arms=[Arm("default", {}, "playgroundv2_5_tiny_shapes as shipped")],
+                     aspects=("1:1",), prompts=SAMPLE_PROMPTS),
+    }
+
+
+def build_cfg(options: dict, work_dir: Path, iters: int | None, cfg_options: dict):
+    cfg = load_config(CONFIG)
+    base = {"validation.interval": 0, "sample_grid.prompts": [], "default_hooks.checkpoint.interval": 10**9,
+            "work_dir": str(work_dir)}
+    if iters:
+        base["train_cfg.max_iters"] = iters
+    cfg.merge_from_dict({**base, **options, **cfg_options})
+    return cfg
+
+
+def score_arm(step_dir: Path, out: Path, aspects, per_prompt: int, prompts: list[str], steps: int = 25, limit: int | None = None) -> dict:
+    from pgv25.eval.shapes import evaluate_model, format_table, native_size, write_report
+    from pgv25.generate import generate, labelled_grid, load_pipeline
+    from pgv25.tiny.shapes import aspect_size
+
+    pipe = load_pipeline(step_dir, "native")  # each arm's own sampler (a ddpm arm's is DDPM's)
+    start = time.time()
+    report, results = evaluate_model(pipe, tuple(aspects), per_prompt=per_prompt, steps=steps, limit=limit)
+    write_report(report, results, out / "eval")
+    print(format_table(report), flush=True)
+    for aspect in aspects:
+        width, height = aspect_size(native_size(pipe), aspect)
+        images = generate(pipe, prompts, seed=0, steps=steps, guidance_scale=3.0, width=width, height=height)
+        labelled_grid(images, prompts).save(out / f"samples_{aspect.replace(':', 'x')}.png")
+    return {"scores": report, "eval_seconds": round(time.time() - start, 1)}
+
+
+def train_arm(cfg) -> dict:
+    from pgv25.engine.runner import Trainer
+
+    trainer = Trainer(cfg)
+    start = time.time()
+    result = trainer.run()
+    return {"step_dir": str(result.step_dir), "train_seconds": round(time.time() - start, 1), "iterations": result.iteration}
+
+
+def run_parity(work: Path, iters: int | None, cfg_options: dict, chunk: int = 50) -> dict:
+    """pgv25's Trainer and the reference loop, same base, data folder, batch, lr schedule and iterations,
+    stepped in alternating chunks so both see the same machine state; seconds per iteration of each."""
+    from reference_edm import ReferenceTrainer
+
+    from pgv25.engine.runner import Trainer
+
+    cfg = build_cfg({}, work / "pgv25", iters, cfg_options)
+    trainer = Trainer(cfg)
+    opt = cfg.optim_wrapper.optimizer
+    reference = ReferenceTrainer(
+        cfg.model.pretrained_model_name_or_path, cfg.train_dataloader.dataset.path, int(cfg.train_dataloader.batch_size),
+        float(opt.lr), float(opt.weight_decay), cfg.param_scheduler.type, int(cfg.param_scheduler.warmup_iters),
+        trainer.max_iters, float(cfg.optim_wrapper.clip_grad.max_norm), float(cfg.train_dataloader.dataset.caption_dropout),
+        int(cfg.train_dataloader.dataset.resolution), int(cfg.get("seed", 0) or 0))
+    seconds = {"pgv25": 0.0, "reference": 0.0}
+    done = 0
+    while done < trainer.max_iters:
+        n = min(chunk, trainer.max_iters - done)
+        start = time.perf_counter()
+        for _ in range(n):
+            trainer.step()
+            trainer.iteration += 1
+        seconds["pgv25"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(n):
+            reference.step()
+        seconds["reference"] += time.perf_counter() - start
+        done += n
+        print(f"iter {done}/{trainer.max_iters}: pgv25 {seconds['pgv25'] / done * 1000:.1f} ms/it, "
+              f"reference {seconds['reference'] / done * 1000:.1f} ms/it", flush=True)
+    _, step_dir = trainer.save()
+    reference.save(work / "reference" / "export")
+    per_iter = {k: v / done for k, v in seconds.items()}
+    return {"pgv25": {"step_dir": str(step_dir), "seconds_per_iter": per_iter["pgv25"]},
+            "reference": {"step_dir": str(work / "reference" / "export"), "seconds_per_iter": per_iter["reference"]},
+            "ratio_pgv25_over_reference": per_iter["pgv25"] / per_iter["reference"], "iterations": done}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("experiment", choices=["noise_schedule", "sigma_sampling", "buckets", "parity", "goal"])
+    parser.add_argument("--iters", type=int, help="training iterations per arm (default: the config's)")
+    parser.add_argument("--per-prompt", type=int, default=2, help="evaluation images per prompt")
+    parser.add_argument("--eval-steps", type=int, default=25, help="sampling steps of the evaluation")
+    parser.add_argument("--eval-limit", type=int, help="evaluate only the first N seen and N held-out combinations")
+    parser.add_argument("--work-dir", default="work_dirs/experiments")
+    parser.add_argument("--docs", default="docs/experiments", help="where the table, JSON and plots go")
+    parser.add_argument("--arms", nargs="+", help="only these arms")
+    parser.add_argument("--cfg-options", nargs="+", default=[], help="KEY=VALUE overrides for every arm")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from pgv25.config import parse_cfg_options
+    from plot_experiments import write_experiment
+
+    cfg_options = parse_cfg_options(args.cfg_options)
+    root = load_config(CONFIG).tiny_assets.root
+    work = Path(args.work_dir) / args.experiment
+    record_file = work / "record.json"
+    record = json.loads(record_file.read_text()) if record_file.exists() else {"arms": {}}
+    if args.experiment == "parity":
+        spec = dict(title="Parity with the public recipe (diffusers' --do_edm_style_training)", aspects=("1:1",),
+                    prompts=SAMPLE_PROMPTS,
+                    arms=[Arm("pgv25", note="pgv25 train, tiny config defaults"),
+                          Arm("reference", note="tools/reference_edm.py: the documented procedure, same settings")])
+        if "timing" not in record:
+            record["timing"] = run_parity(work, args.iters, cfg_options)
+            record_file.parent.mkdir(parents=True, exist_ok=True)
+            record_file.write_text(json.dumps(record, indent=2))
+        for arm in spec["arms"]:
+            if arm.name not in record["arms"]:
+                step_dir = Path(record["timing"][arm.name]["step_dir"])
+                record["arms"][arm.name] = {"note": arm.note, "step_dir": str(step_dir),
+                                            **score_arm(step_dir, work / arm.name, spec["aspects"], args.per_prompt, spec["prompts"],
+                                                        args.eval_steps, args.eval_limit)}
+                record_file.write_text(json.dumps(record, indent=2))
+    else:
+        spec = experiments(root)[args.experiment]
+        shared_file = Path(args.work_dir) / "trained_arms.json"  # identical arms of other experiments train once
+        shared = json.loads(shared_file.read_text()) if shared_file.exists() else {}
+        for arm in spec["arms"]:
+            if args.arms and arm.name not in args.arms or arm.name in record["arms"]:
+                continue
+            cfg = build_cfg(arm.options, work / arm.name, args.iters, cfg_options)
+            key = json.dumps(cfg.to_dict(), sort_keys=True, default=str).replace(str(work / arm.name), "")
+            trained = shared.get(key)
+            if trained is None or not Path(trained["step_dir"]).is_dir():
+                trained = shared[key] = train_arm(cfg)
+                shared_file.parent.mkdir(parents=True, exist_ok=True)
+                shared_file.write_text(json.dumps(shared, indent=2))
+            else:
+                print(f"{arm.name}: same configuration as {trained['step_dir']}, not trained again", flush=True)
+            scored = score_arm(Path(trained["step_dir"]), work / arm.name, spec["aspects"], spec.get("per_prompt", args.per_prompt),
+                               spec["prompts"], args.eval_steps, args.eval_limit)
+            record["arms"][arm.name] = {"note": arm.note, "options": {k: str(v) for k, v in arm.options.items()}, **trained, **scored}
+            record_file.parent.mkdir(parents=True, exist_ok=True)
+            record_file.write_text(json.dumps(record, indent=2))
+    record["title"] = spec["title"]
+    record["command"] = "python tools/experiments.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    record_file.write_text(json.dumps(record, indent=2))
+    print(f"written {write_experiment(args.experiment, record, work, Path(args.docs))}")
+
+
+if __name__ == "__main__":
+    main()
