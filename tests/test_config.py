@@ -10,7 +10,7 @@ def test_both_playground_configs_share_the_base_model_config():
     assert tiny.model.pretrained_model_name_or_path.endswith("tiny_shapes/playground-v2.5-tiny")
     for key in ("sigma_sampler", "loss_weighting", "vae_dtype"):
         assert real.model[key] == tiny.model[key]
-    assert real.model.sigma_sampler.type == "karras_index" and real.model.loss_weighting == "none"
+    assert real.model.sigma_sampler.type == "lognormal" and real.model.loss_weighting == "edm"
 
 
 def test_real_recipe_hyper_parameters():

@@ -19,7 +19,7 @@ def cell(value, kind: str) -> str:
 def table(record: dict) -> str:
     arms = record["arms"]
     groups = list(next(iter(arms.values()))["scores"])
-    header = "| arm | group | " + " | ".join(label for label, _, _ in MEASURES) + " | train s |"
+    header = "| arm | group | " + " | ".join(label.replace("|", "\\|") for label, _, _ in MEASURES) + " | train s |"
     lines = [header, "|" + "---|" * (len(MEASURES) + 3)]
     for name, arm in arms.items():
         for group in groups:

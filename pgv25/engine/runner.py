@@ -326,9 +326,9 @@ class Trainer:
         the schedule comparison (docs/experiments)."""
         schedule = model_cfg.get("noise_schedule", "edm")
         if schedule == "edm":
-            sampler_cfg = dict(model_cfg.get("sigma_sampler", {"type": "karras_index"}))
+            sampler_cfg = dict(model_cfg.get("sigma_sampler", {"type": "lognormal"}))
             self.sigma_sampler = edm.build_sigma_sampler(sampler_cfg.pop("type"), scheduler_config, **sampler_cfg)
-            self.weighting = model_cfg.get("loss_weighting", "none")
+            self.weighting = model_cfg.get("loss_weighting", "edm")
             return EDMDenoiser(unet, scheduler_config.get("sigma_data", 0.5), scheduler_config.get("prediction_type", "epsilon")), None
         if schedule != "ddpm":
             raise UserError(f"model.noise_schedule must be 'edm' (Playground v2.5) or 'ddpm' (SDXL's), got {schedule!r}")

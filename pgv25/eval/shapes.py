@@ -6,7 +6,9 @@ For "a {colour} {shape} on a {background} background" an image is read back as:
   exact colour, which for pure black and pure white shows whether a model reaches the extremes;
 - shape colour: the median of the pixels that differ clearly from the background, nearest palette
   colour other than the background;
-- shape type: from the fill ratio of that foreground inside its bounding box — a square fills it
+- the shape: the largest 4-connected region of those pixels — a decoder's faint ring or a speck
+  in a corner must not stretch the shape's bounding box;
+- shape type: from the fill ratio of that region inside its bounding box — a square fills it
   (1.0), a circle π/4 (0.79), a triangle half (0.5).
 No learned model is involved, so the evaluator itself can be checked: ≈100% on the dataset's own
 images, chance on noise (tests/test_eval).
@@ -47,6 +49,32 @@ def nearest(rgb: np.ndarray, exclude: str | None = None) -> str:
     return PALETTE_NAMES[int(distances.argmin())]
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (a breadth-first fill; images are small)."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    best: list[int] = []
+    flat, visited = mask.ravel(), seen.ravel()
+    for start in np.flatnonzero(flat):
+        if visited[start]:
+            continue
+        visited[start] = True
+        region, queue = [], [int(start)]
+        while queue:
+            i = queue.pop()
+            region.append(i)
+            y, x = divmod(i, w)
+            for j, ok in ((i - w, y > 0), (i + w, y < h - 1), (i - 1, x > 0), (i + 1, x < w - 1)):
+                if ok and flat[j] and not visited[j]:
+                    visited[j] = True
+                    queue.append(j)
+        if len(region) > len(best):
+            best = region
+    out = np.zeros(h * w, dtype=bool)
+    out[best] = True
+    return out.reshape(h, w)
+
+
 def read_image(image: Image.Image) -> Reading:
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     h, w, _ = pixels.shape
@@ -56,10 +84,13 @@ def read_image(image: Image.Image) -> Reading:
     background_rgb = np.median(border, axis=0)
     background = nearest(background_rgb)
     error = float(np.abs(border - PALETTE[PALETTE_NAMES.index(background)]).mean())
-    mask = np.linalg.norm(pixels - background_rgb, axis=2) > FOREGROUND
-    if mask.sum() < 0.005 * h * w:  # nothing drawn
+    to_background = np.linalg.norm(pixels - background_rgb, axis=2)
+    candidates = to_background > FOREGROUND
+    if candidates.sum() < 0.005 * h * w:  # nothing drawn
         return Reading(background, error, None, None, 0.0, False)
-    shape_colour = nearest(np.median(pixels[mask], axis=0), exclude=background)
+    shape_rgb = np.median(pixels[candidates], axis=0)
+    shape_colour = nearest(shape_rgb, exclude=background)
+    mask = largest_component(candidates)
     ys, xs = np.nonzero(mask)
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
     fill = float(mask.sum() / box)

@@ -113,8 +113,8 @@ def test_a_changed_config_is_refused_on_resume_unless_allowed(two_iterations, tm
     changed = tiny_cfg(work, "train_cfg.max_iters=3", "train_dataloader.batch_size=2", NO_GRID)
     with pytest.raises(UserError, match=r"train_dataloader\.batch_size: 4 -> 2.*--allow-config-change"):
         train(changed, resume=True)
-    other_model = tiny_cfg(work, "train_cfg.max_iters=3", "model.loss_weighting=edm", NO_GRID)
-    with pytest.raises(UserError, match=r"model\.loss_weighting: 'none' -> 'edm'"):
+    other_model = tiny_cfg(work, "train_cfg.max_iters=3", "model.loss_weighting=none", NO_GRID)
+    with pytest.raises(UserError, match=r"model\.loss_weighting: 'edm' -> 'none'"):
         train(other_model, resume=True)
     assert train(changed, resume=True, allow_config_change=True).iteration == 3
     # The iteration count, logging and checkpoint interval may change freely.

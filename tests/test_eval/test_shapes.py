@@ -60,6 +60,20 @@ def test_dataset_images_are_whole_and_inside_the_frame_at_every_aspect(aspect):
     assert scores["background_accuracy"] == scores["shape_colour_accuracy"] == 1.0
 
 
+def test_specks_and_a_faint_ring_do_not_change_the_shape():
+    """What a tiny VAE's decoder leaves behind: a bright speck in a corner, a faint ring near the edge."""
+    from PIL import ImageDraw
+
+    rng = random.Random(5)
+    for shape in ("circle", "square", "triangle"):
+        image = draw("red", shape, "white", 64, rng)
+        pen = ImageDraw.Draw(image)
+        pen.rectangle((2, 2, 3, 3), fill=(250, 120, 120))  # a speck far from the shape
+        pen.rectangle((2, 60, 2, 60), fill=(200, 60, 60))
+        reading = read_image(image)
+        assert (reading.shape_colour, reading.shape, reading.background) == ("red", shape, "white")
+
+
 def test_a_shape_cut_by_the_frame_is_not_whole():
     from PIL import ImageDraw
 

@@ -5,12 +5,13 @@ model = dict(
     # 'edm' (Playground v2.5: σ_max 80, EDM preconditioning). 'ddpm' trains on SDXL's scaled-linear ε schedule
     # instead (its exports ship a DDPM sampler): only for comparing the two (docs/experiments/noise_schedule.md).
     noise_schedule='edm',
-    # σ sampling. 'karras_index': uniform over the scheduler's 1000-step Karras grid (median σ ≈ 2.5),
-    # as diffusers' --do_edm_style_training and sdxlengine do. Or dict(type='lognormal', P_mean=-1.2, P_std=1.2),
-    # the EDM paper's choice.
-    sigma_sampler=dict(type='karras_index'),
-    # 'none' (the public path) or 'edm': λ(σ) = (σ² + σ_d²) / (σ·σ_d)².
-    loss_weighting='none',
+    # σ sampling. dict(type='lognormal', P_mean=-1.2, P_std=1.2): ln σ ~ N(P_mean, P_std²), the EDM paper's
+    # choice (median σ ≈ 0.3). 'karras_index': uniform over the scheduler's 1000-step Karras grid (median σ ≈ 2.5),
+    # as diffusers' --do_edm_style_training and sdxlengine do. Lognormal with EDM weighting is the default on
+    # the evidence of docs/experiments/sigma_sampling.md.
+    sigma_sampler=dict(type='lognormal', P_mean=-1.2, P_std=1.2),
+    # 'edm': λ(σ) = (σ² + σ_d²) / (σ·σ_d)², the loss of a unit-variance target at every σ; or 'none' (the public path).
+    loss_weighting='edm',
     # dtype of the frozen text encoders on a GPU ('fp32' is always used on a CPU).
     weight_dtype='bf16',
     # The SDXL VAE overflows in fp16; it stays fp32 unless set otherwise.
