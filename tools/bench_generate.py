@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile", choices=["none", "default", "max-autotune"], nargs="+", default=["none", "max-autotune"])
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    # bf16 on a GPU: fp32's range, so the SDXL VAE decodes without the fp16 upcast round trip
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     pipe = build_pipeline(args.arch, args.device, dtype)
     prompt = "a cat wearing a space suit, studio photo"
     rows = []

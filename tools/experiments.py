@@ -31,7 +31,8 @@ from pgv25.config import load_config  # noqa: E402
 logger = logging.getLogger("pgv25")
 CONFIG = "playgroundv2_5_tiny_shapes"
 # Mixed aspect ratios for the bucket experiment: mostly square, as photo collections are.
-MIXED = dict(per_caption=10, aspects={"1:1": 0.6, "2:1": 0.2, "1:2": 0.2})
+# Shapes anywhere in the frame (spread 1), as a photo's subject is often off-centre: what centre crop cuts.
+MIXED = dict(per_caption=10, aspects={"1:1": 0.6, "2:1": 0.2, "1:2": 0.2}, spread=1.0)
 EXTREME_PROMPTS = [  # pure black and pure white backgrounds: where a DDPM-schedule model drifts to grey
     "a red circle on a black background", "a yellow square on a black background", "a white triangle on a black background",
     "a blue circle on a black background", "a red square on a white background", "a black circle on a white background",
@@ -76,7 +77,9 @@ def experiments(root: str) -> dict:
             title="σ sampling and loss weighting",
             arms=[Arm("karras_index", karras, "uniform over the 1000-step Karras grid, unweighted (diffusers, sdxlengine)"),
                   Arm("lognormal_edm", lognormal, "ln σ ~ N(−1.2, 1.2²), λ(σ) = (σ²+σ_d²)/(σσ_d)² (EDM paper)"),
-                  Arm("karras_index_edm", {**karras, "model.loss_weighting": "edm"}, "the Karras grid with EDM weighting")],
+                  Arm("karras_index_edm", {**karras, "model.loss_weighting": "edm"}, "the Karras grid with EDM weighting"),
+                  Arm("lognormal_edm_high", {**lognormal, "model.sigma_sampler": dict(type="lognormal", P_mean=-0.6, P_std=1.4)},
+                      "ln σ ~ N(−0.6, 1.4²): twice the share of σ > 1, where the layout is decided; EDM weighting")],
             aspects=("1:1",), prompts=SAMPLE_PROMPTS),
         "buckets": dict(
             title="Insight #2: balanced aspect-ratio buckets vs centre-crop to square",

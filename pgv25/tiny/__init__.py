@@ -49,30 +49,32 @@ def _build_atomically(target: Path, params: dict, build, what: str) -> dict:
 
 
 def ensure_tiny_assets(root: str | Path, image_size: int = 64, per_caption: int = 8, vae_steps: int = 800, seed: int = 0,
-                       hold_out: bool = True, extra_datasets: dict | None = None, text_steps: int = 300) -> dict:
+                       hold_out: bool = True, extra_datasets: dict | None = None, text_steps: int = 300,
+                       spread: float = 1.0) -> dict:
     """Make sure `root/shapes` and `root/playground-v2.5-tiny` exist for these parameters.
 
     `text_steps`: pre-training steps of the tiny text encoders (base_pipeline.pretrain_text_encoders).
     `hold_out`: leave `shapes.HELD_OUT` out of the training images (asked for at evaluation).
-    `extra_datasets`: {folder name: dict(per_caption=, aspects={'1:1': share, '2:1': ..., '1:2': ...})},
+    `spread`: how much of the shape size and position ranges the images use (`shapes.draw`).
+    `extra_datasets`: {folder name: dict(per_caption=, aspects={'1:1': share, '2:1': ..., '1:2': ...}, spread=)},
     more shapes datasets under `root` (e.g. mixed aspect ratios) for the same tiny pipeline.
     Returns the pipeline's stamp (it holds the VAE's PSNR and the measured latents_mean/std).
     """
     root = Path(os.path.expanduser(str(root)))
     data_params = {"version": ASSETS_VERSION, "image_size": image_size, "per_caption": per_caption, "seed": seed,
-                   "hold_out": bool(hold_out)}
+                   "hold_out": bool(hold_out), "spread": float(spread)}
     shapes = root / "shapes"
     _build_atomically(
-        shapes, data_params, lambda d: {"images": write_shapes_dataset(d, image_size, per_caption, seed, hold_out)},
+        shapes, data_params, lambda d: {"images": write_shapes_dataset(d, image_size, per_caption, seed, hold_out, spread=spread)},
         "the shapes dataset",
     )
     for name, options in (extra_datasets or {}).items():
         options = dict(options)
         params = {**data_params, "per_caption": int(options.get("per_caption", per_caption)),
-                  "aspects": dict(options.get("aspects") or {"1:1": 1.0})}
+                  "aspects": dict(options.get("aspects") or {"1:1": 1.0}), "spread": float(options.get("spread", spread))}
         _build_atomically(
             root / name, params,
-            lambda d, p=params: {"images": write_shapes_dataset(d, image_size, p["per_caption"], seed, hold_out, p["aspects"])},
+            lambda d, p=params: {"images": write_shapes_dataset(d, image_size, p["per_caption"], seed, hold_out, p["aspects"], p["spread"])},
             f"the shapes dataset {name}",
         )
     model_params = {**data_params, "vae_steps": vae_steps, "text_steps": text_steps}

@@ -70,15 +70,27 @@ def aspect_size(size: int, aspect: str) -> tuple[int, int]:
     return round(size * fw), round(size * fh)
 
 
-def draw(colour: str, shape: str, background: str, size: int | tuple[int, int], rng: random.Random) -> Image.Image:
-    """One image (`size`: side, or (width, height)): the shape at a random size and position, wholly inside the frame."""
+def _spread(rng: random.Random, low: float, high: float, spread: float) -> float:
+    """Uniform on [low, high] narrowed about its middle to `spread` of its width (1: all of it, 0: the middle)."""
+    middle = (low + high) / 2
+    return middle + spread * (rng.uniform(low, high) - middle)
+
+
+def draw(colour: str, shape: str, background: str, size: int | tuple[int, int], rng: random.Random,
+         spread: float = 1.0) -> Image.Image:
+    """One image (`size`: side, or (width, height)): the shape at a random size and position, wholly inside the frame.
+
+    `spread` narrows the size (40–70% of the shorter side) and position ranges about their middles:
+    1 uses all of them, 0 draws every shape centred at 55%.
+    """
     width, height = (size, size) if isinstance(size, int) else size
     big_w, big_h = width * SUPERSAMPLE, height * SUPERSAMPLE
     image = Image.new("RGB", (big_w, big_h), COLOURS[background])
     side = min(big_w, big_h)
-    extent = rng.uniform(0.4, 0.7) * side
+    extent = _spread(rng, 0.4, 0.7, spread) * side
     margin = 0.05 * side
-    left, top = rng.uniform(margin, big_w - extent - margin), rng.uniform(margin, big_h - extent - margin)
+    left = _spread(rng, margin, big_w - extent - margin, spread)
+    top = _spread(rng, margin, big_h - extent - margin, spread)
     box = (left, top, left + extent, top + extent)
     pen = ImageDraw.Draw(image)
     if shape == "circle":
@@ -103,11 +115,14 @@ def aspect_plan(per_caption: int, aspects: dict[str, float]) -> list[str]:
 
 
 def write_shapes_dataset(root: str | Path, size: int = 64, per_caption: int = 8, seed: int = 0,
-                         hold_out: bool = True, aspects: dict[str, float] | None = None) -> int:
+                         hold_out: bool = True, aspects: dict[str, float] | None = None, spread: float = 1.0) -> int:
     """Write `root/*.png` and `root/metadata.jsonl`; returns the number of images. Deterministic in `seed`.
 
-    `hold_out`: leave the HELD_OUT combinations out; `aspects`: share of each aspect ratio (default all square).
+    `hold_out`: leave the HELD_OUT combinations out; `aspects`: share of each aspect ratio (default all
+    square); `spread`: how much of the size and position ranges the shapes use (see `draw`).
     """
+    if not 0.0 <= spread <= 1.0:
+        raise ValueError(f"spread must be between 0 and 1, got {spread!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -117,7 +132,7 @@ def write_shapes_dataset(root: str | Path, size: int = 64, per_caption: int = 8,
         for k, aspect in enumerate(plan):
             tag = "" if aspect == "1:1" else "_" + aspect.replace(":", "x")
             name = f"{colour}_{shape}_on_{background}_{k}{tag}.png"
-            draw(colour, shape, background, aspect_size(size, aspect), rng).save(root / name)
+            draw(colour, shape, background, aspect_size(size, aspect), rng, spread).save(root / name)
             rows.append({"file_name": name, "text": caption(colour, shape, background)})
     with open(root / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -56,6 +56,31 @@ def test_shapes_have_the_captioned_colours(tmp_path):
     assert (image == torch.tensor(COLOURS["blue"])).all(1).sum() > 64 * 64 * 0.1
 
 
+def test_spread_narrows_shape_size_and_position():
+    import random
+
+    import numpy as np
+    import pytest
+
+    from pgv25.tiny.shapes import draw
+
+    def boxes(spread):
+        rng = random.Random(0)
+        out = []
+        for _ in range(20):
+            mask = np.asarray(draw("red", "square", "black", 64, rng, spread))[..., 0] > 127
+            ys, xs = np.nonzero(mask)
+            out.append((xs.min(), ys.min(), xs.max() - xs.min() + 1))
+        return np.array(out)
+
+    centred, narrow, full = boxes(0.0), boxes(0.3), boxes(1.0)
+    assert (centred == centred[0]).all() and abs(centred[0, 2] - 0.55 * 64) <= 1  # every square the same, 55%, centred
+    assert abs(centred[0, 0] - (64 - centred[0, 2]) / 2) <= 1
+    assert (0 < np.ptp(narrow, axis=0)).all() and (np.ptp(narrow, axis=0) < 0.5 * np.ptp(full, axis=0)).all()
+    with pytest.raises(ValueError, match="spread"):
+        write_shapes_dataset("/nonexistent", spread=1.5)
+
+
 def test_held_out_combinations_are_not_in_the_training_set(tiny_assets):
     from pgv25.tiny.shapes import HELD_OUT, caption, parse_caption
 
