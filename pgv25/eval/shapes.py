@@ -40,6 +40,10 @@ class Reading:
     shape: str | None
     fill: float
     inside: bool = True  # no shape pixel in the border band: the shape is whole and inside the frame
+    # mean |RGB − pure black| and |RGB − pure white| over the border: scored for every image whose prompt
+    # asks for that background, whatever colour it was read as (a model that misses black entirely counts)
+    black_error: float = 0.0
+    white_error: float = 0.0
 
 
 def nearest(rgb: np.ndarray, exclude: str | None = None) -> str:
@@ -83,11 +87,12 @@ def read_image(image: Image.Image) -> Reading:
                              pixels[:, :b].reshape(-1, 3), pixels[:, -b:].reshape(-1, 3)])
     background_rgb = np.median(border, axis=0)
     background = nearest(background_rgb)
-    error = float(np.abs(border - PALETTE[PALETTE_NAMES.index(background)]).mean())
+    error, black_error, white_error = (float(np.abs(border - PALETTE[PALETTE_NAMES.index(name)]).mean())
+                                       for name in (background, "black", "white"))
     to_background = np.linalg.norm(pixels - background_rgb, axis=2)
     candidates = to_background > FOREGROUND
     if candidates.sum() < 0.005 * h * w:  # nothing drawn
-        return Reading(background, error, None, None, 0.0, False)
+        return Reading(background, error, None, None, 0.0, False, black_error, white_error)
     shape_rgb = np.median(pixels[candidates], axis=0)
     shape_colour = nearest(shape_rgb, exclude=background)
     mask = largest_component(candidates)
@@ -98,7 +103,7 @@ def read_image(image: Image.Image) -> Reading:
     ring = np.ones_like(mask)
     ring[b:-b, b:-b] = False
     inside = bool(mask[ring].mean() < 0.01)  # a stray pixel is noise; a cut shape fills a stretch of the border
-    return Reading(background, error, shape_colour, shape, fill, inside)
+    return Reading(background, error, shape_colour, shape, fill, inside, black_error, white_error)
 
 
 def score(readings: list[tuple[tuple[str, str, str], Reading]]) -> dict:
@@ -113,7 +118,7 @@ def score(readings: list[tuple[tuple[str, str, str], Reading]]) -> dict:
         "whole_shape_accuracy": sum(r.inside and r.shape == s for (_, s, _), r in readings) / n,
     }
     for extreme in ("black", "white"):
-        errors = [r.background_error for (_, _, bg), r in readings if bg == extreme and r.background == extreme]
+        errors = [getattr(r, f"{extreme}_error") for (_, _, bg), r in readings if bg == extreme]
         out[f"{extreme}_background_rgb_error"] = float(np.mean(errors)) if errors else None
     return out
 

@@ -38,6 +38,14 @@ def test_grey_background_is_read_with_its_error():
     image = Image.new("RGB", (64, 64), (40, 40, 40))  # a model that drifts to dark grey instead of black
     reading = read_image(image)
     assert reading.background == "black" and abs(reading.background_error - 40) < 1e-6 and reading.shape is None
+    assert abs(reading.black_error - 40) < 1e-6 and abs(reading.white_error - 215) < 1e-6
+
+
+def test_a_missed_extreme_background_still_counts_in_its_error():
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))  # asked for black, drawn mid-grey (read as some other colour)
+    scores, readings = evaluate_images([(("red", "circle", "black"), grey), (("red", "circle", "black"), Image.new("RGB", (64, 64)))])
+    assert readings[0][1].background != "black"
+    assert abs(scores["black_background_rgb_error"] - 64) < 1e-6 and scores["white_background_rgb_error"] is None
 
 
 def test_each_shape_and_colour_is_told_apart():
