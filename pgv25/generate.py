@@ -75,14 +75,19 @@ def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 50, guidance_
 
 
 def labelled_grid(images: list[Image.Image], labels: list[str], columns: int = 4, cell: int = 192) -> Image.Image:
-    """Images scaled to `cell` px (nearest, so small samples stay crisp) with their prompt underneath."""
+    """Images scaled to fit `cell` px (nearest, so small samples stay crisp) with their prompt underneath.
+
+    Columns are `cell` wide (room for the label); rows are as tall as the tallest scaled image, so a sheet of
+    wide images has no empty band under each.
+    """
     font = ImageFont.load_default()
     label_h = 28
     rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * cell, rows * (cell + label_h)), (128, 128, 128))
+    image_h = max(round(im.height * cell / max(im.size)) for im in images) if images else cell
+    grid = Image.new("RGB", (columns * cell, rows * (image_h + label_h)), (128, 128, 128))
     pen = ImageDraw.Draw(grid)
     for i, (image, label) in enumerate(zip(images, labels)):
-        x, y = (i % columns) * cell, (i // columns) * (cell + label_h)
+        x, y = (i % columns) * cell, (i // columns) * (image_h + label_h)
         scale = cell / max(image.size)
         resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
         grid.paste(resized, (x, y))
@@ -91,7 +96,7 @@ def labelled_grid(images: list[Image.Image], labels: list[str], columns: int = 4
             if len(lines[-1]) + len(word) > cell // 6 and len(lines) < 2:
                 lines.append("")
             lines[-1] = (lines[-1] + " " + word).strip()
-        pen.text((x + 3, y + cell + 2), "\n".join(lines), fill=(255, 255, 255), font=font)
+        pen.text((x + 3, y + image_h + 2), "\n".join(lines), fill=(255, 255, 255), font=font)
     return grid
 
 
