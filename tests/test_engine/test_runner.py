@@ -222,7 +222,8 @@ def test_weights_and_biases_offline(tiny_assets, tmp_path, monkeypatch):
     images = sorted(p.name.split("_")[1] for p in (runs[0] / "files" / "media" / "images").glob("validation_*.png"))
     assert images == ["0", "2"]  # the validation grids at iterations 0 and 2
     record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the run's log, synced later with `wandb sync`
-    assert b"train_cfg.max_iters" in record and b"loss_sigma/2-10" in record and b"images_per_s" in record
+    # which σ bands appear depends on the 8 σ drawn; that some do is the point
+    assert b"train_cfg.max_iters" in record and b"loss_sigma/" in record and b"images_per_s" in record
 
 
 def test_unknown_tracker_is_one_line(tiny_assets, tmp_path):
