@@ -140,7 +140,8 @@ def test_graceful_stop_first_signal_requests_a_second_ctrl_c_aborts():
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tiny_assets, tmp_path):
     work = tmp_path / "run"
-    options = TINY_OPTIONS + ["train_dataloader.batch_size=4", "default_hooks.logger.interval=1", NO_GRID, "validation.interval=0"]
+    options = TINY_OPTIONS + ["train_dataloader.batch_size=4", "default_hooks.logger.interval=1", NO_GRID, "validation.interval=0",
+                              "train_dataloader.dataset.cache.enabled=False"]  # as tiny_cfg, which resumes it
     process = subprocess.Popen(
         [sys.executable, "-m", "pgv25.cli", "train", "playgroundv2_5_tiny_shapes", "--work-dir", str(work), "--cfg-options",
          *options, "train_cfg.max_iters=100000", "default_hooks.checkpoint.interval=100000"],

@@ -1,5 +1,4 @@
 import json
-import time
 
 import torch
 
@@ -31,12 +30,16 @@ def test_tokenizer_is_clip_style_bpe(tiny_pipeline):
     assert (tiny_pipeline.tokenizer.get_vocab() == tiny_pipeline.tokenizer_2.get_vocab())
 
 
-def test_second_call_is_cached(tiny_assets):
+def test_second_call_is_cached(tiny_assets, monkeypatch):
+    import pgv25.tiny
     from conftest import TINY
 
-    start = time.time()
-    stamp = ensure_tiny_assets(tiny_assets["root"], **TINY)
-    assert time.time() - start < 2 and stamp == tiny_assets["stamp"]
+    def rebuilt(*args, **kwargs):
+        raise AssertionError("assets with the same parameters were built again")
+
+    monkeypatch.setattr(pgv25.tiny, "write_shapes_dataset", rebuilt)
+    monkeypatch.setattr(pgv25.tiny, "build_base_pipeline", rebuilt)
+    assert ensure_tiny_assets(tiny_assets["root"], **TINY) == tiny_assets["stamp"]
 
 
 def test_shapes_dataset_is_deterministic(tmp_path):
