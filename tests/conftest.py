@@ -7,7 +7,9 @@ import os
 import pytest
 
 # Small enough to build in seconds; the VAE need not reconstruct well for plumbing tests.
-TINY = dict(image_size=64, per_caption=2, vae_steps=20, text_steps=40, seed=0)
+# Everything the tiny config sets that the assets' parameters include is here too (spread), or every test that goes
+# through the config would rebuild the assets the fixtures hold.
+TINY = dict(image_size=64, per_caption=2, vae_steps=20, text_steps=40, seed=0, spread=0.3)
 TINY_OPTIONS = [f"tiny_assets.{k}={v}" for k, v in TINY.items()]
 
 
