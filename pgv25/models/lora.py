@@ -51,10 +51,15 @@ def text_lora_config(cfg: dict):
 
 def add_text_lora(text_encoders, cfg: dict) -> int:
     """Adapters on both CLIP encoders' attention (frozen otherwise); returns their trainable parameter count."""
+    from peft import inject_adapter_in_model
+
     count = 0
     for encoder in text_encoders:
         encoder.requires_grad_(False)
-        encoder.add_adapter(text_lora_config(cfg))
+        # peft itself, not transformers' `add_adapter`: that wrapper gates on its own minimum peft version
+        # (transformers 5.24 asks for a peft newer than any released), and diffusers loads these layers
+        # through peft too. The adapter is named "default" and its config lands on `encoder.peft_config`.
+        inject_adapter_in_model(text_lora_config(cfg), encoder, adapter_name="default")
         count += sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     return count
 
