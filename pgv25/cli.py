@@ -70,11 +70,15 @@ def check_train_args(args) -> None:
 
 
 def cmd_list_cfg(args) -> int:
-    from .config import list_configs
+    from .config import config_roots, list_configs
 
     configs = list_configs(args.pattern)
     if not configs:
-        raise UserError(f"no config matches '{args.pattern}'")
+        roots = config_roots()
+        where = f"looked in {', '.join(map(str, roots))}" if roots else "no configs/ folder here, none installed with pgv25"
+        if args.pattern:
+            raise UserError(f"no config name contains '{args.pattern}' ({where})")
+        raise UserError(f"no configs found ({where}); set PGV25_CONFIG_DIR to a folder of configs")
     for name, path in configs.items():
         print(f"{name:40s} {path}")
     return 0

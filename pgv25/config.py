@@ -9,12 +9,19 @@ from pathlib import Path
 from .errors import UserError
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / ".mim" / "configs"  # the wheel's copy of configs/ (setup.py)
+CHECKOUT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # a source checkout or an editable install
+# What users give where a config goes by mistake: data. Named so the message can say where a dataset goes.
+DATA_SUFFIXES = {".parquet", ".arrow", ".csv", ".tsv", ".jsonl", ".json", ".txt", ".tar", ".zip", ".jpg", ".jpeg", ".png",
+                 ".webp", ".bmp", ".gif", ".tif", ".tiff", ".safetensors", ".ckpt", ".bin", ".pt"}
+
+
 def config_roots() -> list[Path]:
-    """Where config names are looked up: $PGV25_CONFIG_DIR, ./configs, then the checkout's configs/."""
+    """Where config names are looked up: $PGV25_CONFIG_DIR, ./configs, the checkout's configs/, the installed copy."""
     roots = []
     if os.environ.get("PGV25_CONFIG_DIR"):
         roots.append(Path(os.environ["PGV25_CONFIG_DIR"]))
-    roots += [Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"]
+    roots += [Path.cwd() / "configs", CHECKOUT_CONFIGS, PACKAGED_CONFIGS]
     unique = []
     for root in roots:
         if root.is_dir() and root.resolve() not in [u.resolve() for u in unique]:
@@ -27,7 +34,7 @@ def list_configs(pattern: str | None = None) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for root in config_roots():
         for path in sorted(root.rglob("*.py")):
-            if "_base_" in path.relative_to(root).parts:
+            if "_base_" in path.relative_to(root).parts or path.name == "__init__.py":
                 continue
             if pattern is None or pattern.lower() in path.stem.lower():
                 found.setdefault(path.stem, path)
@@ -36,16 +43,28 @@ def list_configs(pattern: str | None = None) -> dict[str, Path]:
 
 def find_config(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
-    if path.suffix == ".py" or os.sep in name_or_path:
-        if not path.is_file():
-            raise UserError(f"config file {name_or_path} does not exist")
-        return path
+    if path.suffix == ".py" or os.sep in name_or_path or path.exists():
+        if path.is_file() and path.suffix == ".py":
+            return path
+        raise UserError(not_a_config(name_or_path, path))
     configs = list_configs()
     if name_or_path in configs:
         return configs[name_or_path]
     close = difflib.get_close_matches(name_or_path, configs, n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `pgv25 list-cfg` shows them all"
     raise UserError(f"no config named '{name_or_path}'{hint}")
+
+
+def not_a_config(given: str, path: Path) -> str:
+    """The one line for a path that is not a config file; for data, where a dataset path goes instead."""
+    if not path.exists():
+        return f"config file {given} does not exist"
+    what = "a folder" if path.is_dir() else "a data file" if path.suffix.lower() in DATA_SUFFIXES else "not a .py file"
+    message = f"{given} is {what}, not a config: a config is a .py file or a name from `pgv25 list-cfg`"
+    if path.is_dir() or path.suffix.lower() in DATA_SUFFIXES - {".safetensors", ".ckpt", ".bin", ".pt"}:
+        message += (f"; to train on this data, give a config and point its dataset here: pgv25 train CONFIG "
+                    f"--cfg-options train_dataloader.dataset.path={given} (and dataset.type=folder|manifest|hub, see README 'Data')")
+    return message
 
 
 def load_config(name_or_path: str, cfg_options: dict | None = None):

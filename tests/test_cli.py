@@ -41,6 +41,32 @@ def test_unknown_cfg_option():
     one_line_error(run("train", "playgroundv2_5_tiny_shapes", "--cfg-options", "train_cfg.max_itrs=2"), "no key")
 
 
+def test_a_data_file_given_as_the_config_says_where_data_goes(tmp_path):
+    data = tmp_path / "data" / "train-00000-of-00001.parquet"
+    data.parent.mkdir()
+    data.write_bytes(b"PAR1")
+    one_line_error(run("train", str(data)), f"{data} is a data file, not a config", "pgv25 list-cfg",
+                   f"train_dataloader.dataset.path={data}")
+    one_line_error(run("train", str(data.parent)), "is a folder, not a config", f"train_dataloader.dataset.path={data.parent}")
+    (tmp_path / "notes.yaml").write_text("a: 1\n")
+    one_line_error(run("train", str(tmp_path / "notes.yaml")), "not a .py file, not a config")
+
+
+def test_list_cfg_without_configs_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    from pgv25 import config
+
+    found = run("list-cfg")
+    assert found.returncode == 0 and "playgroundv2_5_tiny_shapes" in found.stdout
+    one_line_error(run("list-cfg", "no_such_name"), "no config name contains 'no_such_name'")
+    # an install that ships no configs (and no ./configs here): not "no config matches 'None'"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PGV25_CONFIG_DIR", raising=False)
+    monkeypatch.setattr(config, "CHECKOUT_CONFIGS", tmp_path / "none")
+    monkeypatch.setattr(config, "PACKAGED_CONFIGS", tmp_path / "none")
+    assert main(["list-cfg"]) == 2
+    assert capsys.readouterr().err == "pgv25: error: no configs found (no configs/ folder here, none installed with pgv25); set PGV25_CONFIG_DIR to a folder of configs\n"
+
+
 def test_syntax_error(tmp_path):
     (tmp_path / "broken.py").write_text("train_cfg = dict(max_iters=\n")
     one_line_error(run("train", str(tmp_path / "broken.py")), "broken.py:", "syntax error")
