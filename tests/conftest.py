@@ -61,3 +61,20 @@ def wait_for_logged_iterations(process, work_dir, count: int, timeout: float = 2
     while not (scalars.is_file() and len(scalars.read_text().splitlines()) >= count):
         assert process.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.2)
+
+
+def assert_near(actual, expected, rel: float) -> None:
+    """max|actual − expected| ≤ rel · max|expected|, for float32 results that reach the same value by different paths.
+
+    Batch shape, thread count and the CPU's SIMD kernels change the order of the sums inside matmuls,
+    convolutions and norms; the rounding that follows scales with the magnitude of the tensor (an element
+    near zero carries the error of the large terms summed into it), so the bound is relative to the largest
+    element, not elementwise. Each caller states why its `rel` fits its computation.
+    """
+    import torch
+
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    assert actual.shape == expected.shape, f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    scale = float(expected.abs().max())
+    error = float((actual - expected).abs().max())
+    assert error <= rel * scale, f"max difference {error:.3g} exceeds {rel:g} of the largest value {scale:.3g}"

@@ -71,8 +71,11 @@ def test_ddp_ranks_read_distinct_shards_and_hold_identical_weights(ddp_worker):
 def test_fsdp_trains_the_same_model_as_ddp(tiny_assets, ddp_worker, tmp_path, reshard):
     ddp_record, ddp_weights = ddp_worker
     fsdp_record, fsdp_weights = run_worker(tmp_path, "fsdp", f"fsdp.reshard_after_forward={reshard}")
-    # Same weights and data before the first update: the same first loss.
-    assert fsdp_record["steps"][0]["mean_loss"] == ddp_record["steps"][0]["mean_loss"]
+    # Same weights and data before the first update: the same first loss, up to the float32 rounding of a forward
+    # pass whose parameters FSDP gathers into other buffers (the same kernels give the same bits here, but that is
+    # not a promise of the kernels).
+    first_fsdp, first_ddp = fsdp_record["steps"][0]["mean_loss"], ddp_record["steps"][0]["mean_loss"]
+    assert abs(first_fsdp - first_ddp) <= 1e-5 * abs(first_ddp)
     for step in fsdp_record["steps"]:
         assert step["weights"][0] == step["weights"][1]  # the gathered model is one model
     a, b = load_file(ddp_weights), load_file(fsdp_weights)

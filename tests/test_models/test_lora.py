@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_cfg
+from conftest import assert_near, tiny_cfg
 from pgv25.engine.runner import Trainer, train
 from pgv25.models.lora import LORA_FILE
 
@@ -112,7 +112,7 @@ def test_text_encoder_lora_exports_loads_and_resumes(tiny_assets, tmp_path):
                                                               text_encoder=encoders[0].eval(), text_encoder_2=encoders[1].eval())
     with torch.no_grad():
         training_embeds = training_time.encode_prompt("a red circle", do_classifier_free_guidance=False)[0]
-    assert (training_embeds - loaded_embeds).abs().max() < 1e-5  # diffusers rebuilt the trained encoders
+    assert_near(training_embeds, loaded_embeds, 1e-4)  # diffusers rebuilt the trained encoders (see test_text_conditioner.REL)
 
     resumed = train(tiny_cfg(tmp_path / "b", *options), resume=str(tmp_path / "a" / "checkpoints" / "iter_0000002"))
     again = load_file(resumed.step_dir / LORA_FILE)
