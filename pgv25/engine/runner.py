@@ -49,6 +49,8 @@ from .validation import ValidationSampler
 logger = logging.getLogger("pgv25")
 SCALARS = "scalars.jsonl"  # one JSON line per logged iteration, full precision (for plots and checks)
 SKIPPED_FILES = "skipped_files.txt"  # reason<TAB>path of every image or row left out
+TRAIN_LOG_ONLY = "pgv25.train_log"  # a logger whose lines reach train.log but not the terminal
+EPOCH_SUMMARY_EVERY_S = 600  # an epoch summary with nothing new reaches the terminal at most this often
 
 
 def work_dir_of(cfg) -> Path:
@@ -191,10 +193,16 @@ class Trainer:
         self.device = accelerator.device
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self._log_file = None
+        # train.log gets every line; routine lines (an epoch with nothing to report) go only there
+        self._log_only_to_file = logging.getLogger(TRAIN_LOG_ONLY)
+        self._log_only_to_file.propagate = False
+        self._log_only_to_file.setLevel(logging.INFO)
+        self._summary_shown_at = time.time()  # when an epoch summary last reached the terminal
         if accelerator.is_main_process:
             self._log_file = logging.FileHandler(self.work_dir / "train.log")
             self._log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             logger.addHandler(self._log_file)
+            self._log_only_to_file.addHandler(self._log_file)
         else:
             logger.setLevel(logging.WARNING)  # one progress log per run, from rank 0
 
@@ -608,14 +616,24 @@ class Trainer:
                 logger.info("excluded rows and their reasons: %s", self.work_dir / SKIPPED_FILES)
 
     def _epoch_summary(self, epoch: int) -> None:
-        """One line per epoch (a collective): images skipped on all ranks since the last one, by reason."""
+        """One line per epoch (a collective): images skipped on all ranks since the last one, by reason.
+
+        Always in train.log and TensorBoard; in the terminal only when images were skipped in this epoch, or
+        when the last summary shown there is EPOCH_SUMMARY_EVERY_S old (a short epoch would print a line a minute).
+        """
         recent = Counter()
         for counts in distributed.gather_objects(dict(self.batches.recent)):
             recent.update(counts)
         self.batches.recent.clear()
-        logger.info("epoch %d done at iteration %d: %s%s", epoch, self.iteration,
-                    describe_problems(recent, "skipped") or "no unreadable images",
-                    describe_problems(self.data.index.reasons(), "; excluded by the scan"))
+        excluded = self.data.index.reasons()
+        show = bool(recent) or time.time() - self._summary_shown_at >= EPOCH_SUMMARY_EVERY_S
+        if show:
+            self._summary_shown_at = time.time()
+        (logger if show else self._log_only_to_file).info(
+            "epoch %d done at iteration %d: %s%s", epoch, self.iteration,
+            describe_problems(recent, "skipped") or "no unreadable images", describe_problems(excluded, "; excluded by the scan"))
+        self.accelerator.log({"data/epoch": epoch, "data/skipped_images_in_epoch": sum(recent.values()),
+                              "data/excluded_by_scan": sum(excluded.values())}, step=self.iteration)
 
     def run(self) -> TrainResult:
         cfg, accelerator = self.cfg, self.accelerator
@@ -674,6 +692,7 @@ class Trainer:
             tracker.finish()
         if self._log_file is not None:
             logger.removeHandler(self._log_file)
+            self._log_only_to_file.removeHandler(self._log_file)
             self._log_file.close()
         return result
 
