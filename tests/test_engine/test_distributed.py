@@ -91,21 +91,92 @@ def scalars(work: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
 
 
+RESUMABLE = ["train_cfg.max_iters=4", "default_hooks.checkpoint.interval=2"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_assets, tmp_path_factory):
+    """`NPROC_PER_NODE=2 pgv25 train` for 4 iterations with checkpoints at 2 and 4, once per strategy."""
+    runs = {}
+
+    def run(strategy: str) -> tuple[Path, str]:
+        if strategy not in runs:
+            work = tmp_path_factory.mktemp(f"straight_{strategy}")
+            runs[strategy] = work, finish(pgv25_train(work, *RESUMABLE, f"strategy={strategy}"))
+        return runs[strategy]
+
+    return run
+
+
+def export_of(work: Path, iteration: int = 4) -> dict:
+    return load_file(work / f"step{iteration}" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_process_resume_is_exact(tiny_assets, tmp_path, strategy):
-    options = ["train_cfg.max_iters=4", "default_hooks.checkpoint.interval=2", f"strategy={strategy}"]
-    straight = tmp_path / "straight"
-    log = finish(pgv25_train(straight, *options))
+def test_two_process_resume_is_exact(straight_run, tmp_path, strategy):
+    straight, log = straight_run(strategy)
     assert log.count("iter 4/4") == 1, "only rank 0 logs progress"
     state = json.loads((straight / "checkpoints" / "iter_0000004" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and [r["consumed"] for r in state["ranks"]] == [4, 4]
 
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
-    finish(pgv25_train(resumed, *options, resume=str(resumed / "checkpoints" / "iter_0000002")))
-    a = load_file(straight / "step4" / "unet" / "diffusion_pytorch_model.safetensors")
-    b = load_file(resumed / "step4" / "unet" / "diffusion_pytorch_model.safetensors")
+    finish(pgv25_train(resumed, *RESUMABLE, f"strategy={strategy}", resume=str(resumed / "checkpoints" / "iter_0000002")))
+    a, b = export_of(straight), export_of(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed 2-process run differs from the uninterrupted one"
+    assert scalars(resumed) == scalars(straight)[2:]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(command) -> list[str]:
+    """Run `command(env)` as two nodes of one process each on this machine (NNODES=2, NODE_RANK=0/1); their outputs."""
+    port, nodes = str(free_port()), []
+    for rank in (0, 1):
+        env = {**launch_env(), "NPROC_PER_NODE": "1", "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port}
+        nodes.append(subprocess.Popen(command(env), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return [finish(node) for node in nodes]
+
+
+def test_two_nodes_train_checkpoint_and_resume_like_two_local_processes(straight_run, tmp_path):
+    """Two launchers as two nodes, over gloo: different data per node, one model, exact resume.
+
+    The ranks are the same as in a one-node run of two processes, so the result must be that run's to the bit.
+    """
+    from pgv25.launch import torchrun_command
+
+    # what each node trained on, and its weights after every step (dist_worker.py), under the torchrun command
+    # that `pgv25 train` builds from the same variables (without its `-m pgv25.cli`)
+    record = tmp_path / "record.json"
+    two_nodes(lambda env: [*torchrun_command([], env)[:-2], str(HERE / "dist_worker.py"), str(record), str(tmp_path / "worker"),
+                           "ddp", "2", *SMALL])
+    steps = json.loads(record.read_text())
+    assert steps["captions"][0] != steps["captions"][1], "both nodes read the same data"
+    for step in steps["steps"]:
+        assert step["local_loss"][0] != step["local_loss"][1] and step["weights"][0] == step["weights"][1]
+
+    # `pgv25 train` on both nodes: checkpoints at 2 and 4, then a resume from 2 on both nodes
+    straight = tmp_path / "straight"
+    node0, node1 = two_nodes(lambda env: train_command(straight, *RESUMABLE))
+    assert "iter 4/4" in node0 and "iter 4/4" not in node1, "only global rank 0 logs"
+    state = json.loads((straight / "checkpoints" / "iter_0000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and [r["consumed"] for r in state["ranks"]] == [4, 4]
+    one_node, _ = straight_run("ddp")
+    a, b = export_of(straight), export_of(one_node)
+    assert all(torch.equal(a[k], b[k]) for k in a), "two nodes trained another model than two local processes"
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
+    two_nodes(lambda env: train_command(resumed, *RESUMABLE, resume=str(resumed / "checkpoints" / "iter_0000002")))
+    c = export_of(resumed)
+    assert all(torch.equal(a[k], c[k]) for k in a), "the resumed two-node run differs from the uninterrupted one"
     assert scalars(resumed) == scalars(straight)[2:]
 
 
