@@ -46,15 +46,21 @@ def test_bench_generate_times_both_paths(tiny_assets):
     assert all(r["seconds_per_image"] > 0 for r in rows)
 
 
-def test_bench_overhead_compares_the_trainer_with_the_reference_loop(tiny_assets, tmp_path):
+def test_bench_overhead_compares_the_trainer_with_the_reference_loop(tiny_assets, tmp_path, monkeypatch):
     import bench_overhead
 
     from conftest import TINY_OPTIONS
 
+    # paths under ~, like the tiny config's default cache location, reach both sides expanded
+    monkeypatch.setenv("HOME", str(tiny_assets["root"]))
+    paths = ["model.pretrained_model_name_or_path=~/playground-v2.5-tiny", "train_dataloader.dataset.path=~/shapes"]
     result = bench_overhead.main(["--iters", "1", "--rounds", "1", "--batch", "4", "--work-dir", str(tmp_path),
-                                  "--cfg-options", *TINY_OPTIONS])
+                                  "--cfg-options", *TINY_OPTIONS, *paths])
     assert result["pgv25_images_per_s"] > 0 and result["reference_images_per_s"] > 0
     assert result["overhead"] == pytest.approx(result["reference_images_per_s"] / result["pgv25_images_per_s"] - 1)
+    assert result["same_work"]["train_dataloader.dataset.cache.enabled"] == "False"
+    with pytest.raises(SystemExit):  # the reference has no latent cache: pgv25 may not use one either
+        bench_overhead.main(["--cfg-options", "train_dataloader.dataset.cache.enabled=True"])
 
 
 def test_bench_loader_runs(tmp_path):
