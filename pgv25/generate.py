@@ -36,10 +36,12 @@ def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str |
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=dtype, **components)
     if lora is not None:
         lora = Path(lora)
-        if not (lora / "pytorch_lora_weights.safetensors").is_file():
-            raise UserError(f"{lora} holds no pytorch_lora_weights.safetensors (a LoRA export is work_dirs/<config>/step<N>)")
+        from .models.lora import LORA_FILE
+
+        if not (lora / LORA_FILE).is_file():
+            raise UserError(f"{lora} holds no {LORA_FILE} (a LoRA export is work_dirs/<config>/step<N>)")
         try:
-            pipe.load_lora_weights(str(lora))
+            pipe.load_lora_weights(str(lora), weight_name=LORA_FILE)  # named: diffusers before 0.40 asks for it offline
         except (ImportError, ValueError) as error:
             raise UserError(f"cannot apply the LoRA in {lora}: {str(error).strip().splitlines()[0]}") from None
     return configure_pipeline(pipe, scheduler, device, dtype)
