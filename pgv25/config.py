@@ -43,13 +43,15 @@ def list_configs(pattern: str | None = None) -> dict[str, Path]:
 
 def find_config(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
-    if path.suffix == ".py" or os.sep in name_or_path or path.exists():
+    if path.suffix or os.sep in name_or_path:
         if path.is_file() and path.suffix == ".py":
             return path
         raise UserError(not_a_config(name_or_path, path))
     configs = list_configs()
-    if name_or_path in configs:
+    if name_or_path in configs:  # a name wins over a same-named folder here (e.g. a --work-dir)
         return configs[name_or_path]
+    if path.exists():
+        raise UserError(not_a_config(name_or_path, path))
     close = difflib.get_close_matches(name_or_path, configs, n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `pgv25 list-cfg` shows them all"
     raise UserError(f"no config named '{name_or_path}'{hint}")

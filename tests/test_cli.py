@@ -53,13 +53,18 @@ def test_unknown_cfg_option():
     one_line_error(call("train", "playgroundv2_5_tiny_shapes", "--cfg-options", "train_cfg.max_itrs=2"), "no key")
 
 
-def test_a_data_file_given_as_the_config_says_where_data_goes(tmp_path):
+def test_a_data_file_given_as_the_config_says_where_data_goes(tmp_path, monkeypatch):
     data = tmp_path / "data" / "train-00000-of-00001.parquet"
     data.parent.mkdir()
     data.write_bytes(b"PAR1")
     one_line_error(call("train", str(data)), f"{data} is a data file, not a config", "pgv25 list-cfg",
                    f"train_dataloader.dataset.path={data}")
     one_line_error(call("train", str(data.parent)), "is a folder, not a config", f"train_dataloader.dataset.path={data.parent}")
+    (tmp_path / "playgroundv2_5_tiny_shapes").mkdir()  # e.g. a --work-dir named after the config: the name still wins
+    monkeypatch.chdir(tmp_path)
+    assert call("train", "playgroundv2_5_tiny_shapes", "--dry-run").returncode == 0
+    (tmp_path / "images").mkdir()
+    one_line_error(call("train", "images"), "images is a folder, not a config", "train_dataloader.dataset.path=images")
     (tmp_path / "notes.yaml").write_text("a: 1\n")
     one_line_error(call("train", str(tmp_path / "notes.yaml")), "not a .py file, not a config")
 
