@@ -34,7 +34,7 @@ def list_configs(pattern: str | None = None) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for root in config_roots():
         for path in sorted(root.rglob("*.py")):
-            if "_base_" in path.relative_to(root).parts or path.name == "__init__.py":
+            if "_base_" in path.relative_to(root).parts:
                 continue
             if pattern is None or pattern.lower() in path.stem.lower():
                 found.setdefault(path.stem, path)
