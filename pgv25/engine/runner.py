@@ -197,7 +197,6 @@ class Trainer:
         self._log_only_to_file = logging.getLogger(TRAIN_LOG_ONLY)
         self._log_only_to_file.propagate = False
         self._log_only_to_file.setLevel(logging.INFO)
-        self._summary_shown_at = time.time()  # when an epoch summary last reached the terminal
         if accelerator.is_main_process:
             self._log_file = logging.FileHandler(self.work_dir / "train.log")
             self._log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -655,6 +654,7 @@ class Trainer:
         epoch_iters = math.inf if self.streaming else max(1, self.sampler.steps_per_epoch // self.accumulation)
         result = TrainResult(self.iteration)
         window_losses, window_images, window_start, run_start = [], 0, time.time(), time.time()
+        self._summary_shown_at = run_start  # when an epoch summary last reached the terminal
         start_iteration = self.iteration
         if self.iteration == 0:
             self._validate()  # the starting point, to compare every later grid with
