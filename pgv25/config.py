@@ -11,9 +11,10 @@ from .errors import UserError
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / ".mim" / "configs"  # the wheel's copy of configs/ (setup.py)
 CHECKOUT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # a source checkout or an editable install
-# What users give where a config goes by mistake: data. Named so the message can say where a dataset goes.
+# What users give where a config goes by mistake: data (the message then says where a dataset path goes) or weights.
 DATA_SUFFIXES = {".parquet", ".arrow", ".csv", ".tsv", ".jsonl", ".json", ".txt", ".tar", ".zip", ".jpg", ".jpeg", ".png",
-                 ".webp", ".bmp", ".gif", ".tif", ".tiff", ".safetensors", ".ckpt", ".bin", ".pt"}
+                 ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".bin", ".pt"}
 
 
 def config_roots() -> list[Path]:
@@ -61,9 +62,11 @@ def not_a_config(given: str, path: Path) -> str:
     """The one line for a path that is not a config file; for data, where a dataset path goes instead."""
     if not path.exists():
         return f"config file {given} does not exist"
-    what = "a folder" if path.is_dir() else "a data file" if path.suffix.lower() in DATA_SUFFIXES else "not a .py file"
+    suffix = path.suffix.lower()
+    data = path.is_dir() or suffix in DATA_SUFFIXES
+    what = "a folder" if path.is_dir() else "a data file" if data else "a weights file" if suffix in WEIGHT_SUFFIXES else "not a .py file"
     message = f"{given} is {what}, not a config: a config is a .py file or a name from `pgv25 list-cfg`"
-    if path.is_dir() or path.suffix.lower() in DATA_SUFFIXES - {".safetensors", ".ckpt", ".bin", ".pt"}:
+    if data:
         message += (f"; to train on this data, give a config and point its dataset here: pgv25 train CONFIG "
                     f"--cfg-options train_dataloader.dataset.path={given} (and dataset.type=folder|manifest|hub, see README 'Data')")
     return message

@@ -50,6 +50,9 @@ logger = logging.getLogger("pgv25")
 SCALARS = "scalars.jsonl"  # one JSON line per logged iteration, full precision (for plots and checks)
 SKIPPED_FILES = "skipped_files.txt"  # reason<TAB>path of every image or row left out
 TRAIN_LOG_ONLY = "pgv25.train_log"  # a logger whose lines reach train.log but not the terminal
+train_log_only = logging.getLogger(TRAIN_LOG_ONLY)
+train_log_only.propagate = False
+train_log_only.setLevel(logging.INFO)
 EPOCH_SUMMARY_EVERY_S = 600  # an epoch summary with nothing new reaches the terminal at most this often
 
 
@@ -193,15 +196,11 @@ class Trainer:
         self.device = accelerator.device
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self._log_file = None
-        # train.log gets every line; routine lines (an epoch with nothing to report) go only there
-        self._log_only_to_file = logging.getLogger(TRAIN_LOG_ONLY)
-        self._log_only_to_file.propagate = False
-        self._log_only_to_file.setLevel(logging.INFO)
         if accelerator.is_main_process:
             self._log_file = logging.FileHandler(self.work_dir / "train.log")
             self._log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             logger.addHandler(self._log_file)
-            self._log_only_to_file.addHandler(self._log_file)
+            train_log_only.addHandler(self._log_file)  # routine lines (an epoch with nothing to report) go only there
         else:
             logger.setLevel(logging.WARNING)  # one progress log per run, from rank 0
 
@@ -628,7 +627,7 @@ class Trainer:
         show = bool(recent) or time.time() - self._summary_shown_at >= EPOCH_SUMMARY_EVERY_S
         if show:
             self._summary_shown_at = time.time()
-        (logger if show else self._log_only_to_file).info(
+        (logger if show else train_log_only).info(
             "epoch %d done at iteration %d: %s%s", epoch, self.iteration,
             describe_problems(recent, "skipped") or "no unreadable images", describe_problems(excluded, "; excluded by the scan"))
         self.accelerator.log({"data/epoch": epoch, "data/skipped_images_in_epoch": sum(recent.values()),
@@ -692,7 +691,7 @@ class Trainer:
             tracker.finish()
         if self._log_file is not None:
             logger.removeHandler(self._log_file)
-            self._log_only_to_file.removeHandler(self._log_file)
+            train_log_only.removeHandler(self._log_file)
             self._log_file.close()
         return result
 
