@@ -41,14 +41,14 @@ def tiny_pipeline(tiny_assets):
     return pipe
 
 
-def tiny_cfg(work_dir, *options: str):
-    """The embedded default's config, shrunk for tests, with extra `key=value` overrides."""
+def tiny_cfg(work_dir, *options: str, config: str = "playgroundv2_5_tiny_shapes"):
+    """The embedded default's config (or another tiny one), shrunk for tests, with extra `key=value` overrides."""
     from pgv25.config import load_config, parse_cfg_options
 
     # the shipped config caches latents; tests train through the per-step VAE and text encoders unless they ask
     base = TINY_OPTIONS + ["train_dataloader.batch_size=4", "default_hooks.logger.interval=1", "sample_grid.steps=4",
                            "validation.interval=0", "validation.steps=3", "train_dataloader.dataset.cache.enabled=False"]
-    cfg = load_config("playgroundv2_5_tiny_shapes", parse_cfg_options(base + list(options)))
+    cfg = load_config(config, parse_cfg_options(base + list(options)))
     cfg.work_dir = str(work_dir)
     return cfg
 

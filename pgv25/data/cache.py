@@ -3,7 +3,8 @@
 Layout of `<cache_dir>/latents/<key>/` (safetensors, read lazily with `safe_open`):
   latents-r<rank>-<n>.safetensors  "<position>": [F, C, h, w] (F = 2 with random_flip: plain and
                                    mirrored, each encoded from its own pixels; a latent flip is not
-                                   exact), "<position>.time_ids": [F, 6]
+                                   exact), "<position>.time_ids": [F, 6]; for preference pairs
+                                   [F, 2, C, h, w] and [F, 2, 6]: winner and loser, one crop, one flip
   text-r<rank>-<n>.safetensors     "<caption id>.embeds": [77, D], "<caption id>.pooled": [D]
   index.npz                        per usable position: latent file id (-1: unreadable image), caption ids
   meta.json                        the inputs of `key` and the file list; written last, it marks the cache complete
@@ -126,23 +127,27 @@ def build_cache(plan: DataPlan, data_cfg: dict, folder: Path, codec, conditioner
             pixels, time_ids, kept = [], [], []
             for position in chunk.tolist():
                 row = int(plan.index.rows[position])
-                original = (int(plan.index.widths[position]), int(plan.index.heights[position]))
                 target = plan.sizes[bucket]
                 try:
-                    image = decode(plan.rows.open(row), max_pixels, cover_size(*original, target))
+                    images = [(decode(plan.rows.open(row, loser), max_pixels, cover_size(*original, target)), original)
+                              for loser, original in _originals(plan, position)]
                 except ImageProblem as problem:
                     problems.append((plan.rows.label(row), str(problem)))
                     continue
+                draw = random.Random(f"{seed}/cache/{position}")
+                crop = (draw.random(), draw.random()) if plan.rows.pairs else None  # one relative crop for a pair
                 for flip in flips:  # same crop (same seeded draw), mirrored or not
-                    p, t = transform(image, target, random.Random(f"{seed}/cache/{position}"), original, flip=flip)
-                    pixels.append(p)
-                    time_ids.append(t)
+                    for image, original in images:
+                        p, t = transform(image, target, random.Random(f"{seed}/cache/{position}"), original, flip=flip, crop=crop)
+                        pixels.append(p)
+                        time_ids.append(t)
                 kept.append(position)
             if not kept:
                 continue
+            per_sample = (len(flips), 2) if plan.rows.pairs else (len(flips),)
             encoded = codec.encode_mean(torch.stack(pixels).to(device)).to(dtype).cpu()
-            encoded = encoded.view(len(kept), len(flips), *encoded.shape[1:])
-            stacked_ids = torch.stack(time_ids).view(len(kept), len(flips), 6)
+            encoded = encoded.view(len(kept), *per_sample, *encoded.shape[1:])
+            stacked_ids = torch.stack(time_ids).view(len(kept), *per_sample, 6)
             for i, position in enumerate(kept):
                 file_of[position] = latents.add({str(position): encoded[i], f"{position}.time_ids": stacked_ids[i]})
     latents.flush()
@@ -162,9 +167,19 @@ def build_cache(plan: DataPlan, data_cfg: dict, folder: Path, codec, conditioner
     barrier()
     if rank == 0:
         _finish(work, folder, world_size, len(plan.index), captions, caption_ids, flips, options["dtype"], conditioner.force_zeros_for_empty_prompt)
-        logger.info("latent cache of %d images and %d captions written in %.0f s: %s", len(plan.index), len(captions),
+        logger.info("latent cache of %d %s and %d captions written in %.0f s: %s", len(plan.index),
+                    "pairs" if plan.rows.pairs else "images", len(captions),
                     time.time() - start, folder)
     barrier()
+
+
+def _originals(plan: DataPlan, position: int) -> list[tuple[bool, tuple[int, int]]]:
+    """(is the loser, original (w, h)) of each image of a sample: one, or a pair's two."""
+    index = plan.index
+    images = [(False, (int(index.widths[position]), int(index.heights[position])))]
+    if plan.rows.pairs:
+        images.append((True, (int(index.widths_2[position]), int(index.heights_2[position]))))
+    return images
 
 
 def _caption_table(plan: DataPlan, force_zeros: bool) -> tuple[list[str], list[list[int]]]:

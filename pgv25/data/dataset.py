@@ -54,7 +54,10 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
     except ValueError as error:
         raise UserError(f"{key}.buckets: {error}") from None
     if buckets.get("enabled", bool(buckets)):
-        bucket_of = nearest_buckets(index.widths, index.heights, sizes)
+        widths, heights = index.widths, index.heights
+        if index.widths_2 is not None:  # a pair goes to one bucket: the nearest to its images' mean log aspect ratio
+            widths, heights = np.sqrt(widths * index.widths_2.astype(np.float64)), np.sqrt(heights * index.heights_2.astype(np.float64))
+        bucket_of = nearest_buckets(widths, heights, sizes)
         bucket_of = merge_small(bucket_of, sizes, int(buckets.get("min_images", global_batch)))
         weighting = buckets.get("weighting", 1.0)
     else:  # every image a square crop of resolution²
@@ -80,20 +83,46 @@ class BucketedImageDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}/{step}/{slot}")
         plan = self.plan
         row = int(plan.index.rows[position])
-        original = (int(plan.index.widths[position]), int(plan.index.heights[position]))
         target = plan.sizes[plan.bucket_of[position]]
         try:
-            image = decode(plan.rows.open(row), self.max_pixels, cover_size(*original, target))
-            pixels, time_ids = self.transform(image, target, rng, original)
+            if plan.rows.pairs:
+                pixels, time_ids = self._pair(row, position, target, rng)
+            else:
+                original = (int(plan.index.widths[position]), int(plan.index.heights[position]))
+                image = decode(plan.rows.open(row), self.max_pixels, cover_size(*original, target))
+                pixels, time_ids = self.transform(image, target, rng, original)
         except ImageProblem as problem:
             return {"problem": str(problem), "label": plan.rows.label(row)}
         caption = rng.choice(plan.rows.captions[row])
         return {"pixels": pixels, "time_ids": time_ids, "caption": caption, "drop_caption": rng.random() < self.caption_dropout}
 
+    def _pair(self, row: int, position: int, target: tuple[int, int], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        """Winner and loser stacked ([2, C, H, W], [2, 6]): one bucket, the same relative crop and flip, and
+        each image's own micro-conditioning."""
+        index = self.plan.index
+        crop, flip = (rng.random(), rng.random()), self.transform.random_flip and rng.random() < 0.5
+        pixels, time_ids = [], []
+        for loser, original in ((False, (index.widths[position], index.heights[position])),
+                                (True, (index.widths_2[position], index.heights_2[position]))):
+            original = (int(original[0]), int(original[1]))
+            image = decode(self.plan.rows.open(row, loser), self.max_pixels, cover_size(*original, target))
+            p, t = self.transform(image, target, rng, original, flip=flip, crop=crop)
+            pixels.append(p)
+            time_ids.append(t)
+        return torch.stack(pixels), torch.stack(time_ids)
+
+
+PAIRED = ("pixels", "latents", "time_ids")  # per image of a pair; everything else (the caption) is per pair
+
 
 def collate(items: list[dict]) -> dict:
     """Stack the good samples' tensors (bools become a tensor, strings a list); `problems` lists
-    (label, reason) of the ones that could not be read, `size` counts the good ones."""
+    (label, reason) of the ones that could not be read, `size` counts the good ones.
+
+    Preference pairs (`pixels` or `latents` of [2, ...] per item) come out as one batch of 2B images, the
+    B winners then their B losers, with the per-pair values (caption, drop flag, text embeddings)
+    repeated to match: the layout the DPO objective reads.
+    """
     good = [item for item in items if "problem" not in item]
     batch = {"problems": [(item["label"], item["problem"]) for item in items if "problem" in item], "size": len(good)}
     for key in good[0] if good else ():
@@ -104,6 +133,15 @@ def collate(items: list[dict]) -> dict:
             batch[key] = torch.tensor(values)
         else:
             batch[key] = values
+    image = batch.get("pixels", batch.get("latents"))
+    if image is not None and image.dim() == 5:
+        for key, value in list(batch.items()):
+            if key in PAIRED:
+                batch[key] = value.transpose(0, 1).flatten(0, 1)
+            elif isinstance(value, torch.Tensor):
+                batch[key] = torch.cat([value, value])
+            elif key not in ("problems", "size"):
+                batch[key] = value + value
     return batch
 
 

@@ -36,6 +36,8 @@ class Index:
     widths: np.ndarray  # as the model will see them: after EXIF rotation
     heights: np.ndarray
     problems: list  # [(label, reason)] for every excluded row
+    widths_2: np.ndarray | None = None  # of each pair's loser (pair datasets only)
+    heights_2: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -44,12 +46,21 @@ class Index:
         return Counter(reason for _, reason in self.problems)
 
 
-def probe(rows: Rows, i: int, max_pixels: int) -> tuple[int, int] | str:
-    """(width, height) of row i's image as displayed, or the reason the row cannot be used."""
+def probe(rows: Rows, i: int, max_pixels: int) -> tuple | str:
+    """(width, height) of row i's image as displayed, or the reason the row cannot be used; for a pair,
+    ((w, h), (w, h)) of winner and loser (a pair is usable only when both are)."""
     caption = rows.captions[i]
     if isinstance(caption, str):
         return caption
-    target = rows.open(i)
+    first = probe_image(rows, i, max_pixels)
+    if not rows.pairs or isinstance(first, str):
+        return first
+    second = probe_image(rows, i, max_pixels, loser=True)
+    return second if isinstance(second, str) else (first, second)
+
+
+def probe_image(rows: Rows, i: int, max_pixels: int, loser: bool = False) -> tuple[int, int] | str:
+    target = rows.open(i, loser)
     if isinstance(target, str):
         try:
             if os.path.getsize(target) == 0:
@@ -85,7 +96,8 @@ def scan(rows: Rows, cache_dir: str | Path | None = None, max_pixels: int = DEFA
     if cached is not None and (cached / "index.npz").is_file():
         arrays = np.load(cached / "index.npz")
         problems = [tuple(p) for p in json.loads((cached / "problems.json").read_text())]
-        return Index(arrays["rows"], arrays["widths"], arrays["heights"], problems)
+        return Index(arrays["rows"], arrays["widths"], arrays["heights"], problems,
+                     arrays["widths_2"] if "widths_2" in arrays else None, arrays["heights_2"] if "heights_2" in arrays else None)
     start = time.time()
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max(max_pixels, limit or 0)  # our limit decides, PIL's must not fire first
@@ -95,18 +107,19 @@ def scan(rows: Rows, cache_dir: str | Path | None = None, max_pixels: int = DEFA
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     kept = [i for i, r in enumerate(results) if not isinstance(r, str)]
-    index = Index(
-        np.array(kept, dtype=np.int64),
-        np.array([results[i][0] for i in kept], dtype=np.int32),
-        np.array([results[i][1] for i in kept], dtype=np.int32),
-        [(rows.label(i), r) for i, r in enumerate(results) if isinstance(r, str)],
-    )
+    problems = [(rows.label(i), r) for i, r in enumerate(results) if isinstance(r, str)]
+    sizes = [results[i] for i in kept]
+    if rows.pairs:  # sizes of the winners, then of the losers
+        index = Index(np.array(kept, dtype=np.int64), *_columns([s[0] for s in sizes]), problems, *_columns([s[1] for s in sizes]))
+    else:
+        index = Index(np.array(kept, dtype=np.int64), *_columns(sizes), problems)
     logger.info("scanned %d rows of %s in %.1f s: %d usable%s", len(rows), rows.name, time.time() - start, len(index),
                 describe_problems(index.reasons(), "; excluded"))
     if cached is not None:
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp / "index.npz", rows=index.rows, widths=index.widths, heights=index.heights)
+        pairs = {"widths_2": index.widths_2, "heights_2": index.heights_2} if rows.pairs else {}
+        np.savez(tmp / "index.npz", rows=index.rows, widths=index.widths, heights=index.heights, **pairs)
         (tmp / "problems.json").write_text(json.dumps(index.problems))
         try:
             tmp.rename(cached)
@@ -115,6 +128,10 @@ def scan(rows: Rows, cache_dir: str | Path | None = None, max_pixels: int = DEFA
 
             shutil.rmtree(tmp, ignore_errors=True)
     return index
+
+
+def _columns(sizes: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([w for w, _ in sizes], dtype=np.int32), np.array([h for _, h in sizes], dtype=np.int32)
 
 
 def problem_lines(problems) -> str:

@@ -33,7 +33,8 @@ BAD_LINE = "\0line"  # marks a manifest line that could not be parsed
 
 @dataclass
 class Rows:
-    """Row i: `images[i]` (a path str, or a row number into `hub`), `captions[i]` (list of str, or a problem str)."""
+    """Row i: `images[i]` (a path str, a row number into `hub`, or (row number, column)), `captions[i]` (list of
+    str, or a problem str); for preference pairs (data/pairs.py) `images[i]` is the winner, `losers[i]` the loser."""
 
     name: str
     images: list
@@ -41,32 +42,48 @@ class Rows:
     fingerprint: str
     hub: object = None  # a datasets.Dataset whose image column is not decoded
     image_column: str = "image"
+    losers: list | None = None  # None: not a pair dataset
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def label(self, i: int) -> str:
-        image = self.images[i]
-        return image if isinstance(image, str) else f"{self.name}[{image}]"
+    @property
+    def pairs(self) -> bool:
+        return self.losers is not None
 
-    def open(self, i: int):
-        """A file-like object or path for PIL.Image.open."""
+    def label(self, i: int) -> str:
         image = self.images[i]
         if isinstance(image, str):
             return image
-        value = self.hub[image][self.image_column]
+        return f"{self.name}[{image[0] if isinstance(image, tuple) else image}]"
+
+    def open(self, i: int, loser: bool = False):
+        """A file-like object or path for PIL.Image.open (of the pair's loser with `loser=True`)."""
+        image = (self.losers if loser else self.images)[i]
+        if isinstance(image, str):
+            return image
+        row, column = image if isinstance(image, tuple) else (image, self.image_column)
+        value = self.hub[row][column]
+        if isinstance(value, (bytes, bytearray)):  # a binary column (Pick-a-Pic's jpg_0 / jpg_1)
+            return io.BytesIO(value)
         if isinstance(value, str):
             return value
+        if value is None:
+            return f"{self.name}[{row}]:<no {column}>"  # a path that does not exist: counted as 'file not found'
         if value.get("bytes") is not None:
             return io.BytesIO(value["bytes"])
         return value["path"]
 
 
 def load_rows(cfg: dict, key: str = "train_dataloader.dataset") -> Rows:
-    """Rows from the dataset config: `type` 'hub' | 'folder' | 'manifest' and `path`."""
+    """Rows from the dataset config: `type` 'hub' | 'folder' | 'manifest' and `path` (with `pairs`: preference pairs)."""
     kind, path = cfg.get("type", "hub"), cfg.get("path")
     if not path:
         raise UserError(f"set {key}.path (a hub id or dataset folder for type='hub', an image folder, or a manifest file)")
+    if cfg.get("pairs"):
+        from .pairs import pair_rows
+
+        return pair_rows(cfg, key)
     image_column, caption_column = cfg.get("image_column", "image"), cfg.get("caption_column", "text")
     if kind == "hub":
         return hub_rows(path, cfg.get("split", "train"), image_column, caption_column, key)
@@ -105,15 +122,7 @@ def _sidecar_caption(path: Path):
 
 def manifest_rows(manifest: Path, image_column: str, caption_column: str, key: str) -> Rows:
     """A CSV/JSONL/parquet table of image paths (relative to the table) and captions (a string or a list)."""
-    if not manifest.is_file():
-        raise UserError(f"manifest {manifest} does not exist ({key}.path)")
-    fmt = MANIFEST_FORMATS.get(manifest.suffix.lower())
-    if fmt is None:
-        raise UserError(f"manifest {manifest}: unknown format (expected {', '.join(MANIFEST_FORMATS)})")
-    records = _read_table(manifest, fmt)
-    if not records:
-        raise UserError(f"manifest {manifest} has no rows")
-    columns = set().union(*(r.keys() for r in records if BAD_LINE not in r))
+    records, columns = read_manifest(manifest, key)
     missing = [c for c in (image_column, caption_column) if c not in columns]
     if missing:
         raise UserError(f"manifest {manifest} has no column {', '.join(map(repr, missing))}; its columns are {sorted(columns)} "
@@ -128,6 +137,19 @@ def manifest_rows(manifest: Path, image_column: str, caption_column: str, key: s
         images.append(str(manifest.parent / value) if isinstance(value, str) and value else f"{manifest}:<no {image_column}>")
         captions.append(_captions(record.get(caption_column)))
     return Rows(str(manifest), images, captions, _fingerprint(images, captions))
+
+
+def read_manifest(manifest: Path, key: str) -> tuple[list[dict], set[str]]:
+    """The records of a CSV/JSONL/parquet table and the columns they use; a missing, unknown or empty table raises."""
+    if not manifest.is_file():
+        raise UserError(f"manifest {manifest} does not exist ({key}.path)")
+    fmt = MANIFEST_FORMATS.get(manifest.suffix.lower())
+    if fmt is None:
+        raise UserError(f"manifest {manifest}: unknown format (expected {', '.join(MANIFEST_FORMATS)})")
+    records = _read_table(manifest, fmt)
+    if not records:
+        raise UserError(f"manifest {manifest} has no rows")
+    return records, set().union(*(r.keys() for r in records if BAD_LINE not in r))
 
 
 def _read_table(manifest: Path, fmt: str) -> list[dict]:

@@ -92,9 +92,12 @@ class BucketTransform:
         self.random_flip = random_flip
 
     def __call__(self, image: Image.Image, target: tuple[int, int], rng: random.Random,
-                 original: tuple[int, int] | None = None, flip: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 original: tuple[int, int] | None = None, flip: bool | None = None,
+                 crop: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`target` is the bucket's (w, h); `original` the (w, h) before any reduced decode; `flip`
-        forces the flip decision (the cache stores both), drawn from `rng` when None."""
+        forces the flip decision (the cache stores both), drawn from `rng` when None; `crop` the
+        random crop's (top, left) as fractions of the slack, so two images of different sizes (a
+        preference pair) get the same relative crop, drawn from `rng` when None."""
         image = to_rgb(image)
         original_w, original_h = original or image.size
         width, height = target
@@ -103,8 +106,10 @@ class BucketTransform:
         image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=2.0)
         if self.center_crop:
             top, left = (new_h - height) // 2, (new_w - width) // 2
-        else:
+        elif crop is None:
             top, left = rng.randint(0, new_h - height), rng.randint(0, new_w - width)
+        else:
+            top, left = round(crop[0] * (new_h - height)), round(crop[1] * (new_w - width))
         image = image.crop((left, top, left + width, top + height))
         if flip is None:
             flip = self.random_flip and rng.random() < 0.5

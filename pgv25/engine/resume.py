@@ -34,6 +34,9 @@ def fingerprint(cfg, world_size: int) -> dict:
         "randomness.seed": cfg.randomness.seed,
         "processes": world_size,
     }
+    objective = dict(cfg.get("objective") or {})
+    if objective.get("type", "denoising") != "denoising":  # absent for plain fine-tuning, as in older checkpoints
+        values["objective"] = objective
     return json.loads(json.dumps(values, sort_keys=True, default=str))
 
 

@@ -23,25 +23,18 @@ from pathlib import Path
 
 import torch
 
-from .. import ddpm, edm
-from ..data.cache import CachedLatentDataset, cache_options, ensure_cache
-from ..data.dataset import build_dataset, collate, plan_data
+from ..data.dataset import collate
 from ..data.index import describe_problems, problem_lines
 from ..data.sampler import BucketBatchSampler
-from ..data.streaming import StreamingBucketDataset, check_streaming
 from ..errors import UserError
 from ..generate import generate, labelled_grid, load_pipeline
-from ..models.edm_denoiser import Conditioning, EDMDenoiser, EDMLoss
-from ..models.latent_codec import LatentCodec
-from ..models.loading import load_components, resolve_pretrained
-from ..models.lora import LORA_FILE, add_lora, add_text_lora, fused_unet_state, save_lora
-from ..models.text_conditioner import TextConditioner
+from ..models.lora import LORA_FILE, fused_unet_state, save_lora
+from ..objectives import build_objective, objective_options
 from . import distributed
+from .build import build_data, build_model, build_optimisation, build_runtime
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .ema import build_ema
-from .export import DTYPES, atomic_folder, export_pipeline
-from .metrics import SigmaBinnedLoss
-from .optim import build_lr_scheduler, build_optimizer
+from .export import atomic_folder, export_pipeline
 from .resume import check_same_run, checkpoint_to_resume, fingerprint
 from .signals import GracefulStop
 from .validation import ValidationSampler
@@ -167,151 +160,27 @@ class TrainResult:
 
 
 class Trainer:
-    """Holds the built pieces; `run()` trains to `train_cfg.max_iters` or until a stop signal."""
+    """Holds the built parts (engine/build.py); `run()` trains to `train_cfg.max_iters` or until a stop signal."""
 
     def __init__(self, cfg, resume: str | bool | None = None, allow_config_change: bool = False):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-        from accelerate.utils import set_seed
-
         self.cfg = cfg
         self.work_dir = work_dir_of(cfg)
         ensure_writable(self.work_dir)
+        objective_options(cfg)  # a wrong objective fails before any data or model loads
         self.seed = int(cfg.randomness.seed)
-        self.strategy = distributed.check_strategy(cfg.get("strategy", "ddp"))
-        on_gpu = torch.cuda.is_available()
-        optim_cfg = cfg.optim_wrapper
-        mixed_precision = optim_cfg.get("mixed_precision", "no") if on_gpu else "no"  # fp32 on a CPU
-        if self.strategy == "fsdp" and mixed_precision == "fp16":
-            raise UserError("strategy 'fsdp' with fp16 is not supported (no sharded loss scaling); use mixed_precision='bf16'")
-        self.accumulation = int(optim_cfg.get("accumulative_counts", 1))
-        self.accelerator = accelerator = Accelerator(
-            mixed_precision=mixed_precision,
-            cpu=not on_gpu,  # under torchrun without CUDA this gives real gloo training, not N lone processes
-            log_with=trackers_of(cfg),
-            # TensorBoard under work_dir/tensorboard/pgv25; W&B project 'pgv25', run named after the config
-            project_config=ProjectConfiguration(project_dir=str(self.work_dir), logging_dir=str(self.work_dir / "tensorboard")),
-        )
-        set_seed(self.seed)
-        self.device = accelerator.device
-        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
-        self._log_file = None
-        if accelerator.is_main_process:
-            self._log_file = logging.FileHandler(self.work_dir / "train.log")
-            self._log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            logger.addHandler(self._log_file)
-            train_log_only.addHandler(self._log_file)  # routine lines (an epoch with nothing to report) go only there
-        else:
-            logger.setLevel(logging.WARNING)  # one progress log per run, from rank 0
-
-        # One process per machine downloads / builds / caches; the others then read its copy.
-        with accelerator.local_main_process_first():
-            if cfg.get("tiny_assets"):
-                from ..tiny import ensure_tiny_assets
-
-                ensure_tiny_assets(**cfg.tiny_assets)
-            # Data before model: a wrong column or an empty dataset fails before gigabytes load.
-            data_cfg = cfg.train_dataloader.dataset
-            self.batch_size = int(cfg.train_dataloader.batch_size)
-            self.streaming = bool(data_cfg.get("streaming"))
-            if self.streaming:  # no scan: rows are bucketed as they arrive (data/streaming.py)
-                check_streaming(data_cfg)
-                self.data = None
-                self.dataset = StreamingBucketDataset(data_cfg, self.batch_size, self.seed, self.rank, self.world_size)
-            else:
-                self.data = plan_data(data_cfg, self.batch_size * self.world_size)
-            model_cfg = cfg.model
-            resolve_pretrained(model_cfg.pretrained_model_name_or_path)  # one download per machine
-        weight_dtype = DTYPES[model_cfg.get("weight_dtype", "fp32")] if on_gpu else torch.float32
-        vae_dtype = DTYPES[model_cfg.get("vae_dtype", "fp32")] if on_gpu else torch.float32
-        self.cond_dtype = weight_dtype
-        cached = cache_options(data_cfg)["enabled"]
-        if cached:  # built here first if missing; then neither the VAE nor the text encoders are loaded
-            folder = ensure_cache(self.data, data_cfg, model_cfg.pretrained_model_name_or_path, self.seed, self.device,
-                                  weight_dtype, vae_dtype, self.rank, self.world_size, accelerator.wait_for_everyone,
-                                  distributed.broadcast_object, cfg.config_name)
-            self.dataset = CachedLatentDataset(folder, self.data, data_cfg.get("caption_dropout", 0.0), self.seed)
-        elif not self.streaming:
-            self.dataset = build_dataset(data_cfg, self.data, self.seed)
-        with accelerator.local_main_process_first():
-            parts = load_components(model_cfg.pretrained_model_name_or_path, weight_dtype, encoders=not cached)
-        self.base_folder = parts.source
-        self.conditioner = self.codec = None
-        if not cached:
-            self.conditioner = TextConditioner(
-                [parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2], parts.force_zeros_for_empty_prompt
-            ).to(self.device)
-            self.codec = LatentCodec(parts.vae.to(self.device, vae_dtype)).to(self.device)
-        self.unet = unet = parts.unet.train()
-        self.lora = dict(model_cfg.get("lora") or {})
-        if not self.lora.get("enabled"):
-            self.lora = None
-        elif self.strategy == "fsdp" and self.world_size > 1:
-            raise UserError("model.lora with strategy='fsdp' is not supported; LoRA weights are small: use strategy='ddp'")
-        else:
-            trainable = add_lora(unet, self.lora)
-            logger.info("LoRA rank %d (alpha %s) on %s: %.2fM trainable parameters", self.lora.get("rank", 16),
-                        self.lora.get("alpha", self.lora.get("rank", 16)), sorted(unet.peft_config["default"].target_modules),
-                        trainable / 1e6)
-        # What trains, as one module so names, optimizer state, EMA and checkpoints cover all of it.
-        self.trained = unet
-        self.text_lora = bool(self.lora and self.lora.get("text_encoders"))
-        if self.text_lora:
-            if cached:
-                raise UserError("model.lora.text_encoders trains the text encoders: captions must be encoded every step; "
-                                "set train_dataloader.dataset.cache.enabled=False")
-            if self.lora.get("fuse_export"):
-                raise UserError("model.lora.fuse_export folds the UNet's LoRA only; with model.lora.text_encoders=True "
-                                "use the LoRA file (pipe.load_lora_weights)")
-            encoders = list(self.conditioner.text_encoders)
-            count = add_text_lora(encoders, self.lora)
-            logger.info("LoRA on both text encoders: %.2fM trainable parameters", count / 1e6)
-            self.trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": encoders[0], "text_encoder_2": encoders[1]})
-        if model_cfg.get("gradient_checkpointing"):
-            unet.enable_gradient_checkpointing()
-        if model_cfg.get("channels_last"):  # NHWC convolutions: faster with tensor cores, neutral elsewhere
-            unet.to(memory_format=torch.channels_last)
-        self._compile(unet, model_cfg.get("compile") or {})
-        denoiser, self.export_scheduler = self._objective_parts(model_cfg, unet, parts.scheduler_config)
-        objective = EDMLoss(denoiser, self.weighting)
-
+        self.runtime = runtime = build_runtime(cfg, self.work_dir, trackers_of(cfg))
+        self.accelerator, self.device = runtime.accelerator, runtime.device
+        self.rank, self.world_size, self.sharded = runtime.rank, runtime.world_size, runtime.sharded
+        self._open_log()
+        self.data = build_data(cfg, runtime)
+        self.model = build_model(cfg, runtime, self.data.cached, len(self.data.plan.sizes) if self.data.plan else 32)
+        self.objective = build_objective(cfg, self.model, self.device)
+        self.export_scheduler = self.objective.schedule.export_scheduler
         self.max_iters = int(cfg.train_cfg.max_iters)
         self.max_nonfinite = int(cfg.train_cfg.get("max_nonfinite_iters", 5))
-        self.clip_norm = (optim_cfg.get("clip_grad") or {}).get("max_norm") or math.inf  # inf: measure, never clip
-        self.sharded = self.strategy == "fsdp" and self.world_size > 1
-        if self.sharded:  # shard first: the optimizer must see the sharded parameters
-            unet.to(self.device)
-            fsdp_cfg = cfg.get("fsdp") or {}
-            distributed.shard_unet(unet, {"bf16": torch.bfloat16}.get(mixed_precision), bool(fsdp_cfg.get("reshard_after_forward", True)))
-        # after sharding: FSDP replaces the parameters with sharded ones, which the optimizer must hold
-        self.trained_params = [p for p in self.trained.parameters() if p.requires_grad]
-        unet_params = {id(p) for p in unet.parameters()}
-        self.text_params = [p for p in self.trained_params if id(p) not in unet_params]  # text-encoder LoRA only
-        optimizer = build_optimizer(self.trained_params, optim_cfg.optimizer, use_fused=on_gpu)
-        self.lr_scheduler = build_lr_scheduler(optimizer, cfg.get("param_scheduler", {}), self.max_iters)
-        if self.sharded:
-            self.objective, self.optimizer = objective, accelerator.prepare(optimizer)
-        else:
-            self.objective, self.optimizer = accelerator.prepare(objective, optimizer)
+        self.optim = build_optimisation(cfg, runtime, self.model, self.objective, self.max_iters)
         self.generator = torch.Generator(self.device).manual_seed(self.seed + self.rank)
-        self.sigma_losses = SigmaBinnedLoss(self.device)
-        ema_cfg = cfg.get("ema") or {}
-        self.export_ema = ema_cfg.get("export", "ema")
-        if self.export_ema not in ("ema", "model"):
-            raise UserError(f"ema.export must be 'ema' or 'model', got '{self.export_ema}'")
-        if ema_cfg.get("enabled") and self.sharded:
-            raise UserError("ema with strategy='fsdp' is not supported yet; use strategy='ddp' or disable ema")
-        # DDP keeps identical weights on every rank, so rank 0's EMA is the EMA; the others keep none.
-        self.ema = build_ema(self.trained, ema_cfg) if accelerator.is_main_process else None
-        self.validation = ValidationSampler(cfg.get("validation") or {}, self.base_folder, unet, self.ema, self.device,
-                                            self.cond_dtype, accelerator.autocast, self.work_dir,
-                                            int(cfg.train_dataloader.dataset.resolution),
-                                            list(self.conditioner.text_encoders) if self.text_lora else None,
-                                            self.export_scheduler)
-        if self.validation.enabled and self.sharded:  # a sharded UNet cannot sample on rank 0 alone
-            logger.warning("validation samples are not made with strategy='fsdp' yet; the final sample grid still comes from the export")
-            self.validation.interval = 0
-
+        self._build_hooks(cfg.get("ema") or {}, cfg.get("validation") or {})
         self.iteration = 0
         self.nonfinite_total = 0  # skipped updates so far
         self.nonfinite_run = 0  # consecutive skipped updates
@@ -326,40 +195,43 @@ class Trainer:
         if rng is not None:  # last: building the loader iterator draws from the global torch RNG
             set_rng_state(rng, self.generator)
 
-    def _objective_parts(self, model_cfg, unet, scheduler_config: dict):
-        """The denoiser, σ sampler and loss weighting of `model.noise_schedule`, and the scheduler an
-        export must ship (None: the base pipeline's). 'edm' is Playground's; 'ddpm' is SDXL's, kept for
-        the schedule comparison (docs/experiments)."""
-        schedule = model_cfg.get("noise_schedule", "edm")
-        if schedule == "edm":
-            sampler_cfg = dict(model_cfg.get("sigma_sampler", {"type": "lognormal"}))
-            self.sigma_sampler = edm.build_sigma_sampler(sampler_cfg.pop("type"), scheduler_config, **sampler_cfg)
-            self.weighting = model_cfg.get("loss_weighting", "edm")
-            return EDMDenoiser(unet, scheduler_config.get("sigma_data", 0.5), scheduler_config.get("prediction_type", "epsilon")), None
-        if schedule != "ddpm":
-            raise UserError(f"model.noise_schedule must be 'edm' (Playground v2.5) or 'ddpm' (SDXL's), got {schedule!r}")
-        if self.lora is not None:
-            raise UserError("model.noise_schedule='ddpm' retrains the UNet for another schedule: use a full fine-tune, not LoRA")
-        logger.info("noise schedule: SDXL's DDPM (scaled-linear β, ε-prediction, t uniform); "
-                    "model.sigma_sampler and model.loss_weighting do not apply; exports ship its DPM++ sampler")
-        self.sigma_sampler, self.weighting = ddpm.DDPMIndexSampler(), "epsilon"
-        return EDMDenoiser(unet, precondition=ddpm.VPPreconditioning()), ddpm.sdxl_scheduler()
+    # The parts tests and tools reach for by name.
+    unet = property(lambda self: self.model.unet)
+    trained = property(lambda self: self.model.trained)
+    conditioner = property(lambda self: self.model.conditioner)
+    codec = property(lambda self: self.model.codec)
+    base_folder = property(lambda self: self.model.base_folder)
+    lora = property(lambda self: self.model.lora)
 
-    def _compile(self, unet, options: dict) -> None:
-        """`torch.compile` the UNet in place (parameter names, and so checkpoints and exports, unchanged)."""
-        if not options.get("enabled"):
-            return
-        import torch._dynamo
+    def _open_log(self) -> None:
+        """train.log in the work dir, written by rank 0; the other ranks log warnings only."""
+        self._log_file = None
+        if self.accelerator.is_main_process:
+            self._log_file = logging.FileHandler(self.work_dir / "train.log")
+            self._log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            logger.addHandler(self._log_file)
+            train_log_only.addHandler(self._log_file)  # routine lines (an epoch with nothing to report) go only there
+        else:
+            logger.setLevel(logging.WARNING)  # one progress log per run, from rank 0
 
-        # One graph per bucket shape: keep them all rather than fall back to eager after the default 8.
-        buckets = len(self.data.sizes) if self.data is not None else 32
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * buckets)
-        kwargs = {k: options[k] for k in ("backend", "mode", "dynamic", "fullgraph") if options.get(k) is not None}
-        try:
-            unet.compile(**kwargs)
-        except (RuntimeError, ValueError) as error:
-            raise UserError(f"model.compile: {str(error).strip().splitlines()[0]}") from None
-        logger.info("UNet compiled with torch.compile(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
+    def _build_hooks(self, ema_cfg: dict, validation_cfg: dict) -> None:
+        """EMA of what trains and the validation sampler."""
+        self.export_ema = ema_cfg.get("export", "ema")
+        if self.export_ema not in ("ema", "model"):
+            raise UserError(f"ema.export must be 'ema' or 'model', got '{self.export_ema}'")
+        if ema_cfg.get("enabled") and self.sharded:
+            raise UserError("ema with strategy='fsdp' is not supported yet; use strategy='ddp' or disable ema")
+        # DDP keeps identical weights on every rank, so rank 0's EMA is the EMA; the others keep none.
+        self.ema = build_ema(self.trained, ema_cfg) if self.accelerator.is_main_process else None
+        model = self.model
+        self.validation = ValidationSampler(validation_cfg, model.base_folder, model.unet, self.ema, self.device,
+                                            model.cond_dtype, self.accelerator.autocast, self.work_dir,
+                                            int(self.cfg.train_dataloader.dataset.resolution),
+                                            list(model.conditioner.text_encoders) if model.text_lora else None,
+                                            self.export_scheduler)
+        if self.validation.enabled and self.sharded:  # a sharded UNet cannot sample on rank 0 alone
+            logger.warning("validation samples are not made with strategy='fsdp' yet; the final sample grid still comes from the export")
+            self.validation.interval = 0
 
     def _restore(self, checkpoint: Path, allow_config_change: bool) -> tuple[tuple[int, int], dict | None]:
         """Load a checkpoint into the built objects; returns this rank's (data position, RNG state)."""
@@ -373,9 +245,9 @@ class Trainer:
         if failed:  # every rank raises, none waits in a broadcast
             raise UserError(failed[0])
         try:
-            distributed.load_full_state(self.trained, self.optimizer.optimizer, model_state, parts["optimizer"],
+            distributed.load_full_state(self.trained, self.optim.optimizer.optimizer, model_state, parts["optimizer"],
                                         trainable_only=self.lora is not None)
-            self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
+            self.optim.lr_scheduler.load_state_dict(parts["lr_scheduler"])
             if self.accelerator.scaler is not None and "grad_scaler" in parts:
                 self.accelerator.scaler.load_state_dict(parts["grad_scaler"])
         except (KeyError, ValueError, RuntimeError) as error:
@@ -414,38 +286,26 @@ class Trainer:
 
     def _loader(self, start_batches: int):
         workers = int(self.cfg.train_dataloader.get("num_workers", 0))
-        if self.streaming:
-            self.dataset.resume = self.stream_resume or {}
-            return torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=workers,
-                                               pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        data, pin = self.data, self.device.type == "cuda"
+        if data.streaming:
+            data.dataset.resume = self.stream_resume or {}
+            return torch.utils.data.DataLoader(data.dataset, batch_size=None, num_workers=workers,
+                                               pin_memory=pin, persistent_workers=workers > 0)
         try:
             self.sampler = sampler = BucketBatchSampler(
-                self.data.bucket_of, self.batch_size, self.data.weighting, self.seed, self.rank, self.world_size, start_batches
+                data.plan.bucket_of, data.batch_size, data.plan.weighting, self.seed, self.rank, self.world_size, start_batches
             )
         except ValueError as error:
             raise UserError(f"train_dataloader: {error}") from None
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-        )
+        return torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                                           pin_memory=pin, persistent_workers=workers > 0)
 
     def micro_step(self, batch: dict) -> torch.Tensor:
-        """One forward/backward of the EDM loss on a batch; returns the (detached) mean loss."""
-        if "latents" in batch:  # from the latent cache
-            x0 = batch["latents"].to(self.device, torch.float32, non_blocking=True)
-            prompt_embeds = batch["prompt_embeds"].to(self.device, self.cond_dtype, non_blocking=True)
-            pooled = batch["pooled"].to(self.device, self.cond_dtype, non_blocking=True)
-        else:
-            x0 = self.codec.encode(batch["pixels"].to(self.device, non_blocking=True), self.generator)
-            prompt_embeds, pooled = self.conditioner(batch["caption"], batch["drop_caption"])
-        cond = Conditioning(prompt_embeds, pooled, batch["time_ids"].to(self.device, prompt_embeds.dtype))
-        sigma = self.sigma_sampler(len(x0), self.generator, self.device)
-        noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
+        """One forward/backward of the objective on a batch; returns the (detached) mean loss."""
+        x0, cond = self.model.inputs(batch, self.device, self.generator)
         with self.accelerator.autocast():
-            per_sample = self.objective(x0, sigma, noise, cond)
-            loss = per_sample.mean()
-        self.accelerator.backward(loss / self.accumulation)
-        self.sigma_losses.add(sigma, per_sample)
+            loss = self.optim.step_module(x0, cond, self.generator).mean()
+        self.accelerator.backward(loss / self.optim.accumulation)
         return loss.detach()
 
     @contextlib.contextmanager
@@ -460,24 +320,25 @@ class Trainer:
             finally:
                 self.unet.set_requires_gradient_sync(True)
         else:
-            with self.accelerator.no_sync(self.objective):
+            with self.accelerator.no_sync(self.optim.step_module):
                 yield
 
     def _grad_norm(self) -> torch.Tensor:
         """Total gradient norm, clipped to `clip_grad.max_norm` when set (unscaled first under fp16)."""
-        if self.text_params and self.world_size > 1:  # outside the DDP module: average their gradients here
-            distributed.average_gradients([p for p in self.text_params if p.grad is not None])
-        norm = self.accelerator.clip_grad_norm_(self.trained_params, self.clip_norm)
+        optim = self.optim
+        if optim.text_params and self.world_size > 1:  # outside the DDP module: average their gradients here
+            distributed.average_gradients([p for p in optim.text_params if p.grad is not None])
+        norm = self.accelerator.clip_grad_norm_(optim.trained_params, optim.clip_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
     def step(self, stop_requested: bool = False) -> StepResult:
         """One optimizer update, skipped on every rank when any rank saw a non-finite loss or gradient."""
-        losses, images = [], 0
-        for micro in range(self.accumulation):
+        losses, images, optim = [], 0, self.optim
+        for micro in range(optim.accumulation):
             batch = next(self.batches)
-            with self._gradient_sync(micro == self.accumulation - 1):
+            with self._gradient_sync(micro == optim.accumulation - 1):
                 losses.append(self.micro_step(batch))
-            images += batch["size"]
+            images += len(batch["time_ids"])  # images, not samples: a preference pair is two
         loss = torch.stack(losses).mean()
         grad_norm = self._grad_norm()
         flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm).to(loss.device),
@@ -485,11 +346,11 @@ class Trainer:
         bad_loss, bad_grad, stop = distributed.any_rank(flags)  # the step's one host sync
         scaler = self.accelerator.scaler
         if not (bad_loss or bad_grad) or (scaler is not None and not bad_loss):
-            self.optimizer.step()  # an fp16 overflow (finite loss, inf gradient) is the grad scaler's to skip
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            optim.optimizer.step()  # an fp16 overflow (finite loss, inf gradient) is the grad scaler's to skip
+        optim.lr_scheduler.step()
+        optim.optimizer.zero_grad(set_to_none=True)
         nonfinite = bad_loss or (bad_grad and scaler is None)
-        self.sigma_losses.commit(keep=not nonfinite)
+        self.objective.commit(keep=not nonfinite)
         return StepResult(loss, grad_norm, images, nonfinite=nonfinite, stop=stop)
 
     def _check_finite(self, result: StepResult) -> None:
@@ -513,7 +374,7 @@ class Trainer:
         A failed write raises the same one-line error on every rank, so none waits for the others.
         """
         model_state = distributed.full_model_state(self.trained, trainable_only=self.lora is not None)
-        optimizer_state = distributed.full_optimizer_state(self.trained, self.optimizer.optimizer)
+        optimizer_state = distributed.full_optimizer_state(self.trained, self.optim.optimizer.optimizer)
         ranks = distributed.gather_objects(
             {"consumed": self.batches.consumed, "skipped": self.batches.skipped, "rng": rng_state(self.generator),
              "stream": self.batches.stream or None}
@@ -528,7 +389,7 @@ class Trainer:
                     raise UserError(f"iteration {self.iteration}: refusing to save non-finite weights ({bad[0]}, ...)")
                 scaler = self.accelerator.scaler
                 parts = {
-                    "optimizer": optimizer_state, "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "optimizer": optimizer_state, "lr_scheduler": self.optim.lr_scheduler.state_dict(),
                     "grad_scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": {"ranks": [r.pop("rng") for r in ranks]},
                     "ema": self.ema.state() if self.ema is not None else None,
@@ -562,7 +423,7 @@ class Trainer:
     def _export_lora(self, step_dir: Path, weights: dict, dtype: str) -> str:
         """`step<N>/pytorch_lora_weights.safetensors`, and with `lora.fuse_export` a full pipeline `step<N>_fused/`."""
         with atomic_folder(step_dir) as tmp:
-            if self.text_lora:  # names carry the component: unet.*, text_encoder.*, text_encoder_2.*
+            if self.model.text_lora:  # names carry the component: unet.*, text_encoder.*, text_encoder_2.*
                 parts = {key: {n[len(key) + 1:]: v for n, v in weights.items() if n.startswith(key + ".")}
                          for key in ("unet", "text_encoder", "text_encoder_2")}
                 save_lora(self.unet, parts["unet"], tmp, list(self.conditioner.text_encoders),
@@ -582,12 +443,12 @@ class Trainer:
         mean_loss = float(distributed.mean_over_ranks(window.float()))
         rate = window_images * self.world_size / max(elapsed, 1e-9)
         eta = int(seconds_per_iter * (self.max_iters - self.iteration))
-        lr = self.lr_scheduler.get_last_lr()[0]
+        lr = self.optim.lr_scheduler.get_last_lr()[0]
         extra = (f"  skipped images {self.batches.skipped}" if self.batches.skipped else "") + (
             f"  skipped updates {self.nonfinite_total}" if self.nonfinite_total else "")
         logger.info("iter %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %d:%02d:%02d%s", self.iteration, self.max_iters,
                     mean_loss, lr, rate, eta // 3600, eta // 60 % 60, eta % 60, extra)
-        metrics = {"loss": mean_loss, "lr": lr, "images_per_s": rate, "grad_norm": float(grad_norm), **self.sigma_losses.means()}
+        metrics = {"loss": mean_loss, "lr": lr, "images_per_s": rate, "grad_norm": float(grad_norm), **self.objective.metrics()}
         if self.device.type == "cuda":
             metrics["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.accelerator.log(metrics, step=self.iteration)
@@ -602,15 +463,16 @@ class Trainer:
 
     def _report_scan(self) -> None:
         """Log the buckets and the rows the scan left out; start the skipped-files list on a fresh run."""
-        if self.streaming:
+        plan = self.data.plan
+        if plan is None:
             logger.info("streaming %s: rows are bucketed as they arrive", self.cfg.train_dataloader.dataset.path)
             return
-        histogram = ", ".join(f"{w}x{h}: {n}" for (w, h), n in self.data.histogram())
-        logger.info("%d images in %d bucket(s) (%s)%s", len(self.data.index), len(self.data.sizes), histogram,
-                    describe_problems(self.data.index.reasons(), "; the scan excluded"))
+        histogram = ", ".join(f"{w}x{h}: {n}" for (w, h), n in plan.histogram())
+        logger.info("%d %s in %d bucket(s) (%s)%s", len(plan.index), "pairs" if plan.rows.pairs else "images", len(plan.sizes), histogram,
+                    describe_problems(plan.index.reasons(), "; the scan excluded"))
         if self.accelerator.is_main_process and self.iteration == 0:
-            (self.work_dir / SKIPPED_FILES).write_text(problem_lines(self.data.index.problems))
-            if self.data.index.problems:
+            (self.work_dir / SKIPPED_FILES).write_text(problem_lines(plan.index.problems))
+            if plan.index.problems:
                 logger.info("excluded rows and their reasons: %s", self.work_dir / SKIPPED_FILES)
 
     def _epoch_summary(self, epoch: int) -> None:
@@ -623,7 +485,7 @@ class Trainer:
         for counts in distributed.gather_objects(dict(self.batches.recent)):
             recent.update(counts)
         self.batches.recent.clear()
-        excluded = self.data.index.reasons()
+        excluded = self.data.plan.index.reasons()
         show = bool(recent) or time.time() - self._summary_shown_at >= EPOCH_SUMMARY_EVERY_S
         if show:
             self._summary_shown_at = time.time()
@@ -641,16 +503,15 @@ class Trainer:
         log_every = int(cfg.default_hooks.logger.interval)
         save_every = int(cfg.default_hooks.checkpoint.interval)
         logger.info(
-            "training %s: %d iterations; %d process(es) (%s) × batch %d × %d accumulation = %d images per update at lr %.2e; "
-            "σ sampler %s (median σ %.2f), loss weighting %s; work dir %s",
-            cfg.config_name, self.max_iters, self.world_size, self.strategy if self.world_size > 1 else "single",
-            self.batch_size, self.accumulation, self.world_size * self.batch_size * self.accumulation,
-            cfg.optim_wrapper.optimizer.lr, type(self.sigma_sampler).__name__, edm.median_sigma(self.sigma_sampler),
-            self.weighting, self.work_dir,
+            "training %s: %d iterations; %d process(es) (%s) × batch %d × %d accumulation = %d samples per update at lr %.2e; "
+            "%s; work dir %s",
+            cfg.config_name, self.max_iters, self.world_size, self.runtime.strategy if self.world_size > 1 else "single",
+            self.data.batch_size, self.optim.accumulation, self.world_size * self.data.batch_size * self.optim.accumulation,
+            cfg.optim_wrapper.optimizer.lr, self.objective.describe(), self.work_dir,
         )
         self._report_scan()
         # a streaming dataset's epochs are per loader worker and of unknown length: no summary line
-        epoch_iters = math.inf if self.streaming else max(1, self.sampler.steps_per_epoch // self.accumulation)
+        epoch_iters = math.inf if self.data.streaming else max(1, self.sampler.steps_per_epoch // self.optim.accumulation)
         result = TrainResult(self.iteration)
         window_losses, window_images, window_start, run_start = [], 0, time.time(), time.time()
         self._summary_shown_at = run_start  # when an epoch summary last reached the terminal

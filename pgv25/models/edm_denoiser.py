@@ -41,7 +41,6 @@ class EDMDenoiser(nn.Module):
         return c.c_skip * x + c.c_out * F.float()  # the skip path stays fp32 under autocast
 
 
-
 class EDMLoss(nn.Module):
     """Per-sample λ(σ)·‖D(x0 + σn; σ) − x0‖² (mean over latent elements): the target is x0.
 
@@ -55,6 +54,11 @@ class EDMLoss(nn.Module):
         self.denoiser, self.weighting = denoiser, weighting
 
     def forward(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        D = self.denoiser(edm.add_noise(x0, sigma, noise), sigma, cond)
-        per_sample = ((D - x0) ** 2).flatten(1).mean(1)
-        return edm.loss_weight(sigma, self.denoiser.sigma_data, self.weighting) * per_sample
+        return weighted_error(self.denoiser, x0, sigma, noise, cond, self.weighting)
+
+
+def weighted_error(denoiser: EDMDenoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond: Conditioning,
+                   weighting: str) -> torch.Tensor:
+    """Per sample λ(σ)·mean‖D(x0 + σn; σ) − x0‖² over (C, H, W): what every objective is built from."""
+    D = denoiser(edm.add_noise(x0, sigma, noise), sigma, cond)
+    return edm.loss_weight(sigma, denoiser.sigma_data, weighting) * ((D - x0) ** 2).flatten(1).mean(1)

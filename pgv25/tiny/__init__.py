@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .base_pipeline import build_base_pipeline
-from .shapes import write_shapes_dataset
+from .shapes import write_shapes_dataset, write_shapes_pairs
 
 logger = logging.getLogger(__name__)
 ASSETS_VERSION = 2  # bump when the builders change what they write
@@ -57,7 +57,8 @@ def ensure_tiny_assets(root: str | Path, image_size: int = 64, per_caption: int 
     `hold_out`: leave `shapes.HELD_OUT` out of the training images (asked for at evaluation).
     `spread`: how much of the shape size and position ranges the images use (`shapes.draw`).
     `extra_datasets`: {folder name: dict(per_caption=, aspects={'1:1': share, '2:1': ..., '1:2': ...}, spread=)},
-    more shapes datasets under `root` (e.g. mixed aspect ratios) for the same tiny pipeline.
+    more shapes datasets under `root` (e.g. mixed aspect ratios) for the same tiny pipeline; with `pairs=True`
+    preference pairs instead (`shapes.write_shapes_pairs`: right vs wrong in one attribute, for DPO).
     Returns the pipeline's stamp (it holds the VAE's PSNR and the measured latents_mean/std).
     """
     root = Path(os.path.expanduser(str(root)))
@@ -72,11 +73,14 @@ def ensure_tiny_assets(root: str | Path, image_size: int = 64, per_caption: int 
         options = dict(options)
         params = {**data_params, "per_caption": int(options.get("per_caption", per_caption)),
                   "aspects": dict(options.get("aspects") or {"1:1": 1.0}), "spread": float(options.get("spread", spread))}
-        _build_atomically(
-            root / name, params,
-            lambda d, p=params: {"images": write_shapes_dataset(d, image_size, p["per_caption"], seed, hold_out, p["aspects"], p["spread"])},
-            f"the shapes dataset {name}",
-        )
+        if options.get("pairs"):
+            params["pairs"] = True
+            what, build = f"the shape preference pairs {name}", lambda d, p=params: {
+                "pairs": write_shapes_pairs(d, image_size, p["per_caption"], seed, hold_out, p["spread"])}
+        else:
+            what, build = f"the shapes dataset {name}", lambda d, p=params: {
+                "images": write_shapes_dataset(d, image_size, p["per_caption"], seed, hold_out, p["aspects"], p["spread"])}
+        _build_atomically(root / name, params, build, what)
     model_params = {**data_params, "vae_steps": vae_steps, "text_steps": text_steps}
     model = root / "playground-v2.5-tiny"
     stamp = _build_atomically(

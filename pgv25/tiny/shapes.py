@@ -137,3 +137,38 @@ def write_shapes_dataset(root: str | Path, size: int = 64, per_caption: int = 8,
     with open(root / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     return len(rows)
+
+
+def wrong_in_one_attribute(colour: str, shape: str, background: str, k: int) -> tuple[str, str, str]:
+    """The same picture drawn wrong in one attribute: the shape's colour (even k) or the shape (odd k),
+    cycling through the alternatives (a colour never that of the background, so the shape stays visible)."""
+    if k % 2 == 0:
+        others = [c for c in COLOURS if c not in (colour, background)]
+        return others[(k // 2) % len(others)], shape, background
+    others = [s for s in SHAPES if s != shape]
+    return colour, others[(k // 2) % len(others)], background
+
+
+def write_shapes_pairs(root: str | Path, size: int = 64, per_caption: int = 4, seed: int = 0, hold_out: bool = True,
+                       spread: float = 1.0) -> int:
+    """Preference pairs: per caption `per_caption` pairs of a right image (`chosen`) and one wrong in one
+    attribute (`rejected`), drawn at the same size and position; `metadata.jsonl` with chosen/rejected/text.
+    Returns the number of pairs. Deterministic in `seed`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"pairs/{seed}")
+    rows = []
+    for colour, shape, background in combinations(held_out=False if hold_out else None):
+        for k in range(per_caption):
+            state = rng.getstate()
+            names = []
+            for label, combo in (("chosen", (colour, shape, background)),
+                                 ("rejected", wrong_in_one_attribute(colour, shape, background, k))):
+                rng.setstate(state)  # the same size and position: the pair differs only in the attribute
+                name = f"{colour}_{shape}_on_{background}_{k}_{label}.png"
+                draw(*combo, size, rng, spread).save(root / name)
+                names.append(name)
+            rows.append({"chosen": names[0], "rejected": names[1], "text": caption(colour, shape, background)})
+    with open(root / "metadata.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return len(rows)

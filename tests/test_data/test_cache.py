@@ -89,3 +89,38 @@ def test_missing_cache_with_build_never_is_one_line(tmp_path, tiny_assets):
     with pytest.raises(UserError, match="no latent cache for this config and data in .*; build it with: pgv25 data cache"):
         build(*cached(tmp_path, "train_dataloader.dataset.cache.build=never", "train_dataloader.dataset.random_flip=False",
                       "train_dataloader.dataset.center_crop=True", "randomness.seed=99"))
+
+
+def test_preference_pairs_cache_both_images_with_one_flip(tmp_path, tiny_assets, tiny_pipeline):
+    cfg = tiny_cfg(tmp_path / "w", "train_dataloader.dataset.cache.enabled=True", config="playgroundv2_5_dpo_tiny_shapes")
+    from pgv25.tiny import ensure_tiny_assets
+
+    ensure_tiny_assets(**cfg.tiny_assets)
+    data_cfg = cfg.train_dataloader.dataset
+    plan = plan_data(data_cfg, 4)
+    dataset = CachedLatentDataset(build(cfg, data_cfg, plan), plan, 0.0, seed=0)
+    codec = LatentCodec(tiny_pipeline.vae)
+    position = 3
+    row = int(plan.index.rows[position])
+    transform = BucketTransform(center_crop=False, random_flip=False)
+    expected = {}  # (flip, loser) → the VAE encoding of that image
+    for loser in (False, True):
+        image = decode(plan.rows.open(row, loser), 10**8)
+        for flip in (False, True):
+            pixels, _ = transform(image, plan.sizes[plan.bucket_of[position]], random.Random(0), flip=flip, crop=(0.5, 0.5))
+            expected[flip, loser] = codec.encode_mean(pixels[None])[0]
+    items = [dataset[(step, 0, position)] for step in range(12)]
+    flips = set()
+    for item in items:
+        assert item["latents"].shape == (2, 4, 16, 16) and item["time_ids"].shape == (2, 6)
+        def error(flip, loser):
+            return float((item["latents"][int(loser)].float() - expected[flip, loser]).abs().max() / expected[flip, loser].abs().max())
+
+        # winner and loser come from one variant: both plain or both mirrored (fp16 storage: 2e-3)
+        matches = [flip for flip in (False, True) if error(flip, False) < 2e-3 and error(flip, True) < 2e-3]
+        assert matches, [(f, l, error(f, l)) for f in (False, True) for l in (False, True)]
+        flips.update(matches)
+    assert flips == {False, True}
+    batch = collate(items[:3])
+    assert batch["latents"].shape == (6, 4, 16, 16) and batch["prompt_embeds"].shape[0] == 6
+    assert torch.equal(batch["latents"][3], items[0]["latents"][1])  # the losers follow the winners

@@ -1,4 +1,6 @@
 # Playground v2.5: the SDXL UNet trained with Playground's EDM schedule; text encoders and VAE frozen.
+# What a step minimises: 'denoising' (plain fine-tuning: λ(σ)·‖D(x0 + σn; σ) − x0‖² on each image).
+objective = dict(type='denoising')
 model = dict(
     # A hub id or a local diffusers pipeline folder (what `huggingface-cli download ... --local-dir` makes).
     pretrained_model_name_or_path='playgroundai/playground-v2.5-1024px-aesthetic',

@@ -1,0 +1,240 @@
+"""From a config to the named parts a Trainer runs: runtime, data, model, objective, optimisation.
+
+One function per part, each raising its own one-line `UserError`s. The order is the runner's and
+matters: data before model (a wrong column or an empty dataset fails before gigabytes load), model
+before objective (the objective wraps the UNet), objective before optimisation (DDP wraps the
+objective module; FSDP shards the UNet inside it before the optimizer sees its parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..data.cache import CachedLatentDataset, cache_options, ensure_cache
+from ..data.dataset import DataPlan, build_dataset, plan_data
+from ..data.streaming import StreamingBucketDataset, check_streaming
+from ..errors import UserError
+from ..models.edm_denoiser import Conditioning
+from ..models.latent_codec import LatentCodec
+from ..models.loading import load_components, resolve_pretrained
+from ..models.lora import add_lora, add_text_lora
+from ..models.text_conditioner import TextConditioner
+from . import distributed
+from .export import DTYPES
+from .optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger("pgv25")
+
+
+@dataclass
+class Runtime:
+    """accelerate's view of where this process runs, and the precision it trains in."""
+
+    accelerator: object
+    strategy: str  # 'ddp' | 'fsdp'
+    mixed_precision: str  # 'no' on a CPU
+    weight_dtype: torch.dtype  # of the frozen text encoders
+    vae_dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp" and self.world_size > 1
+
+
+def build_runtime(cfg, work_dir, trackers: list[str]) -> Runtime:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    strategy = distributed.check_strategy(cfg.get("strategy", "ddp"))
+    on_gpu = torch.cuda.is_available()
+    mixed_precision = cfg.optim_wrapper.get("mixed_precision", "no") if on_gpu else "no"  # fp32 on a CPU
+    if strategy == "fsdp" and mixed_precision == "fp16":
+        raise UserError("strategy 'fsdp' with fp16 is not supported (no sharded loss scaling); use mixed_precision='bf16'")
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=not on_gpu,  # under torchrun without CUDA this gives real gloo training, not N lone processes
+        log_with=trackers,
+        # TensorBoard under work_dir/tensorboard/pgv25; W&B project 'pgv25', run named after the config
+        project_config=ProjectConfiguration(project_dir=str(work_dir), logging_dir=str(work_dir / "tensorboard")),
+    )
+    set_seed(int(cfg.randomness.seed))
+    model_cfg = cfg.model
+    weight_dtype = DTYPES[model_cfg.get("weight_dtype", "fp32")] if on_gpu else torch.float32
+    vae_dtype = DTYPES[model_cfg.get("vae_dtype", "fp32")] if on_gpu else torch.float32
+    return Runtime(accelerator, strategy, mixed_precision, weight_dtype, vae_dtype)
+
+
+@dataclass
+class DataParts:
+    dataset: torch.utils.data.Dataset
+    plan: DataPlan | None  # None when streaming: rows are bucketed as they arrive
+    batch_size: int  # per process
+    cached: bool  # samples are latents and text embeddings from the cache
+
+    @property
+    def streaming(self) -> bool:
+        return self.plan is None
+
+
+def build_data(cfg, runtime: Runtime) -> DataParts:
+    """The dataset (scanned, bucketed, cached when configured); the base pipeline resolved on the way."""
+    accelerator, seed = runtime.accelerator, int(cfg.randomness.seed)
+    data_cfg, model_name = cfg.train_dataloader.dataset, cfg.model.pretrained_model_name_or_path
+    batch_size = int(cfg.train_dataloader.batch_size)
+    # One process per machine downloads / builds / caches; the others then read its copy.
+    with accelerator.local_main_process_first():
+        if cfg.get("tiny_assets"):
+            from ..tiny import ensure_tiny_assets
+
+            ensure_tiny_assets(**cfg.tiny_assets)
+        plan = None
+        if data_cfg.get("streaming"):  # no scan: rows are bucketed as they arrive (data/streaming.py)
+            check_streaming(data_cfg)
+            dataset = StreamingBucketDataset(data_cfg, batch_size, seed, runtime.rank, runtime.world_size)
+        else:
+            plan = plan_data(data_cfg, batch_size * runtime.world_size)
+        resolve_pretrained(model_name)  # one download per machine
+    cached = cache_options(data_cfg)["enabled"]
+    if cached:  # built here first if missing; then neither the VAE nor the text encoders are loaded
+        folder = ensure_cache(plan, data_cfg, model_name, seed, runtime.device, runtime.weight_dtype, runtime.vae_dtype,
+                              runtime.rank, runtime.world_size, accelerator.wait_for_everyone,
+                              distributed.broadcast_object, cfg.config_name)
+        dataset = CachedLatentDataset(folder, plan, data_cfg.get("caption_dropout", 0.0), seed)
+    elif plan is not None:
+        dataset = build_dataset(data_cfg, plan, seed)
+    return DataParts(dataset, plan, batch_size, cached)
+
+
+@dataclass
+class ModelParts:
+    """The UNet (with its adapters), and what turns a batch into its inputs: VAE and text encoders
+    (None when training from the latent cache)."""
+
+    unet: torch.nn.Module
+    trained: torch.nn.Module  # all that trains, as one module: the UNet, or it and the text encoders' LoRA
+    conditioner: TextConditioner | None
+    codec: LatentCodec | None
+    base_folder: str
+    scheduler_config: dict
+    lora: dict | None  # model.lora when enabled
+    text_lora: bool
+    cond_dtype: torch.dtype
+
+    def inputs(self, batch: dict, device: torch.device, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
+        """Latents x0 and their conditioning, from the cache or by encoding pixels and captions."""
+        if "latents" in batch:  # from the latent cache
+            x0 = batch["latents"].to(device, torch.float32, non_blocking=True)
+            prompt_embeds = batch["prompt_embeds"].to(device, self.cond_dtype, non_blocking=True)
+            pooled = batch["pooled"].to(device, self.cond_dtype, non_blocking=True)
+        else:
+            x0 = self.codec.encode(batch["pixels"].to(device, non_blocking=True), generator)
+            prompt_embeds, pooled = self.conditioner(batch["caption"], batch["drop_caption"])
+        return x0, Conditioning(prompt_embeds, pooled, batch["time_ids"].to(device, prompt_embeds.dtype))
+
+
+def build_model(cfg, runtime: Runtime, cached: bool, buckets: int) -> ModelParts:
+    """Load the pipeline's parts; add LoRA, gradient checkpointing, channels-last and compile as configured."""
+    model_cfg, device = cfg.model, runtime.device
+    with runtime.accelerator.local_main_process_first():
+        parts = load_components(model_cfg.pretrained_model_name_or_path, runtime.weight_dtype, encoders=not cached)
+    conditioner = codec = None
+    if not cached:
+        conditioner = TextConditioner(
+            [parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2], parts.force_zeros_for_empty_prompt
+        ).to(device)
+        codec = LatentCodec(parts.vae.to(device, runtime.vae_dtype)).to(device)
+    unet = parts.unet.train()
+    lora = dict(model_cfg.get("lora") or {})
+    if not lora.get("enabled"):
+        lora = None
+    elif runtime.sharded:
+        raise UserError("model.lora with strategy='fsdp' is not supported; LoRA weights are small: use strategy='ddp'")
+    else:
+        trainable = add_lora(unet, lora)
+        logger.info("LoRA rank %d (alpha %s) on %s: %.2fM trainable parameters", lora.get("rank", 16),
+                    lora.get("alpha", lora.get("rank", 16)), sorted(unet.peft_config["default"].target_modules), trainable / 1e6)
+    trained, text_lora = unet, bool(lora and lora.get("text_encoders"))
+    if text_lora:
+        if cached:
+            raise UserError("model.lora.text_encoders trains the text encoders: captions must be encoded every step; "
+                            "set train_dataloader.dataset.cache.enabled=False")
+        if lora.get("fuse_export"):
+            raise UserError("model.lora.fuse_export folds the UNet's LoRA only; with model.lora.text_encoders=True "
+                            "use the LoRA file (pipe.load_lora_weights)")
+        encoders = list(conditioner.text_encoders)
+        count = add_text_lora(encoders, lora)
+        logger.info("LoRA on both text encoders: %.2fM trainable parameters", count / 1e6)
+        trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": encoders[0], "text_encoder_2": encoders[1]})
+    if model_cfg.get("gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
+    if model_cfg.get("channels_last"):  # NHWC convolutions: faster with tensor cores, neutral elsewhere
+        unet.to(memory_format=torch.channels_last)
+    compile_unet(unet, model_cfg.get("compile") or {}, buckets)
+    return ModelParts(unet, trained, conditioner, codec, parts.source, parts.scheduler_config, lora, text_lora,
+                      runtime.weight_dtype)
+
+
+def compile_unet(unet, options: dict, buckets: int) -> None:
+    """`torch.compile` the UNet in place (parameter names, and so checkpoints and exports, unchanged)."""
+    if not options.get("enabled"):
+        return
+    import torch._dynamo
+
+    # One graph per bucket shape: keep them all rather than fall back to eager after the default 8.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * buckets)
+    kwargs = {k: options[k] for k in ("backend", "mode", "dynamic", "fullgraph") if options.get(k) is not None}
+    try:
+        unet.compile(**kwargs)
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"model.compile: {str(error).strip().splitlines()[0]}") from None
+    logger.info("UNet compiled with torch.compile(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
+
+
+@dataclass
+class Optimisation:
+    step_module: torch.nn.Module  # the objective as prepared by accelerate (DDP-wrapped on several processes)
+    optimizer: object  # accelerate's wrapper; `.optimizer` is torch's
+    lr_scheduler: object
+    trained_params: list  # what the optimizer updates and the gradient norm covers
+    text_params: list  # text-encoder LoRA parameters: outside the DDP module, averaged by hand
+    clip_norm: float  # inf: measure the gradient norm, never clip
+    accumulation: int  # micro-batches per update
+
+
+def build_optimisation(cfg, runtime: Runtime, model: ModelParts, objective: torch.nn.Module, max_iters: int) -> Optimisation:
+    optim_cfg = cfg.optim_wrapper
+    unet = model.unet
+    if runtime.sharded:  # shard first: the optimizer must see the sharded parameters
+        unet.to(runtime.device)
+        fsdp_cfg = cfg.get("fsdp") or {}
+        distributed.shard_unet(unet, {"bf16": torch.bfloat16}.get(runtime.mixed_precision),
+                               bool(fsdp_cfg.get("reshard_after_forward", True)))
+    # after sharding: FSDP replaces the parameters with sharded ones, which the optimizer must hold
+    trained_params = [p for p in model.trained.parameters() if p.requires_grad]
+    unet_params = {id(p) for p in unet.parameters()}
+    text_params = [p for p in trained_params if id(p) not in unet_params]
+    optimizer = build_optimizer(trained_params, optim_cfg.optimizer, use_fused=runtime.device.type == "cuda")
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.get("param_scheduler", {}), max_iters)
+    if runtime.sharded:
+        step_module, optimizer = objective, runtime.accelerator.prepare(optimizer)
+    else:
+        step_module, optimizer = runtime.accelerator.prepare(objective, optimizer)
+    clip_norm = (optim_cfg.get("clip_grad") or {}).get("max_norm") or math.inf
+    return Optimisation(step_module, optimizer, lr_scheduler, trained_params, text_params, clip_norm,
+                        int(optim_cfg.get("accumulative_counts", 1)))

@@ -1,0 +1,92 @@
+"""What a training step minimises, one file per objective; `build_objective` picks one from the config.
+
+Every objective is an `nn.Module` (so DDP wraps the whole training forward and its gradient hooks
+run) with the same small surface the runner relies on:
+  forward(x0, cond, generator) → per-sample (or per-pair) losses, σ and noise drawn inside;
+  commit(keep)                 → end of an update: count its statistics unless it was skipped;
+  metrics()                    → means since the last call, over all ranks (a collective);
+  describe()                   → the objective in one line for the run's first log line.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from .denoising import Denoising
+from .dpo import DPO, Reference, frozen_copy
+from .schedule import NoiseSchedule, build_noise_schedule
+
+OBJECTIVES = ("denoising", "dpo")
+REFERENCES = ("auto", "adapters_off", "frozen_copy")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def objective_options(cfg) -> dict:
+    """`objective` from the config (default: denoising), checked before any data or model loads."""
+    options = dict(cfg.get("objective") or {"type": "denoising"})
+    kind = options.get("type", "denoising")
+    if kind not in OBJECTIVES:
+        raise UserError(f"objective.type must be one of {', '.join(map(repr, OBJECTIVES))}, got {kind!r}")
+    options["type"] = kind
+    data_cfg = cfg.train_dataloader.dataset
+    pairs = bool(data_cfg.get("pairs"))
+    if kind == "dpo":
+        if not pairs:
+            raise UserError("objective.type='dpo' trains on preference pairs: set train_dataloader.dataset.pairs "
+                            "(e.g. dict(format='pickapic') or dict(chosen_column='chosen', rejected_column='rejected'))")
+        if data_cfg.get("streaming"):
+            raise UserError("preference pairs are not read in streaming mode yet; set train_dataloader.dataset.streaming=False")
+        options.update(_dpo_options(cfg, options))
+    elif pairs:
+        raise UserError(f"train_dataloader.dataset.pairs holds preference pairs, which objective.type={kind!r} cannot use; "
+                        "set objective=dict(type='dpo') or remove pairs")
+    return options
+
+
+def _dpo_options(cfg, options: dict) -> dict:
+    try:
+        beta = float(options.get("beta", 5000.0))
+    except (TypeError, ValueError):
+        beta = float("nan")
+    if not beta > 0 or beta == float("inf"):
+        raise UserError(f"objective.beta must be a positive number (Diffusion-DPO uses 5000 for SDXL), got {options.get('beta')!r}")
+    lora = dict(cfg.model.get("lora") or {})
+    reference = options.get("reference", "auto")
+    if reference not in REFERENCES:
+        raise UserError(f"objective.reference must be one of {', '.join(map(repr, REFERENCES))}, got {reference!r}")
+    if reference == "auto":
+        reference = "adapters_off" if lora.get("enabled") else "frozen_copy"
+    if reference == "adapters_off" and not lora.get("enabled"):
+        raise UserError("objective.reference='adapters_off' needs model.lora.enabled=True (the reference is the UNet with "
+                        "its LoRA switched off); for a full fine-tune use reference='frozen_copy'")
+    if lora.get("enabled") and lora.get("text_encoders"):
+        raise UserError("objective.type='dpo' with model.lora.text_encoders=True is not supported: the reference would "
+                        "see the trained text encoders' conditioning; train the UNet's LoRA only")
+    if cfg.get("strategy", "ddp") == "fsdp":
+        raise UserError("objective.type='dpo' with strategy='fsdp' is not supported yet; use strategy='ddp' "
+                        "(with LoRA, or a memory-lean optimizer for a full fine-tune)")
+    weighting = options.get("loss_weighting", "epsilon")
+    if weighting not in ("epsilon", "edm", "none"):
+        raise UserError(f"objective.loss_weighting must be 'epsilon', 'edm' or 'none', got {weighting!r}")
+    dtype = options.get("reference_dtype", "bf16")
+    if dtype not in DTYPES:
+        raise UserError(f"objective.reference_dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return {"beta": beta, "reference": reference, "loss_weighting": weighting, "reference_dtype": dtype}
+
+
+def build_objective(cfg, model, device):
+    """The objective module around `model.unet` (engine.build.ModelParts), built before any resume."""
+    options = objective_options(cfg)
+    schedule = build_noise_schedule(cfg.model, model.scheduler_config, lora=model.lora is not None)
+    if options["type"] == "denoising":
+        return Denoising(model.unet, schedule, device)
+    if options["reference"] == "adapters_off":
+        reference = Reference(schedule.denoiser(model.unet), adapters_off=True)
+    else:  # low precision on a GPU only: a CPU computes it in fp32 like everything else
+        dtype = DTYPES[options["reference_dtype"]] if device.type == "cuda" else torch.float32
+        reference = Reference(schedule.denoiser(frozen_copy(model.unet, dtype).to(device)), adapters_off=False)
+    return DPO(model.unet, reference, schedule, options["beta"], options["loss_weighting"], device)
+
+
+__all__ = ["DPO", "Denoising", "NoiseSchedule", "build_noise_schedule", "build_objective", "objective_options"]
