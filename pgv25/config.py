@@ -130,12 +130,25 @@ def flat_keys(tree, prefix: str = "") -> list[str]:
 
 def check_option_keys(cfg, options: dict) -> None:
     """Refuse an override of a key the config does not have: a typo must not silently add a new key."""
-    known = flat_keys(cfg.to_dict())
+    tree = cfg.to_dict()
+    known = flat_keys(tree)
     for key in options:
-        if key not in known:
+        if key not in known and not _under_open_mapping(tree, key):
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise UserError(f"--cfg-options: the config has no key '{key}'{hint}")
+
+
+def _under_open_mapping(tree: dict, key: str) -> bool:
+    """A key below one whose value is an empty dict (`filters=dict()`): a mapping the user fills, not a typo."""
+    parts = key.split(".")
+    for depth in range(1, len(parts)):
+        node = tree
+        for part in parts[:depth]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node == {}:
+            return True
+    return False
 
 
 def parse_cfg_options(pairs: list[str]) -> dict:

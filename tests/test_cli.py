@@ -103,7 +103,9 @@ def test_unreachable_hub_model_says_so_and_how_to_fix(tmp_path, tiny_assets):
 
 
 def test_unreachable_hub_dataset_says_so(tmp_path):
-    result = run("train", "playgroundv2_5_pokemon_blip", "--work-dir", str(tmp_path / "w"))
+    # Not offline by configuration: the Hub's host cannot be resolved, as on a machine without network.
+    result = run("train", "playgroundv2_5_pokemon_blip", "--work-dir", str(tmp_path / "w"), HF_HUB_OFFLINE="0",
+                 HF_DATASETS_OFFLINE="0", HF_ENDPOINT="https://hub.invalid")
     one_line_error(result, "cannot reach the Hugging Face Hub", "lambdalabs/pokemon-blip-captions", "train_dataloader.dataset.path=DIR")
 
 

@@ -42,6 +42,13 @@ def test_unknown_option_key_is_refused_with_a_suggestion():
         load_config("playgroundv2_5_tiny_shapes", {"train_cfg.max_iter": 3})
 
 
+def test_keys_under_an_empty_mapping_are_the_users_to_fill():
+    cfg = load_config("playgroundv2_5_pokemon_blip", {"train_dataloader.dataset.filters.aesthetic.min": 6.0})
+    assert cfg.train_dataloader.dataset.filters == {"aesthetic": {"min": 6.0}}
+    with pytest.raises(UserError, match="no key 'train_dataloader.dataset.filterz.aesthetic'"):
+        load_config("playgroundv2_5_pokemon_blip", {"train_dataloader.dataset.filterz.aesthetic": 6.0})
+
+
 def test_unknown_config_name_suggests_close_ones():
     with pytest.raises(UserError, match="did you mean playgroundv2_5_tiny_shapes"):
         find_config("playgroundv2_5_tiny_shape")
@@ -58,7 +65,7 @@ def test_list_configs_excludes_bases():
     names = list_configs()
     assert {"playgroundv2_5_pokemon_blip", "playgroundv2_5_tiny_shapes"} <= set(names)
     assert not any("_base_" in str(p) for p in names.values())
-    assert list(list_configs("tiny")) == ["playgroundv2_5_lora_tiny_shapes", "playgroundv2_5_tiny_shapes"]
+    assert list(list_configs("tiny")) == ["playgroundv2_5_dpo_tiny_shapes", "playgroundv2_5_lora_tiny_shapes", "playgroundv2_5_tiny_shapes"]
 
 
 def test_option_without_equals_is_refused():

@@ -16,7 +16,8 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
-from .sources import BAD_LINE, METADATA_FILES, Rows, _captions, _fingerprint, open_hub_dataset, read_manifest
+from .filters import RowFilter, row_filter
+from .sources import BAD_LINE, METADATA_FILES, Rows, _captions, _fingerprint, filtered_out, open_hub_dataset, read_manifest
 
 DEFAULTS = {"format": "auto", "chosen_column": "chosen", "rejected_column": "rejected",
             "image_columns": ["jpg_0", "jpg_1"], "label_column": "label_0", "keep_ties": False}
@@ -68,8 +69,9 @@ def pair_rows(cfg: dict, key: str) -> Rows:
     options = pair_options(cfg, key)
     kind, path = cfg.get("type", "hub"), cfg["path"]
     caption_column = cfg.get("caption_column", "caption")
+    keep = row_filter(cfg, key)
     if kind == "hub":
-        return _hub_pairs(path, cfg.get("split", "train"), caption_column, options, key)
+        return _hub_pairs(path, cfg.get("split", "train"), caption_column, options, key, keep)
     table = Path(path).expanduser()
     if kind == "folder":
         if not table.is_dir():
@@ -80,13 +82,15 @@ def pair_rows(cfg: dict, key: str) -> Rows:
         table = found[0]
     elif kind != "manifest":
         raise UserError(f"{key}.type must be 'hub', 'folder' or 'manifest', got '{kind}'")
-    return _table_pairs(table, caption_column, options, key)
+    return _table_pairs(table, caption_column, options, key, keep)
 
 
-def _table_pairs(manifest: Path, caption_column: str, options: dict, key: str) -> Rows:
+def _table_pairs(manifest: Path, caption_column: str, options: dict, key: str, keep: RowFilter | None) -> Rows:
     records, columns = read_manifest(manifest, key)
     form, needed = _form(options, columns)
     _check_columns(columns, needed, caption_column, f"manifest {manifest}", key)
+    if keep is not None:
+        keep.check_columns(columns, f"manifest {manifest}", key)
 
     def path_of(record, column):
         value = record.get(column)
@@ -100,7 +104,7 @@ def _table_pairs(manifest: Path, caption_column: str, options: dict, key: str) -
             captions.append("unreadable manifest line")
             continue
         pair = [path_of(record, c) for c in needed[:2]]
-        caption = _captions(record.get(caption_column))
+        caption = (keep and keep.reason(record.get)) or _captions(record.get(caption_column))
         orders = _order(record.get(needed[2]), options["keep_ties"]) if form == "pickapic" else (0,)
         if isinstance(orders, str):  # a tie or no usable label: a row problem, counted by the scan
             orders, caption = (0,), orders
@@ -112,7 +116,7 @@ def _table_pairs(manifest: Path, caption_column: str, options: dict, key: str) -
     return Rows(str(manifest), winners, captions, fingerprint, losers=losers)
 
 
-def _hub_pairs(name: str, split: str, caption_column: str, options: dict, key: str) -> Rows:
+def _hub_pairs(name: str, split: str, caption_column: str, options: dict, key: str, keep: RowFilter | None) -> Rows:
     import datasets
 
     dataset = open_hub_dataset(name, split, key)
@@ -124,14 +128,15 @@ def _hub_pairs(name: str, split: str, caption_column: str, options: dict, key: s
         if isinstance(dataset.features[column], datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
     labels = dataset[needed[2]] if form == "pickapic" else [1.0] * len(dataset)
+    excluded = filtered_out(dataset, keep, name, key)
     winners, losers, captions = [], [], []
-    for row, (label, text) in enumerate(zip(labels, dataset[caption_column])):
-        caption, orders = _captions(text), _order(label, options["keep_ties"])
+    for row, (label, text, reason) in enumerate(zip(labels, dataset[caption_column], excluded)):
+        caption, orders = reason or _captions(text), _order(label, options["keep_ties"])
         if isinstance(orders, str):
             orders, caption = (0,), orders
         for first in orders:
             winners.append((row, needed[first]))
             losers.append((row, needed[1 - first]))
             captions.append(caption)
-    fingerprint = f"{dataset._fingerprint}:pairs:{form}:{needed}:{caption_column}:{options['keep_ties']}"
+    fingerprint = f"{dataset._fingerprint}:pairs:{form}:{needed}:{caption_column}:{options['keep_ties']}:{keep}"
     return Rows(name, winners, captions, fingerprint, hub=dataset, losers=losers)

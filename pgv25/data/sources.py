@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..models.loading import hub_unreachable_message
+from ..models.loading import hub_reachable, hub_unreachable_message
+from .filters import RowFilter, row_filter
 
 logger = logging.getLogger(__name__)
 
@@ -85,25 +86,28 @@ def load_rows(cfg: dict, key: str = "train_dataloader.dataset") -> Rows:
 
         return pair_rows(cfg, key)
     image_column, caption_column = cfg.get("image_column", "image"), cfg.get("caption_column", "text")
+    keep = row_filter(cfg, key)
     if kind == "hub":
-        return hub_rows(path, cfg.get("split", "train"), image_column, caption_column, key)
+        return hub_rows(path, cfg.get("split", "train"), image_column, caption_column, key, keep)
     if kind == "folder":
-        return folder_rows(Path(path).expanduser(), image_column, caption_column, key)
+        return folder_rows(Path(path).expanduser(), image_column, caption_column, key, keep)
     if kind == "manifest":
-        return manifest_rows(Path(path).expanduser(), image_column, caption_column, key)
+        return manifest_rows(Path(path).expanduser(), image_column, caption_column, key, keep)
     raise UserError(f"{key}.type must be 'hub', 'folder' or 'manifest', got '{kind}'")
 
 
 # ---------------------------------------------------------------------------------------------- files
 
 
-def folder_rows(folder: Path, image_column: str, caption_column: str, key: str) -> Rows:
+def folder_rows(folder: Path, image_column: str, caption_column: str, key: str, keep: RowFilter | None = None) -> Rows:
     """An image folder: `metadata.jsonl|csv|parquet` (column `file_name`, as 🤗 imagefolder) or a `.txt` beside each image."""
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist ({key}.path)")
     for name in METADATA_FILES:
         if (folder / name).is_file():
-            return manifest_rows(folder / name, "file_name" if image_column == "image" else image_column, caption_column, key)
+            return manifest_rows(folder / name, "file_name" if image_column == "image" else image_column, caption_column, key, keep)
+    if keep is not None:
+        raise UserError(f"{key}.filters needs columns to filter on: image folder {folder} has no {' / '.join(METADATA_FILES)}")
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise UserError(f"image folder {folder} holds no images and no {' / '.join(METADATA_FILES)}")
@@ -120,13 +124,15 @@ def _sidecar_caption(path: Path):
         return NOT_UTF8
 
 
-def manifest_rows(manifest: Path, image_column: str, caption_column: str, key: str) -> Rows:
+def manifest_rows(manifest: Path, image_column: str, caption_column: str, key: str, keep: RowFilter | None = None) -> Rows:
     """A CSV/JSONL/parquet table of image paths (relative to the table) and captions (a string or a list)."""
     records, columns = read_manifest(manifest, key)
     missing = [c for c in (image_column, caption_column) if c not in columns]
     if missing:
         raise UserError(f"manifest {manifest} has no column {', '.join(map(repr, missing))}; its columns are {sorted(columns)} "
                         f"(set {key}.image_column / caption_column)")
+    if keep is not None:
+        keep.check_columns(columns, f"manifest {manifest}", key)
     images, captions = [], []
     for record in records:
         if BAD_LINE in record:  # kept as a row so it is counted and logged like any other bad row
@@ -135,7 +141,7 @@ def manifest_rows(manifest: Path, image_column: str, caption_column: str, key: s
             continue
         value = record.get(image_column)
         images.append(str(manifest.parent / value) if isinstance(value, str) and value else f"{manifest}:<no {image_column}>")
-        captions.append(_captions(record.get(caption_column)))
+        captions.append((keep and keep.reason(record.get)) or _captions(record.get(caption_column)))
     return Rows(str(manifest), images, captions, _fingerprint(images, captions))
 
 
@@ -210,10 +216,12 @@ def _fingerprint(images: list[str], captions: list) -> str:
 
 def open_hub_dataset(name: str, split: str, key: str, streaming: bool = False):
     """`datasets.load_dataset` for a hub id or a local dataset folder (`load_from_disk` for a saved one)."""
+    local = Path(name).expanduser()
+    if not local.exists():
+        hub_reachable()  # offline at once when the Hub cannot be reached (models/loading.py)
     import datasets
 
     datasets.disable_progress_bars()
-    local = Path(name).expanduser()
     try:
         if local.is_dir() and (local / "dataset_info.json").is_file() and (local / "state.json").is_file():
             return datasets.load_from_disk(str(local))
@@ -228,18 +236,28 @@ def open_hub_dataset(name: str, split: str, key: str, streaming: bool = False):
         raise UserError(f"cannot load dataset {name}: {first_line(error)}") from None
 
 
-def hub_rows(name: str, split: str, image_column: str, caption_column: str, key: str) -> Rows:
+def hub_rows(name: str, split: str, image_column: str, caption_column: str, key: str, keep: RowFilter | None = None) -> Rows:
     import datasets
 
     dataset = open_hub_dataset(name, split, key)
     check_columns(dataset.column_names, image_column, caption_column, name, key)
+    excluded = filtered_out(dataset, keep, name, key)
     if len(dataset) == 0:
         raise UserError(f"dataset {name} (split '{split}') is empty")
     if isinstance(dataset.features[image_column], datasets.Image):  # bytes only: pgv25 decodes, and catches, itself
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    captions = [_captions(value) for value in dataset[caption_column]]
-    return Rows(name, list(range(len(dataset))), captions, f"{dataset._fingerprint}:{image_column}:{caption_column}",
+    captions = [reason or _captions(value) for reason, value in zip(excluded, dataset[caption_column])]
+    return Rows(name, list(range(len(dataset))), captions, f"{dataset._fingerprint}:{image_column}:{caption_column}:{keep}",
                 hub=dataset, image_column=image_column)
+
+
+def filtered_out(dataset, keep: RowFilter | None, name: str, key: str) -> list:
+    """Per row of a 🤗 dataset, why `keep` leaves it out (None: kept); reads only the filtered columns."""
+    if keep is None:
+        return [None] * len(dataset)
+    keep.check_columns(dataset.column_names, f"dataset {name}", key)
+    values = {column: dataset[column] for column in keep.columns}
+    return [keep.reason(lambda column, i=i: values[column][i]) for i in range(len(dataset))]
 
 
 def check_columns(columns, image_column: str, caption_column: str, name: str, key: str) -> None:

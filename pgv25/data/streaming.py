@@ -37,6 +37,8 @@ def check_streaming(cfg: dict, key: str = "train_dataloader.dataset") -> None:
         raise UserError(f"{key}.streaming applies to type='hub' datasets; a {cfg.get('type')} is read from local files already")
     if (cfg.get("cache") or {}).get("enabled"):
         raise UserError(f"{key}.cache needs the whole dataset scanned first; set {key}.streaming=False to use it")
+    if cfg.get("filters"):
+        raise UserError(f"{key}.filters is applied by the scan of the whole dataset; set {key}.streaming=False to use it")
 
 
 class StreamingBucketDataset(torch.utils.data.IterableDataset):

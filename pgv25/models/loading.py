@@ -61,7 +61,47 @@ def resolve_pretrained(name: str, key: str = "model.pretrained_model_name_or_pat
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or not hub_reachable()
+
+
+_reachable: bool | None = None  # found out once per process
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host takes a TCP connection. When it does not, the process goes offline before any
+    download is tried: huggingface_hub would otherwise retry each request for half a minute and print a
+    warning per try before our one-line message; offline, a cached copy still loads and a missing one fails
+    at once. Behind an HTTPS proxy the libraries' own requests decide."""
+    global _reachable
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    if _reachable is None:
+        if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+            _reachable = True
+        else:
+            import socket
+            from urllib.parse import urlparse
+
+            endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+            try:
+                socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout).close()
+                _reachable = True
+            except OSError:
+                _reachable = False
+                _go_offline()
+    return _reachable
+
+
+def _go_offline() -> None:
+    """Offline mode for huggingface_hub and datasets, including the copies of the flag they read at import."""
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import sys
+
+    for module in ("huggingface_hub.constants", "datasets.config"):
+        if module in sys.modules:
+            for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+                if hasattr(sys.modules[module], flag):
+                    setattr(sys.modules[module], flag, True)
 
 
 def _is_missing_repo(error: Exception) -> bool:

@@ -25,6 +25,9 @@ train_dataloader = dict(
         caption_dropout=0.05,  # share of captions replaced by the pipeline's unconditional input (for CFG)
         keep_uncaptioned=False,  # True: images without a caption train as unconditional instead of being skipped
         max_image_pixels=8192 * 8192,  # larger images are skipped unread (decompression-bomb guard)
+        # Keep only rows whose numeric columns lie in a range (inclusive), e.g. a curated subset:
+        # filters=dict(aesthetic=dict(min=6.0)) or --cfg-options train_dataloader.dataset.filters.aesthetic.min=6
+        filters=dict(),
         cache_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/data',
         cache=dict(
             enabled=False,  # train from VAE latents + caption embeddings on disk (see `pgv25 data cache`)
