@@ -195,6 +195,14 @@ def cmd_eval_shapes(args) -> int:
     return 0
 
 
+def cmd_ckpt_verify(args) -> int:
+    from .engine.integrity import report
+
+    lines, healthy = report(Path(args.target))
+    print("\n".join(lines))
+    return 0 if healthy else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgv25", description="Fine-tune Playground v2.5 with its EDM schedule; export diffusers pipelines.")
     p.add_argument("--version", action="version", version=f"pgv25 {__version__}")
@@ -264,6 +272,13 @@ def parser() -> argparse.ArgumentParser:
     dc.add_argument("config")
     dc.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", default=[])
     dc.set_defaults(func=cmd_data_cache)
+
+    k = sub.add_parser("ckpt", help="check checkpoints and exports")
+    ksub = k.add_subparsers(dest="ckpt_command", required=True)
+    kv = ksub.add_parser("verify", help="compare every file with the size and SHA-256 recorded when it was written; "
+                                         "exit 1 if anything is damaged")
+    kv.add_argument("target", help="a work dir (all its checkpoints and exports), a checkpoint, or an export")
+    kv.set_defaults(func=cmd_ckpt_verify)
     return p
 
 

@@ -6,6 +6,7 @@ shapes evaluator, write a markdown table, a JSON record and PNG plots.
     PGV25_CACHE=/tmp/pgv25 python tools/experiments.py buckets          # balanced aspect buckets vs centre crop
     PGV25_CACHE=/tmp/pgv25 python tools/experiments.py parity           # pgv25 vs tools/reference_edm.py
     PGV25_CACHE=/tmp/pgv25 python tools/experiments.py goal             # the default config, scored
+    PGV25_CACHE=/tmp/pgv25 python tools/experiments.py preference       # DPO vs fine-tuning on the winners vs nothing
 
 Every arm starts from the same tiny base pipeline with the same data order seed and the same number
 of iterations; only what the experiment varies differs. An arm whose scores exist under
@@ -50,6 +51,7 @@ class Arm:
     name: str
     options: dict = field(default_factory=dict)  # dotted config keys → values
     note: str = ""
+    config: str = CONFIG
 
 
 def mixed_data(root: str, weighting) -> dict:
@@ -92,8 +94,8 @@ def experiments(root: str) -> dict:
     }
 
 
-def build_cfg(options: dict, work_dir: Path, iters: int | None, cfg_options: dict):
-    cfg = load_config(CONFIG)
+def build_cfg(options: dict, work_dir: Path, iters: int | None, cfg_options: dict, config: str = CONFIG):
+    cfg = load_config(config)
     base = {"validation.interval": 0, "sample_grid.prompts": [], "default_hooks.checkpoint.interval": 10**9,
             "work_dir": str(work_dir)}
     if iters:
@@ -171,9 +173,78 @@ def run_parity(work: Path, iters: int | None, cfg_options: dict, chunk: int = 50
             "ratio_pgv25_over_reference": per_iter["pgv25"] / per_iter["reference"], "iterations": done}
 
 
+DPO_CONFIG = "playgroundv2_5_dpo_tiny_shapes"
+PAIRS = {"shape_pairs": {"pairs": True, "per_caption": 4}}  # as in the DPO config
+
+
+def matched_beta(beta: float, sampler_cfg: dict) -> float:
+    """β for EDM's λ = 1/σ² + 1/σ_d² that gives the median pair of σ draws the weight β gives it under ε-MSE's
+    λ = 1/σ² (their mean ratio says nothing: E[1/σ²] is set by the rare smallest σ)."""
+    import torch
+
+    from pgv25 import edm
+
+    options = dict(sampler_cfg)
+    sampler = edm.build_sigma_sampler(options.pop("type"), {}, **options)
+    sigma = sampler(100_000, torch.Generator().manual_seed(0))
+    ratio = edm.loss_weight(sigma, 0.5, "epsilon").median() / edm.loss_weight(sigma, 0.5, "edm").median()
+    return float(beta * ratio)
+
+
+def preference_arms(root: str, start: str, lr: float, beta: float) -> list[Arm]:
+    """From one under-trained start, for the same steps, seed and learning rate: DPO (two weightings) and
+    plain fine-tuning on the winners alone. The start itself is the third arm ('nothing')."""
+    aligned = {"model.pretrained_model_name_or_path": start, "optim_wrapper.optimizer.lr": lr}
+    winners = {**aligned, "tiny_assets.extra_datasets": PAIRS, "train_dataloader.batch_size": 8,
+               "train_dataloader.dataset.type": "manifest", "train_dataloader.dataset.path": f"{root}/shape_pairs/metadata.jsonl",
+               "train_dataloader.dataset.image_column": "chosen", "train_dataloader.dataset.caption_dropout": 0.0,
+               "optim_wrapper.optimizer.weight_decay": 0.0, "param_scheduler": dict(type="constant", warmup_iters=0)}
+    sampler = load_config(DPO_CONFIG).model.sigma_sampler
+    edm_beta = matched_beta(beta, sampler)
+    return [
+        Arm("sft_winners", winners, f"fine-tuning (denoising loss) on the 336 winners alone, batch 8, lr {lr:g}"),
+        Arm("dpo_epsilon", {**aligned, "objective.beta": beta, "objective.loss_weighting": "epsilon"},
+            f"DPO, λ = 1/σ² (Diffusion-DPO's ε-MSE), β {beta:g}, 8 pairs per step, lr {lr:g}", DPO_CONFIG),
+        Arm("dpo_edm", {**aligned, "objective.beta": round(edm_beta, 1), "objective.loss_weighting": "edm"},
+            f"DPO, EDM's λ = 1/σ² + 1/σ_d², β {edm_beta:.1f} (matched at the median σ), lr {lr:g}", DPO_CONFIG),
+    ]
+
+
+def implicit_accuracy(work_dir: Path) -> list[tuple[int, float]]:
+    """(iteration, implicit accuracy over the logging window) from a DPO run's scalars.jsonl."""
+    lines = (work_dir / "scalars.jsonl").read_text().splitlines()
+    return [(row["iteration"], row["dpo/implicit_accuracy"]) for row in map(json.loads, lines) if "dpo/implicit_accuracy" in row]
+
+
+def run_preference(args, work: Path, record: dict, record_file: Path, cfg_options: dict, root: str) -> dict:
+    """Train the start (the default config for --start-iters steps), then each arm from it; score all of them."""
+    spec = dict(title="Insight #3: preference alignment (DPO under EDM) on the shapes", aspects=("1:1",), prompts=SAMPLE_PROMPTS)
+    if "start" not in record:
+        record["start"] = train_arm(build_cfg({"train_cfg.max_iters": args.start_iters}, work / "start", None, cfg_options))
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        record_file.write_text(json.dumps(record, indent=2))
+    start = record["start"]["step_dir"]
+    arms = [Arm("nothing", note=f"the start: playgroundv2_5_tiny_shapes after {args.start_iters} steps, not trained further")]
+    arms += preference_arms(root, start, args.lr, args.beta)
+    for arm in arms:
+        if args.arms and arm.name not in args.arms or arm.name in record["arms"]:
+            continue
+        trained = {"step_dir": start}
+        if arm.name != "nothing":
+            trained = train_arm(build_cfg(arm.options, work / arm.name, args.iters or 300, cfg_options, arm.config))
+        scored = score_arm(Path(trained["step_dir"]), work / arm.name, spec["aspects"], args.per_prompt, spec["prompts"],
+                           args.eval_steps, args.eval_limit)
+        entry = {"note": arm.note, "options": {k: str(v) for k, v in arm.options.items()}, **trained, **scored}
+        if arm.config == DPO_CONFIG:
+            entry["implicit_accuracy"] = implicit_accuracy(work / arm.name)
+        record["arms"][arm.name] = entry
+        record_file.write_text(json.dumps(record, indent=2))
+    return spec
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", choices=["noise_schedule", "sigma_sampling", "buckets", "parity", "goal"])
+    parser.add_argument("experiment", choices=["noise_schedule", "sigma_sampling", "buckets", "parity", "goal", "preference"])
     parser.add_argument("--iters", type=int, help="training iterations per arm (default: the config's)")
     parser.add_argument("--per-prompt", type=int, default=2, help="evaluation images per prompt")
     parser.add_argument("--eval-steps", type=int, default=25, help="sampling steps of the evaluation")
@@ -182,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", default="docs/experiments", help="where the table, JSON and plots go")
     parser.add_argument("--arms", nargs="+", help="only these arms")
     parser.add_argument("--cfg-options", nargs="+", default=[], help="KEY=VALUE overrides for every arm")
+    parser.add_argument("--start-iters", type=int, default=700, help="preference: steps of the under-trained start")
+    parser.add_argument("--lr", type=float, default=1e-4, help="preference: learning rate of every arm")
+    parser.add_argument("--beta", type=float, default=500.0, help="preference: β of the ε-MSE DPO arm")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from pgv25.config import parse_cfg_options
@@ -192,7 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work_dir) / args.experiment
     record_file = work / "record.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {"arms": {}}
-    if args.experiment == "parity":
+    if args.experiment == "preference":
+        spec = run_preference(args, work, record, record_file, cfg_options, root)
+    elif args.experiment == "parity":
         spec = dict(title="Parity with the public recipe (diffusers' --do_edm_style_training)", aspects=("1:1",),
                     prompts=SAMPLE_PROMPTS,
                     arms=[Arm("pgv25", note="pgv25 train on the public path: Karras-index σ, unweighted, no latent cache"),

@@ -61,6 +61,29 @@ def bar_chart(record: dict, out: Path, groups: list[str] | None = None) -> Path:
     return out
 
 
+def accuracy_chart(record: dict, out: Path) -> Path | None:
+    """DPO arms' implicit accuracy (share of pairs whose winner the policy prefers) over training."""
+    series = {name: arm["implicit_accuracy"] for name, arm in record["arms"].items() if arm.get("implicit_accuracy")}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 3.6))
+    for name, points in series.items():
+        axis.plot([i for i, _ in points], [100 * a for _, a in points], marker=".", label=name)
+    axis.axhline(50, color="grey", linewidth=0.8, linestyle="--")
+    axis.set_xlabel("iteration")
+    axis.set_ylabel("implicit accuracy, % (ties ½)")
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def write_experiment(name: str, record: dict, work: Path, docs: Path) -> Path:
     """docs/<name>.md (table + images), docs/<name>.png, docs/<name>_<arm>_samples_<aspect>.png."""
     docs.mkdir(parents=True, exist_ok=True)
@@ -73,6 +96,9 @@ def write_experiment(name: str, record: dict, work: Path, docs: Path) -> Path:
             images.append((arm, sheet.stem.replace("samples_", "").replace("x", ":"), target.name))
     lines = [f"# {record.get('title', name)}", "", f"Reproduce: `{record.get('command', '')}`", "", table(record), "",
              f"![scores]({chart.name})", ""]
+    accuracy = accuracy_chart(record, docs / f"{name}_accuracy.png")
+    if accuracy is not None:
+        lines += [f"![implicit accuracy over training]({accuracy.name})", ""]
     timing = record.get("timing")
     if timing:
         lines += [f"Seconds per iteration, measured in the same run in alternating chunks: pgv25 "

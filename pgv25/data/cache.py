@@ -17,6 +17,7 @@ gets a new cache instead of silently reusing a stale one. Random crops are drawn
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.integrity import share_permissions
 from ..errors import UserError
 from .dataset import DataPlan
 from .index import DEFAULT_MAX_PIXELS
@@ -218,6 +220,7 @@ def _finish(work: Path, folder: Path, world_size: int, positions: int, captions,
     meta = {"latent_files": files, "text_files": text_files, "flips": len(flips), "dtype": dtype, "captions": len(captions),
             "force_zeros_for_empty_prompt": force_zeros, "unreadable": problems}
     (work / "meta.json").write_text(json.dumps(meta))
+    share_permissions(work)  # safetensors writes owner-only files; the cache is shared like any other
     shutil.rmtree(folder, ignore_errors=True)
     work.rename(folder)
 
@@ -271,9 +274,7 @@ def ensure_cache(plan: DataPlan, data_cfg: dict, model_name: str, seed: int, dev
 
     `decide` broadcasts rank 0's view of whether the cache exists, so all ranks agree to build.
     """
-    from ..models.latent_codec import LatentCodec
-    from ..models.loading import component_identity, load_components, resolve_pretrained
-    from ..models.text_conditioner import TextConditioner
+    from ..models.loading import component_identity, resolve_pretrained
 
     options = cache_options(data_cfg)
     pipeline = resolve_pretrained(model_name)
@@ -286,6 +287,22 @@ def ensure_cache(plan: DataPlan, data_cfg: dict, model_name: str, seed: int, dev
         return folder
     if options["build"] == "never":
         raise UserError(f"no latent cache for this config and data in {folder.parent}; build it with: pgv25 data cache {config_name}")
+    from ..engine.locks import building
+
+    # Rank 0 holds the build lock: another run building the same cache finishes first, and is then used.
+    with building(folder, "the latent cache") if rank == 0 else contextlib.nullcontext():
+        if decide(is_complete(folder)):
+            logger.info("training from the latent cache %s, built by another run", folder)
+            return folder
+        _build_new(plan, data_cfg, folder, pipeline, seed, device, encoder_dtype, vae_dtype, rank, world_size, barrier)
+    return folder
+
+
+def _build_new(plan, data_cfg, folder, pipeline, seed, device, encoder_dtype, vae_dtype, rank, world_size, barrier):
+    from ..models.latent_codec import LatentCodec
+    from ..models.loading import load_components
+    from ..models.text_conditioner import TextConditioner
+
     logger.info("building the latent cache (%d images, %d process(es)) in %s", len(plan.index), world_size, folder)
     parts = load_components(str(pipeline), encoder_dtype, encoders=True, unet=False)
     conditioner = TextConditioner([parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2],
@@ -295,4 +312,3 @@ def ensure_cache(plan: DataPlan, data_cfg: dict, model_name: str, seed: int, dev
     del parts, conditioner, codec  # the device memory goes to the UNet
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return folder

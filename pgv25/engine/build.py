@@ -196,8 +196,9 @@ def compile_unet(unet, options: dict, buckets: int) -> None:
         return
     import torch._dynamo
 
-    # One graph per bucket shape: keep them all rather than fall back to eager after the default 8.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * buckets)
+    # One graph per bucket shape (and per train/eval and adapters on/off state, DPO's LoRA reference): keep them
+    # all rather than fall back to eager after the default 8.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * buckets)
     kwargs = {k: options[k] for k in ("backend", "mode", "dynamic", "fullgraph") if options.get(k) is not None}
     try:
         unet.compile(**kwargs)

@@ -5,18 +5,19 @@ Layout of `checkpoints/iter_<N>/`:
 - `ema.safetensors`: their exponential moving average, when the run keeps one;
 - `optimizer.pt`, `lr_scheduler.pt`, `grad_scaler.pt` (fp16 runs), `rng.pt` (every RNG of every
   rank): tensors, numbers and strings only, read back with `torch.load(weights_only=True)`;
-- `trainer_state.json`: iteration, per-rank data position, counters, the config fingerprint.
+- `trainer_state.json`: iteration, per-rank data position, counters, the config fingerprint;
+- `pgv25_manifest.json`: every file's size and SHA-256 (integrity.py), written last.
 
 A checkpoint is written under a temporary name, fsync'ed, and renamed when complete; a `kill -9`
 at any moment leaves at worst a temporary folder, which is never picked and is removed by the next
-save. Older checkpoints are deleted only after a newer one is complete.
+save. Older checkpoints are deleted only after a newer one is complete. A checkpoint damaged later
+(a truncated copy, a full disk during a sync) fails its manifest and is passed over on `--resume`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle  # only for its error type: checkpoints are read with weights_only=True
 import random
 import re
 import shutil
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from .integrity import finish_folder
 
 NAME = re.compile(r"^iter_(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -88,6 +90,7 @@ def save_checkpoint(folder: Path, iteration: int, model_state: dict, parts: dict
             if parts.get(name) is not None:
                 torch.save(parts[name], tmp / f"{name}.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"iteration": iteration, **trainer_state}, indent=2))
+        finish_folder(tmp)
         for file in tmp.iterdir():
             _fsync(file)
         if final.exists():  # re-saving the same iteration (resumed at max_iters)
@@ -130,12 +133,19 @@ def read_checkpoint(path: Path, weights: bool = True) -> tuple[dict, dict]:
     receive them by broadcast.
     """
     names = PICKLED if weights else tuple(n for n in PICKLED if n != "optimizer")
-    try:
-        model_state = load_file(path / "model.safetensors") if weights else {}
-        parts = {name: torch.load(path / f"{name}.pt", weights_only=True) for name in names if (path / f"{name}.pt").is_file()}
-        parts.setdefault("optimizer", {})
-        if weights and (path / "ema.safetensors").is_file():
-            parts["ema"] = load_file(path / "ema.safetensors")
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
-        raise UserError(f"cannot resume from {path}: {str(error).strip().splitlines()[0]}") from None
+    model_state = _read(path / "model.safetensors", load_file) if weights else {}
+    parts = {name: _read(path / f"{name}.pt", lambda p: torch.load(p, weights_only=True))
+             for name in names if (path / f"{name}.pt").is_file()}
+    parts.setdefault("optimizer", {})
+    if weights and (path / "ema.safetensors").is_file():
+        parts["ema"] = _read(path / "ema.safetensors", load_file)
     return model_state, parts
+
+
+def _read(file: Path, reader):
+    """`reader(file)`, any failure (safetensors' own errors included) as one line naming the file."""
+    try:
+        return reader(file)
+    except Exception as error:  # noqa: BLE001 — OSError, pickle's and safetensors' own error types alike
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot resume from {file.parent}: {file.name} is unreadable ({detail})") from None

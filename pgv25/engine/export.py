@@ -3,7 +3,8 @@
 The frozen parts (tokenizers, text encoders, VAE, scheduler, model_index.json) are hard-linked
 (or copied, across file systems) from the base pipeline folder byte for byte, so an export never
 changes them, even when training kept them in bf16. Only `unet/` is written. The folder is
-assembled under a temporary name and renamed, so a `step<N>` that exists is complete.
+assembled under a temporary name and renamed, so a `step<N>` that exists is complete; its manifest
+(integrity.py) shows later damage.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import UserError
+from .integrity import finish_folder
 
 FROZEN = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "scheduler")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -64,6 +66,7 @@ def atomic_folder(out_dir: Path):
     try:
         tmp.mkdir(parents=True)
         yield tmp
+        finish_folder(tmp)  # ordinary permissions, and the manifest `pgv25 ckpt verify` checks
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

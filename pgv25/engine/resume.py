@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 
 from ..errors import UserError
-from .checkpoint import latest_checkpoint, read_trainer_state
+from .checkpoint import complete_checkpoints, read_trainer_state
+from .integrity import check_folder
 
 logger = logging.getLogger("pgv25")
 
@@ -59,17 +60,30 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 
 
 def checkpoint_to_resume(resume, work_dir: Path) -> Path | None:
-    """`--resume` alone: the latest complete checkpoint of the work dir (None: start fresh); a path: that one."""
+    """`--resume` alone: the newest intact checkpoint of the work dir (None: start fresh), passing over damaged
+    ones with a line each; a path: that one, refused in one line if it is damaged."""
     if not resume:
         return None
     if resume is True:
-        found = latest_checkpoint(work_dir / "checkpoints")
-        if found is None:
+        found = complete_checkpoints(work_dir / "checkpoints")
+        if not found:
             logger.info("--resume: no checkpoint in %s yet; starting from the beginning", work_dir / "checkpoints")
-        return found
+            return None
+        damaged = []
+        for candidate in reversed(found):
+            check = check_folder(candidate)
+            if not check.damaged:
+                return candidate
+            damaged.append(f"{candidate.name}: {check.state}")
+            logger.warning("checkpoint %s is damaged (%s); trying the one before it", candidate, check.state)
+        raise UserError(f"--resume: every checkpoint in {work_dir / 'checkpoints'} is damaged ({'; '.join(damaged)}); "
+                        "move them away to start from the beginning")
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"--resume: checkpoint {path} does not exist")
+    check = check_folder(path)
+    if check.damaged:
+        raise UserError(f"--resume: checkpoint {path} is damaged: {check.state}")
     return path
 
 

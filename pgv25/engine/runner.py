@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from .build import build_data, build_model, build_optimisation, build_runtime
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .ema import build_ema
 from .export import atomic_folder, export_pipeline
+from .locks import WorkDirLock
 from .resume import check_same_run, checkpoint_to_resume, fingerprint
 from .signals import GracefulStop
 from .validation import ValidationSampler
@@ -102,6 +104,33 @@ def ensure_writable(folder: Path) -> None:
         raise UserError(f"work dir {folder} is not writable: {error.strerror or error}") from None
 
 
+def free_bytes(folder: Path) -> int:
+    """Free space of the filesystem that holds `folder` (a function of its own so tests can shrink it)."""
+    return shutil.disk_usage(folder).free
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of every tensor in a (nested) state dict."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def out_of_memory_message(iteration: int, batch_size: int, shape, peak_gib: float | None, checkpoint) -> str:
+    """The one line a CUDA out-of-memory ends a run with: where, how big, and what to switch on."""
+    where = f"a batch of {shape[0]} images at {shape[1]}×{shape[2]}" if shape else f"batch_size {batch_size}"
+    peak = f"; peak {peak_gib:.1f} GiB allocated" if peak_gib is not None else ""
+    kept = f"the last checkpoint, {checkpoint}, is untouched" if checkpoint else "no checkpoint was written yet"
+    return (f"iteration {iteration}: out of GPU memory on {where} (train_dataloader.batch_size={batch_size} per process){peak}. "
+            "Try model.gradient_checkpointing=True, a smaller train_dataloader.batch_size with "
+            "optim_wrapper.accumulative_counts to keep the batch, optim_wrapper.optimizer.type=AdamW8bit or Adafactor, "
+            f"or model.lora.enabled=True; {kept}")
+
+
 @dataclass
 class Batches:
     """Endless batches from the loader; unreadable images are counted, by reason, and their paths logged.
@@ -167,11 +196,26 @@ class Trainer:
         self.work_dir = work_dir_of(cfg)
         ensure_writable(self.work_dir)
         objective_options(cfg)  # a wrong objective fails before any data or model loads
+        # Rank 0 of a run holds the work dir for as long as it trains: a second run there refuses in one line.
+        self._lock = WorkDirLock(self.work_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+        try:
+            self._build(cfg, resume, allow_config_change)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let another run use the work dir (also when this process ends, however it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _build(self, cfg, resume, allow_config_change) -> None:
         self.seed = int(cfg.randomness.seed)
         self.runtime = runtime = build_runtime(cfg, self.work_dir, trackers_of(cfg))
         self.accelerator, self.device = runtime.accelerator, runtime.device
         self.rank, self.world_size, self.sharded = runtime.rank, runtime.world_size, runtime.sharded
         self._open_log()
+        checkpoint = self._checkpoint_to_resume(resume)  # a damaged one is found before gigabytes load
         self.data = build_data(cfg, runtime)
         self.model = build_model(cfg, runtime, self.data.cached, len(self.data.plan.sizes) if self.data.plan else 32)
         self.objective = build_objective(cfg, self.model, self.device)
@@ -182,10 +226,10 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(self.seed + self.rank)
         self._build_hooks(cfg.get("ema") or {}, cfg.get("validation") or {})
         self.iteration = 0
+        self.skipped_saves = 0  # saves in a row skipped for want of disk space
         self.nonfinite_total = 0  # skipped updates so far
         self.nonfinite_run = 0  # consecutive skipped updates
         self.fingerprint = fingerprint(cfg, self.world_size)
-        checkpoint = checkpoint_to_resume(resume, self.work_dir)
         position, rng = (0, 0), None
         self.stream_resume = None  # per loader worker (epoch, rows read) of a streaming dataset
         if checkpoint is not None:
@@ -232,6 +276,19 @@ class Trainer:
         if self.validation.enabled and self.sharded:  # a sharded UNet cannot sample on rank 0 alone
             logger.warning("validation samples are not made with strategy='fsdp' yet; the final sample grid still comes from the export")
             self.validation.interval = 0
+
+    def _checkpoint_to_resume(self, resume) -> Path | None:
+        """Rank 0 picks (and verifies: hashing is I/O best done once) the checkpoint; every rank gets its choice or its error."""
+        choice = None
+        if self.accelerator.is_main_process:
+            try:
+                choice = checkpoint_to_resume(resume, self.work_dir)
+            except UserError as error:
+                choice = error
+        choice = distributed.broadcast_object(choice)
+        if isinstance(choice, UserError):
+            raise UserError(str(choice))
+        return choice
 
     def _restore(self, checkpoint: Path, allow_config_change: bool) -> tuple[tuple[int, int], dict | None]:
         """Load a checkpoint into the built objects; returns this rank's (data position, RNG state)."""
@@ -303,6 +360,8 @@ class Trainer:
     def micro_step(self, batch: dict) -> torch.Tensor:
         """One forward/backward of the objective on a batch; returns the (detached) mean loss."""
         x0, cond = self.model.inputs(batch, self.device, self.generator)
+        target = batch["time_ids"][0, 4:6].tolist()  # the bucket (h, w) in pixels
+        self._batch_shape = (len(x0), int(target[1]), int(target[0]))  # named if this step runs out of memory
         with self.accelerator.autocast():
             loss = self.optim.step_module(x0, cond, self.generator).mean()
         self.accelerator.backward(loss / self.optim.accumulation)
@@ -368,13 +427,27 @@ class Trainer:
                 "with a lower optim_wrapper.optimizer.lr or with optim_wrapper.clip_grad set"
             )
 
-    def save(self, export: bool = True) -> tuple[Path, Path | None]:
+    def save(self, export: bool = True) -> tuple[Path | None, Path | None]:
         """A resumable checkpoint and (optionally) a diffusers export; all ranks gather, rank 0 writes.
 
-        A failed write raises the same one-line error on every rank, so none waits for the others.
+        A failed write raises the same one-line error on every rank, so none waits for the others. When the
+        work dir's filesystem has no room for them, the save is skipped with a line saying so ((None, None));
+        a second skip in a row stops the run. Nothing is deleted to make room.
         """
         model_state = distributed.full_model_state(self.trained, trainable_only=self.lora is not None)
         optimizer_state = distributed.full_optimizer_state(self.trained, self.optim.optimizer.optimizer)
+        no_room = None
+        if self.accelerator.is_main_process:
+            no_room = self._no_room(model_state, optimizer_state, export)
+        no_room = distributed.broadcast_object(no_room)
+        if no_room:
+            self.skipped_saves += 1
+            if self.skipped_saves >= 2:
+                raise UserError(f"{no_room}; stopped after two saves in a row could not be written "
+                                f"(the last checkpoint written is intact); free space and resume with --resume")
+            logger.warning("%s; this save is skipped and training goes on to the next one", no_room)
+            return None, None
+        self.skipped_saves = 0
         ranks = distributed.gather_objects(
             {"consumed": self.batches.consumed, "skipped": self.batches.skipped, "rng": rng_state(self.generator),
              "stream": self.batches.stream or None}
@@ -419,6 +492,21 @@ class Trainer:
         if error:
             raise UserError(error)
         return checkpoint, step_dir
+
+    def _no_room(self, model_state: dict, optimizer_state: dict, export: bool) -> str | None:
+        """Why a checkpoint (and export) of about this size cannot be written now, or None."""
+        ema = model_state if self.ema is not None else {}
+        needed = tensor_bytes(model_state) + tensor_bytes(optimizer_state) + tensor_bytes(ema)
+        if export:  # the trained weights in the export dtype; the frozen parts are hard links
+            scale = {"fp32": 1.0, "fp16": 0.5, "bf16": 0.5}.get(self.cfg.get("export", {}).get("dtype", "fp32"), 1.0)
+            needed += int(tensor_bytes(model_state) * scale)
+        needed = int(needed * 1.02) + 2**20  # metadata, JSON, the manifest
+        free = free_bytes(self.work_dir)
+        if needed <= free:
+            return None
+        what = "checkpoint and export" if export else "checkpoint"
+        return (f"iteration {self.iteration}: no room for the {what}: about {needed / 2**30:.2f} GiB needed, "
+                f"{free / 2**30:.2f} GiB free on the filesystem of {self.work_dir}")
 
     def _export_lora(self, step_dir: Path, weights: dict, dtype: str) -> str:
         """`step<N>/pytorch_lora_weights.safetensors`, and with `lora.fuse_export` a full pipeline `step<N>_fused/`."""
@@ -520,7 +608,10 @@ class Trainer:
             self._validate()  # the starting point, to compare every later grid with
         with GracefulStop() as stop:
             while self.iteration < self.max_iters:
-                step = self.step(stop.requested)
+                try:
+                    step = self.step(stop.requested)
+                except torch.OutOfMemoryError:
+                    raise self._out_of_memory(result.checkpoint) from None
                 self.iteration += 1
                 self._check_finite(step)
                 if self.ema is not None and not step.nonfinite:
@@ -554,7 +645,22 @@ class Trainer:
             logger.removeHandler(self._log_file)
             train_log_only.removeHandler(self._log_file)
             self._log_file.close()
+        self.release()
         return result
+
+    def _out_of_memory(self, checkpoint) -> UserError:
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        self.optim.optimizer.zero_grad(set_to_none=True)  # let the memory go before anything else runs
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        last = checkpoint or self._latest_checkpoint()
+        return UserError(out_of_memory_message(self.iteration + 1, self.data.batch_size, getattr(self, "_batch_shape", None),
+                                               peak, last))
+
+    def _latest_checkpoint(self):
+        from .checkpoint import latest_checkpoint
+
+        return latest_checkpoint(self.work_dir / "checkpoints")
 
     def sample_grid(self, step_dir: Path) -> Path | None:
         """Generate the configured prompts from the exported pipeline and save a labelled grid."""

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..engine.integrity import share_permissions
 from .base_pipeline import build_base_pipeline
 from .shapes import write_shapes_dataset, write_shapes_pairs
 
@@ -33,6 +34,16 @@ def _build_atomically(target: Path, params: dict, build, what: str) -> dict:
     stamp = _read_stamp(target)
     if stamp is not None and stamp.get("params") == params:
         return stamp
+    from ..engine.locks import building
+
+    with building(target, what):  # another run may be building it, maybe with other parameters
+        return _build_locked(target, params, build, what)
+
+
+def _build_locked(target: Path, params: dict, build, what: str) -> dict:
+    stamp = _read_stamp(target)
+    if stamp is not None and stamp.get("params") == params:  # built by the run we waited for
+        return stamp
     logger.info("building %s in %s", what, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -40,6 +51,7 @@ def _build_atomically(target: Path, params: dict, build, what: str) -> dict:
         facts = build(tmp) or {}
         stamp = {"params": params, **facts}
         (tmp / STAMP).write_text(json.dumps(stamp, indent=2))
+        share_permissions(tmp)  # mkdtemp's folder is owner-only, and so are safetensors' files
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

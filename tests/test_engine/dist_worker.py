@@ -1,6 +1,6 @@
 """Run under torchrun by test_distributed.py: train a few steps and record what each rank saw.
 
-argv: OUT_JSON WORK_DIR STRATEGY STEPS [KEY=VALUE ...]. Writes, from rank 0, per-rank local losses, the loss mean
+argv: OUT_JSON WORK_DIR STRATEGY STEPS [KEY=VALUE ...] (config=NAME: another tiny config). Writes, from rank 0, per-rank local losses, the loss mean
 over ranks, the captions of each rank's first batch and a hash of each rank's full UNet weights
 after every step, and saves the full weights to WORK_DIR/final.safetensors.
 """
@@ -37,7 +37,11 @@ def digest(state: dict) -> str:
 
 
 def main(out: str, work_dir: str, strategy: str, steps: int, *options: str) -> None:
-    cfg = tiny_cfg(work_dir, f"strategy={strategy}", "sample_grid.prompts=[]", f"train_cfg.max_iters={steps}", *options)
+    """An option `config=NAME` picks another tiny config than the default."""
+    config = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in options}.get("config", "playgroundv2_5_tiny_shapes")
+    options = [o for o in options if not o.startswith("config=")]
+    cfg = tiny_cfg(work_dir, f"strategy={strategy}", "sample_grid.prompts=[]", f"train_cfg.max_iters={steps}", *options,
+                   config=config)
     trainer = Trainer(cfg)
     first_captions = list(next(iter(trainer._loader(0)))["caption"])
     record = {"captions": distributed.gather_objects(first_captions), "steps": []}

@@ -208,3 +208,15 @@ def test_text_encoder_lora_stays_identical_across_ranks(tiny_assets, tmp_path):
     for step in record["steps"]:
         assert step["local_loss"][0] != step["local_loss"][1]
         assert step["weights"][0] == step["weights"][1]
+
+
+def test_dpo_with_lora_stays_identical_across_ranks(tiny_assets, tmp_path):
+    """DPO's reference (the same UNet, adapters off, no gradients) runs inside the DDP forward."""
+    record, weights = run_worker(tmp_path, "ddp", "config=playgroundv2_5_dpo_tiny_shapes", "model.lora.enabled=True",
+                                 "optim_wrapper.optimizer.lr=1e-2", "train_dataloader.batch_size=2")
+    assert any("lora_B" in name for name in load_file(weights))
+    for number, step in enumerate(record["steps"]):
+        if number:  # at the first step the adapters are zero: every pair a tie, log 2 on both ranks
+            assert step["local_loss"][0] != step["local_loss"][1]
+        assert step["mean_loss"][0] == step["mean_loss"][1]
+        assert step["weights"][0] == step["weights"][1]

@@ -92,7 +92,10 @@ def test_checkpoints_refuse_pickled_objects(straight_run, tmp_path):
     ckpt = tmp_path / "checkpoints" / "iter_0000003"
     shutil.copytree(work / "checkpoints" / "iter_0000003", ckpt)
     torch.save({"state": {}, "param_groups": [], "evil": print}, ckpt / "optimizer.pt")  # a function is not a tensor
-    with pytest.raises(UserError, match="cannot resume"):
+    with pytest.raises(UserError, match="is damaged: optimizer.pt"):  # its manifest no longer matches
+        train(tiny_cfg(tmp_path, "train_cfg.max_iters=4", "sample_grid.prompts=[]"), resume=str(ckpt))
+    (ckpt / "pgv25_manifest.json").unlink()  # as an older pgv25 wrote it: the loader itself refuses
+    with pytest.raises(UserError, match="cannot resume from .*: optimizer.pt is unreadable"):
         train(tiny_cfg(tmp_path, "train_cfg.max_iters=4", "sample_grid.prompts=[]"), resume=str(ckpt))
 
 

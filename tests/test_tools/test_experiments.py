@@ -58,3 +58,23 @@ def test_parity_and_bucket_experiments_run(tiny_assets, tmp_path, experiment):
         assert list(record["arms"]["balanced_buckets"]["scores"]) == [
             "1:1 seen", "1:1 held-out", "2:1 seen", "2:1 held-out", "1:2 seen", "1:2 held-out"]
         assert (tmp_path / "docs" / "buckets_balanced_buckets_samples_2x1.png").is_file()
+
+
+def test_preference_experiment_trains_a_start_then_aligns_it(tiny_assets, tmp_path):
+    import experiments
+
+    experiments.main(["preference", "--work-dir", str(tmp_path), "--docs", str(tmp_path / "docs"), "--start-iters", "2",
+                      "--arms", "nothing", "dpo_edm", *SMALL])
+    record = json.loads((tmp_path / "preference" / "record.json").read_text())
+    assert set(record["arms"]) == {"nothing", "dpo_edm"}
+    assert record["arms"]["nothing"]["step_dir"] == record["start"]["step_dir"]  # scored as it is
+    assert [i for i, _ in record["arms"]["dpo_edm"]["implicit_accuracy"]] == [2]  # logged at the last iteration
+    assert "objective.loss_weighting" in record["arms"]["dpo_edm"]["options"]
+    assert (tmp_path / "docs" / "preference_accuracy.png").stat().st_size > 0
+
+
+def test_matched_beta_weighs_the_median_sigma_alike():
+    import experiments
+
+    # lognormal σ, median e^−1.2 ≈ 0.30: 1/σ² ≈ 11.0 against 1/σ² + 4 ≈ 15.0
+    assert 0.70 < experiments.matched_beta(1.0, {"type": "lognormal", "P_mean": -1.2, "P_std": 1.2}) < 0.76
