@@ -8,8 +8,9 @@ tiny_assets = dict(extra_datasets=dict(shape_pairs=dict(pairs=True, per_caption=
 objective = dict(
     type='dpo',
     # β: how far the policy may move from the reference per unit of preference. With loss_weighting='epsilon'
-    # (λ = 1/σ², Diffusion-DPO's ε-MSE exactly) 5000 is the paper's SDXL value; the tiny model uses its own.
-    beta=500.0,
+    # (λ = 1/σ², Diffusion-DPO's ε-MSE exactly) 5000 is the paper's SDXL value; on the shapes it also drifted
+    # least of the values tried (docs/experiments/README.md, §5).
+    beta=5000.0,
     loss_weighting='epsilon',
     # 'auto': the UNet with its LoRA off when model.lora is enabled, else a frozen copy of the base UNet.
     reference='auto',

@@ -75,6 +75,6 @@ def test_full_dpo_from_the_latent_cache_trains_the_unet_against_a_frozen_copy(ti
     trained = load_file(result.step_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(base[k], trained[k]) for k in base)
     assert (result.step_dir / "model_index.json").is_file()
-    assert "objective DPO (β 500, λ epsilon, reference a frozen copy of the base UNet)" in caplog.text
+    assert "objective DPO (β 5000, λ epsilon, reference a frozen copy of the base UNet)" in caplog.text
     # the 336 pairs encoded once, by this run or by an earlier test with the same data
     assert "latent cache of 336 pairs" in caplog.text or "VAE and text encoders not loaded" in caplog.text
