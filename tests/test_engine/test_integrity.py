@@ -1,7 +1,6 @@
 """Never lose a run, part 2: verified checkpoints and exports, one run per work dir, out-of-memory and disk guards."""
 
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -48,18 +47,26 @@ def unet(step_dir: Path) -> dict:
     return load_file(step_dir / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def cli(*args, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pgv25.cli", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+def cli(*args) -> tuple[int, str, str]:
+    """`pgv25 ARGS` in this process: exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    from pgv25.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
 
 
 def test_every_checkpoint_and_export_is_recorded_and_verifies(six_iterations):
     for folder in [*(six_iterations / "checkpoints").iterdir(), *six_iterations.glob("step*")]:
         check = check_folder(folder)
         assert check.state == "intact" and check.files > 1, folder
-    result = cli("ckpt", "verify", str(six_iterations))
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    code, out, _ = cli("ckpt", "verify", str(six_iterations))
+    assert code == 0
+    lines = out.splitlines()
     assert len(lines) == 6 and all("intact" in line for line in lines)
 
 
@@ -133,10 +140,11 @@ def test_a_damaged_export_is_reported_before_it_ships(six_iterations, tmp_path):
     export = tmp_path / "step6"
     shutil.copytree(six_iterations / "step6", export)
     flip_a_byte(export / "unet" / "diffusion_pytorch_model.safetensors")
-    result = cli("ckpt", "verify", str(export))
-    assert result.returncode == 1
-    assert "DAMAGED: unet/diffusion_pytorch_model.safetensors does not match" in result.stdout
-    assert cli("ckpt", "verify", str(tmp_path / "nothing")).returncode == 2
+    code, out, _ = cli("ckpt", "verify", str(export))
+    assert code == 1
+    assert "DAMAGED: unet/diffusion_pytorch_model.safetensors does not match" in out
+    code, _, err = cli("ckpt", "verify", str(tmp_path / "nothing"))
+    assert code == 2 and err.strip().count("\n") == 0 and "is not a folder" in err
 
 
 HOLD = textwrap.dedent("""
