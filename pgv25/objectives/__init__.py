@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.export import DTYPES
 from ..errors import UserError
 from .denoising import Denoising
 from .dpo import DPO, Reference, frozen_copy
@@ -19,7 +20,6 @@ from .schedule import NoiseSchedule, build_noise_schedule
 
 OBJECTIVES = ("denoising", "dpo")
 REFERENCES = ("auto", "adapters_off", "frozen_copy")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def objective_options(cfg) -> dict:
