@@ -203,6 +203,58 @@ def cmd_ckpt_verify(args) -> int:
     return 0 if healthy else 1
 
 
+def cmd_export_single_file(args) -> int:
+    from .engine.single_file import write_single_file
+
+    folder = Path(args.step_dir)
+    out = write_single_file(folder, Path(args.out), args.dtype, title=args.title or folder.name,
+                            run={"source": str(folder.resolve())})
+    print(f"{out} ({out.stat().st_size / 2**30:.2f} GiB)")
+    return 0
+
+
+def cmd_lora_info(args) -> int:
+    from .models.lora_files import describe, read_lora
+
+    print("\n".join(describe(read_lora(args.file))))
+    return 0
+
+
+def cmd_lora_kohya(args) -> int:
+    from .models.lora_files import resolve, write_kohya
+
+    print(write_kohya(resolve(args.file), Path(args.out)))
+    return 0
+
+
+def cmd_lora_merge(args) -> int:
+    from .engine.export import DTYPES
+    from .models.lora_files import merge, read_lora, write_merged
+
+    if len(args.files) < 2:
+        raise UserError("merge needs at least two LoRA files")
+    weights = args.weights or [1.0] * len(args.files)
+    if len(weights) != len(args.files):
+        raise UserError(f"--weights: {len(weights)} values for {len(args.files)} LoRA files")
+    if args.rank is not None and args.rank < 1:
+        raise UserError(f"--rank must be ≥ 1, got {args.rank}")
+    loras = [read_lora(f) for f in args.files]
+    layers = merge(loras, weights, args.rank)
+    sources = [{"file": str(lora.path), "weight": w} for lora, w in zip(loras, weights)]
+    out = write_merged(layers, loras[0].layout, Path(args.out), DTYPES[args.dtype], sources)
+    rank = max(layer.rank for layer in layers.values())
+    how = f"truncated SVD to rank {rank}" if args.rank is not None else f"concatenated, rank {rank}"
+    print(f"{out}: {len(layers)} layers, {how}, alpha = rank")
+    return 0
+
+
+def cmd_lora_fuse(args) -> int:
+    from .engine.export import fuse_lora_pipeline
+
+    print(fuse_lora_pipeline(args.base, args.lora, Path(args.out), args.scale, args.dtype))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgv25", description="Fine-tune Playground v2.5 with its EDM schedule; export diffusers pipelines.")
     p.add_argument("--version", action="version", version=f"pgv25 {__version__}")
@@ -279,6 +331,40 @@ def parser() -> argparse.ArgumentParser:
                                          "exit 1 if anything is damaged")
     kv.add_argument("target", help="a work dir (all its checkpoints and exports), a checkpoint, or an export")
     kv.set_defaults(func=cmd_ckpt_verify)
+
+    x = sub.add_parser("export", help="convert an export for other tools")
+    xsub = x.add_subparsers(dest="export_command", required=True)
+    xs = xsub.add_parser("single-file", help="one .safetensors in the original SDXL layout with edm_mean/edm_std "
+                                             "(ComfyUI's Load Checkpoint and A1111/Forge sample it as Playground v2.5)")
+    xs.add_argument("step_dir", help="a pipeline export (work_dirs/<config>/step<N>, or any SDXL-layout diffusers folder)")
+    xs.add_argument("--out", required=True, help="FILE.safetensors")
+    xs.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    xs.add_argument("--title", help="modelspec.title in the file's metadata (default: the folder's name)")
+    xs.set_defaults(func=cmd_export_single_file)
+
+    lo = sub.add_parser("lora", help="inspect, convert, merge and fuse LoRA files")
+    losub = lo.add_subparsers(dest="lora_command", required=True)
+    li = losub.add_parser("info", help="layout, rank, alpha, targets and base architecture of a LoRA file")
+    li.add_argument("file", help="a LoRA .safetensors (diffusers or kohya layout) or a LoRA export folder")
+    li.set_defaults(func=cmd_lora_info)
+    lk = losub.add_parser("kohya", help="write a pgv25/diffusers LoRA in the kohya layout (ComfyUI LoraLoader, A1111)")
+    lk.add_argument("file")
+    lk.add_argument("--out", required=True)
+    lk.set_defaults(func=cmd_lora_kohya)
+    lm = losub.add_parser("merge", help="several LoRAs into one: exactly (ranks concatenated) or by SVD to --rank")
+    lm.add_argument("files", nargs="+", metavar="FILE")
+    lm.add_argument("--weights", nargs="+", type=float, help="one factor per file (default 1 each)")
+    lm.add_argument("--rank", type=int, help="truncated SVD of the summed update to this rank (default: exact concatenation)")
+    lm.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    lm.add_argument("--out", required=True, help="FILE.safetensors, in the inputs' layout")
+    lm.set_defaults(func=cmd_lora_merge)
+    lf = losub.add_parser("fuse", help="a full pipeline folder with the LoRA folded into its weights")
+    lf.add_argument("--base", required=True, help="the base pipeline folder the LoRA was trained on")
+    lf.add_argument("--lora", required=True, help="a LoRA .safetensors or a LoRA export folder")
+    lf.add_argument("--scale", type=float, default=1.0)
+    lf.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    lf.add_argument("--out", required=True, help="a new folder")
+    lf.set_defaults(func=cmd_lora_fuse)
     return p
 
 

@@ -39,20 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pgv25 import edm  # noqa: E402
 from pgv25.engine.optim import build_optimizer  # noqa: E402
 from pgv25.models.edm_denoiser import Conditioning, EDMDenoiser, EDMLoss  # noqa: E402
+from pgv25.models.playground_configs import SCHEDULER, UNET  # noqa: E402
 
-# playgroundai/playground-v2.5-1024px-aesthetic, unet/config.json (the SDXL UNet)
-PLAYGROUND_UNET = {
-    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
-    "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
-    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
-}
-PLAYGROUND_SCHEDULER = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "rho": 7.0, "num_train_timesteps": 1000,
-                        "prediction_type": "epsilon", "sigma_schedule": "karras"}
+PLAYGROUND_UNET, PLAYGROUND_SCHEDULER = UNET, SCHEDULER  # the names the other tools import
 VARIANTS = ("full", "ckpt", "adamw8bit", "lora64", "compile")
 
 

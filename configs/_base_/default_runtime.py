@@ -33,6 +33,10 @@ randomness = dict(seed=0)
 work_dir = None  # default: work_dirs/<config name>
 export = dict(
     dtype='fp32',  # dtype of the exported UNet weights: 'fp32' | 'fp16' | 'bf16'
+    # Also step<N>/<config>-step<N>.safetensors: the whole pipeline in one file in the original SDXL layout,
+    # with edm_mean/edm_std so ComfyUI and A1111/Forge sample it as Playground v2.5 (EDM), not as SDXL.
+    single_file=False,
+    single_file_dtype='fp16',
 )
 # After training: a labelled grid of images from the exported pipeline, at work_dir/samples_step<N>.png.
 sample_grid = dict(

@@ -16,10 +16,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from .integrity import finish_folder
+from .integrity import UMASK, finish_folder
 
 FROZEN = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "scheduler")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -75,17 +76,63 @@ def atomic_folder(out_dir: Path):
         raise UserError(f"cannot write export {out_dir}: {error.strerror or error}; earlier exports are intact") from None
 
 
+def export_options(cfg) -> dict:
+    """`export` and the LoRA export switches, checked before anything loads."""
+    options = dict(cfg.get("export") or {})
+    for key in ("dtype", "single_file_dtype"):
+        if options.get(key, "fp32") not in DTYPES:
+            raise UserError(f"export.{key} must be one of {', '.join(DTYPES)}, got '{options[key]}'")
+    lora = dict(cfg.model.get("lora") or {})
+    if lora.get("enabled") and options.get("single_file") and not lora.get("fuse_export"):
+        raise UserError("export.single_file writes a whole model: with LoRA set model.lora.fuse_export=True too "
+                        "(the file goes into step<N>_fused/), or use lora.kohya_export for ComfyUI's LoRA loader")
+    if lora.get("enabled") and lora.get("kohya_export") and (lora.get("use_dora") or lora.get("use_rslora")):
+        raise UserError("model.lora.kohya_export: diffusers cannot read DoRA or rsLoRA back from a kohya file; "
+                        "turn kohya_export off (the diffusers-format file carries them)")
+    return options
+
+
+def single_file_name(out_dir: Path) -> str:
+    """`<config>-step<N>.safetensors`: a name that still says what it is in ComfyUI's checkpoint folder."""
+    return f"{out_dir.parent.name}-{out_dir.name}.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_file(out: Path):
+    """Yield a temporary path beside `out` that replaces it once the block succeeds: `out` is never half-written.
+    An OSError (no such folder, no permission, full disk) is one UserError line."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out} is a folder; give a file name")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~UMASK)  # safetensors writes owner-only files
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as error:  # safetensors reports its own write failures (a full disk) in its type
+        raise UserError(f"cannot write {out}: {getattr(error, 'strerror', None) or error}") from None
+    finally:
+        with contextlib.suppress(OSError):  # gone after the rename; never created when the folder could not be
+            tmp.unlink(missing_ok=True)
+
+
 def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "fp32", state: dict | None = None,
-                    scheduler=None) -> Path:
+                    scheduler=None, single_file: dict | None = None, text_encoders: dict | None = None) -> Path:
     """Write `out_dir` as a diffusers pipeline: the base pipeline's frozen parts + this UNet.
 
     `scheduler`: a diffusers scheduler to ship instead of the base's (a model trained on another noise
-    schedule must be sampled on it); model_index.json then names its class.
+    schedule must be sampled on it); model_index.json then names its class. `single_file`: also the
+    whole pipeline as one LDM-layout file inside the folder (single_file.py; keys dtype, run).
+    `text_encoders`: name → encoder to save instead of linking the base's (a fused text-encoder LoRA).
     """
     base_folder = Path(base_folder)
+    text_encoders = text_encoders or {}
     with atomic_folder(out_dir) as tmp:
         frozen = FROZEN if scheduler is None else tuple(n for n in FROZEN if n != "scheduler")
-        for name in frozen:
+        for name, encoder in text_encoders.items():
+            encoder.save_pretrained(tmp / name)
+        for name in (n for n in frozen if n not in text_encoders):
             _link_tree(base_folder / name, tmp / name)
         if scheduler is None:
             _link_or_copy(base_folder / "model_index.json", tmp / "model_index.json")
@@ -95,4 +142,37 @@ def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "
             index["scheduler"] = ["diffusers", type(scheduler).__name__]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         save_unet(unet, tmp / "unet", dtype, state)
+        if single_file is not None:  # inside the folder: the manifest covers it, the rename publishes both at once
+            from .single_file import write_single_file
+
+            write_single_file(tmp, tmp / single_file_name(out_dir), single_file.get("dtype", "fp16"),
+                              title=f"{out_dir.parent.name} {out_dir.name}", run=single_file.get("run"))
     return out_dir
+
+
+def fuse_lora_pipeline(base_folder: str | Path, lora_path: str | Path, out_dir: Path, scale: float = 1.0,
+                       dtype: str = "fp32") -> Path:
+    """`out_dir`: the base pipeline with the LoRA folded into its weights (diffusers' own fuse_lora), any layout
+    diffusers reads (pgv25/diffusers, kohya); text encoders are written only when the LoRA touches them."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from ..models.lora_files import component, read_lora, resolve
+    from .single_file import check_pipeline_folder
+
+    base_folder, lora_path, out_dir = Path(base_folder), resolve(lora_path), Path(out_dir)
+    check_pipeline_folder(base_folder)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} exists and is not empty; choose a new folder for the fused pipeline")
+    lora = read_lora(lora_path)
+    if lora.dora and lora.layout == "kohya":
+        raise UserError(f"{lora_path}: diffusers drops DoRA magnitudes from kohya files; fuse the diffusers-format file")
+    parts = sorted({component(name) for name in lora.layers})
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_folder)
+    try:
+        pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name)
+    except (RuntimeError, ValueError, KeyError) as error:  # shapes or names of another base model
+        raise UserError(f"{lora_path} does not fit the model in {base_folder}: {str(error).strip().splitlines()[0][:300]}") from None
+    pipe.fuse_lora(components=parts, lora_scale=scale)
+    pipe.unload_lora_weights()
+    encoders = {name: getattr(pipe, name) for name in parts if name != "unet"}
+    return export_pipeline(pipe.unet, base_folder, out_dir, dtype, text_encoders=encoders)

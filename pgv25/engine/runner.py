@@ -30,12 +30,13 @@ from ..data.sampler import BucketBatchSampler
 from ..errors import UserError
 from ..generate import generate, labelled_grid, load_pipeline
 from ..models.lora import LORA_FILE, fused_unet_state, save_lora
+from ..models.lora_files import KOHYA_FILE, write_kohya
 from ..objectives import build_objective, objective_options
 from . import distributed
 from .build import build_data, build_model, build_optimisation, build_runtime
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .ema import build_ema
-from .export import atomic_folder, export_pipeline
+from .export import atomic_folder, export_options, export_pipeline
 from .locks import WorkDirLock
 from .resume import check_same_run, checkpoint_to_resume, fingerprint
 from .signals import GracefulStop
@@ -195,7 +196,8 @@ class Trainer:
         self.cfg = cfg
         self.work_dir = work_dir_of(cfg)
         ensure_writable(self.work_dir)
-        objective_options(cfg)  # a wrong objective fails before any data or model loads
+        objective_options(cfg)  # a wrong objective or export option fails before any data or model loads
+        export_options(cfg)
         # Rank 0 of a run holds the work dir for as long as it trains: a second run there refuses in one line.
         self._lock = WorkDirLock(self.work_dir) if int(os.environ.get("RANK", "0")) == 0 else None
         try:
@@ -482,7 +484,8 @@ class Trainer:
                     if self.lora is not None:
                         exported = self._export_lora(step_dir, weights, dtype)
                     else:
-                        export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=weights, scheduler=self.export_scheduler)
+                        export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=weights, scheduler=self.export_scheduler,
+                                        single_file=self._single_file())
                         exported = f", export {step_dir}"
                     exported += " (EMA weights)" if use_ema else ""
                 logger.info("iteration %d: checkpoint %s%s", self.iteration, checkpoint, exported)
@@ -508,8 +511,18 @@ class Trainer:
         return (f"iteration {self.iteration}: no room for the {what}: about {needed / 2**30:.2f} GiB needed, "
                 f"{free / 2**30:.2f} GiB free on the filesystem of {self.work_dir}")
 
+    def _single_file(self) -> dict | None:
+        """What export_pipeline needs for `export.single_file` (None when off)."""
+        options = self.cfg.get("export") or {}
+        if not options.get("single_file"):
+            return None
+        run = {"config": self.cfg.config_name, "iteration": self.iteration,
+               "base_model": str(self.cfg.model.pretrained_model_name_or_path)}
+        return {"dtype": options.get("single_file_dtype", "fp16"), "run": run}
+
     def _export_lora(self, step_dir: Path, weights: dict, dtype: str) -> str:
-        """`step<N>/pytorch_lora_weights.safetensors`, and with `lora.fuse_export` a full pipeline `step<N>_fused/`."""
+        """`step<N>/pytorch_lora_weights.safetensors` (+ with `lora.kohya_export` its kohya-layout twin), and with
+        `lora.fuse_export` a full pipeline `step<N>_fused/` (+ with `export.single_file` its one-file form)."""
         with atomic_folder(step_dir) as tmp:
             if self.model.text_lora:  # names carry the component: unet.*, text_encoder.*, text_encoder_2.*
                 parts = {key: {n[len(key) + 1:]: v for n, v in weights.items() if n.startswith(key + ".")}
@@ -518,10 +531,13 @@ class Trainer:
                           [parts["text_encoder"], parts["text_encoder_2"]])
             else:
                 save_lora(self.unet, weights, tmp)
+            if self.lora.get("kohya_export"):
+                write_kohya(tmp / LORA_FILE, tmp / KOHYA_FILE)
         text = f", LoRA {step_dir / LORA_FILE}"
         if self.lora.get("fuse_export"):
             fused = step_dir.with_name(f"{step_dir.name}_fused")
-            export_pipeline(self.unet, self.base_folder, fused, dtype, state=fused_unet_state(self.unet, weights))
+            export_pipeline(self.unet, self.base_folder, fused, dtype, state=fused_unet_state(self.unet, weights),
+                            single_file=self._single_file())
             text += f", fused pipeline {fused}"
         return text
 

@@ -35,6 +35,7 @@ def lora_config(cfg: dict):
         lora_dropout=float(cfg.get("dropout", 0.0)),
         init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: training starts at the base model
         target_modules=targets,
+        use_dora=bool(cfg.get("use_dora", False)),  # magnitude starts at ‖W‖ per row: still the base model
     )
 
 
@@ -46,7 +47,8 @@ def text_lora_config(cfg: dict):
     else:  # the UNet's rank and alpha
         rank = int(cfg.get("rank", 16))
         alpha = float(cfg.get("text_encoder_alpha") or cfg.get("alpha", rank))
-    return lora_config({"rank": rank, "alpha": alpha, "dropout": cfg.get("dropout", 0.0), "target_modules": TEXT_ATTENTION})
+    return lora_config({"rank": rank, "alpha": alpha, "dropout": cfg.get("dropout", 0.0), "target_modules": TEXT_ATTENTION,
+                        "use_dora": cfg.get("use_dora", False)})
 
 
 def add_text_lora(text_encoders, cfg: dict) -> int:
@@ -110,7 +112,10 @@ def save_lora(unet, trainable: dict[str, torch.Tensor], folder: Path, text_encod
 
 
 def fused_unet_state(unet, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain UNet weights with W ← W + (alpha/r)·B·A folded in: a UNet with no adapter at all."""
+    """Plain UNet weights with W ← W + (alpha/r)·B·A folded in: a UNet with no adapter at all.
+
+    DoRA (Liu et al. 2024): W ← m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm per output row, as peft merges it.
+    """
     from peft.tuners.lora import LoraLayer
 
     state = {k: v for k, v in unet.state_dict().items() if "lora_" not in k}
@@ -120,6 +125,10 @@ def fused_unet_state(unet, trainable: dict[str, torch.Tensor]) -> dict[str, torc
             a = trainable.get(f"{name}.lora_A.default.weight", module.lora_A["default"].weight).float()
             b = trainable.get(f"{name}.lora_B.default.weight", module.lora_B["default"].weight).float()
             key = f"{name}.base_layer.weight"
-            delta = (b @ a) * module.scaling["default"]
-            state[key] = (state[key].float() + delta.view(state[key].shape)).to(state[key].dtype)
+            weight = state[key].float() + ((b @ a) * module.scaling["default"]).view(state[key].shape)
+            if module.use_dora.get("default"):
+                magnitude = trainable.get(f"{name}.lora_magnitude_vector.default.weight",
+                                          module.lora_magnitude_vector["default"].weight).float()
+                weight = weight * (magnitude / torch.linalg.norm(weight, dim=1)).view(-1, 1)
+            state[key] = weight.to(state[key].dtype)
     return {k.replace(".base_layer.", "."): v for k, v in state.items()}
