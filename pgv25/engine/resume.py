@@ -20,6 +20,10 @@ logger = logging.getLogger("pgv25")
 
 # Model keys that only trade memory for speed; the trained function is the same.
 _FREE_MODEL_KEYS = {"gradient_checkpointing"}
+# Keys that only choose which files an export writes: changing them on resume changes no weight.
+_EXPORT_ONLY = {"model.lora.fuse_export", "model.lora.kohya_export"}
+# Keys added after checkpoints already existed, with the value those checkpoints were trained with.
+_NEWER_KEYS = {"model.lora.use_dora": False}
 
 
 def fingerprint(cfg, world_size: int) -> dict:
@@ -56,7 +60,11 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     for key in sorted(set(saved) | set(current)):
         old.update(_flatten(saved.get(key), key))
         new.update(_flatten(current.get(key), key))
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    for key, value in _NEWER_KEYS.items():
+        if key in new and key not in old:
+            old[key] = value
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and key not in _EXPORT_ONLY]
 
 
 def checkpoint_to_resume(resume, work_dir: Path) -> Path | None:

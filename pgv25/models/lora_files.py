@@ -79,23 +79,28 @@ def layer_alpha(component_config: dict, module: str) -> float:
 
 def kohya_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The LoRA in `path` (diffusers layout, with pgv25's metadata) in the kohya layout, alphas as trained."""
-    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    state, metadata = _load(path)
-    configs = adapter_configs(metadata)
+    _, metadata = _load(path)
+    configs, alphas = adapter_configs(metadata), {}
     if any(c.get("use_dora") for c in configs.values()):
         raise UserError("lora.kohya_export: a DoRA adapter has no kohya file diffusers can read back; export it without DoRA")
     if any(c.get("use_rslora") for c in configs.values()):
         raise UserError("lora.kohya_export: rsLoRA's scale alpha/√r has no kohya equivalent here")
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))
-    for name in [k for k in state if k.endswith((".lora.down.weight", ".lora_A.weight"))]:
-        component, _, rest = name.partition(".")
-        module = rest.rsplit(".lora", 1)[0]
-        key = f"{KOHYA_PREFIX[component]}_{module.replace('.', '_')}.alpha"
+    # peft names for every layer (diffusers' own detection converts only one naming per file, and a file with
+    # text-encoder layers mixes two), CLIP-L under `text_model.` as kohya names it (transformers ≥ 5.6 drops it).
+    peft = {}
+    for name, layer in read_lora(path).layers.items():
+        part, _, module = name.partition(".")
+        if part != "unet" and not module.startswith("text_model."):
+            module = "text_model." + module
+        peft[f"{part}.{module}.lora_A.weight"], peft[f"{part}.{module}.lora_B.weight"] = layer.down, layer.up
+        alphas[f"{KOHYA_PREFIX[part]}_{module.replace('.', '_')}.alpha"] = layer.alpha if layer.alpha is not None else layer.rank
+    kohya = convert_state_dict_to_kohya(peft)
+    for key, alpha in alphas.items():  # the converter writes alpha = rank
         if key not in kohya:
-            raise UserError(f"{path}: layer {name} did not come out of the kohya conversion as {key}")
-        if component in configs:
-            kohya[key] = torch.tensor(layer_alpha(configs[component], module), dtype=torch.float32)
+            raise UserError(f"{path}: a layer did not come out of the kohya conversion as {key}")
+        kohya[key] = torch.tensor(float(alpha))
     unet = configs.get("unet", {})
     meta = {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",

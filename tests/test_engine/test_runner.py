@@ -263,3 +263,13 @@ def test_unknown_tracker_is_one_line(tiny_assets, tmp_path):
 
     with pytest.raises(UserError, match="unknown tracker 'mlflow'"):
         train(tiny_cfg(tmp_path, "log_with=[mlflow]"))
+
+
+def test_export_switches_and_keys_older_than_a_checkpoint_do_not_block_its_resume():
+    from pgv25.engine.resume import config_changes
+
+    saved = {"model": {"lora": {"rank": 4, "fuse_export": False}}}  # written before kohya_export/use_dora existed
+    now = {"model": {"lora": {"rank": 4, "fuse_export": True, "kohya_export": True, "use_dora": False}}}
+    assert config_changes(saved, now) == []
+    dora = {"model": {"lora": {"rank": 4, "fuse_export": False, "kohya_export": False, "use_dora": True}}}
+    assert config_changes(saved, dora) == ["model.lora.use_dora: False -> True"]

@@ -13,10 +13,15 @@ OPTIONS = ["model.lora.enabled=True", "model.lora.rank=4", "model.lora.alpha=8",
            "default_hooks.checkpoint.interval=2", "sample_grid.prompts=[]"]
 
 
+# the ecosystem's files beside the diffusers one: kohya layout, and the fused pipeline as one SDXL-layout file
+EXPORTS = ["model.lora.fuse_export=True", "model.lora.kohya_export=True", "export.single_file=True",
+           "export.single_file_dtype=fp32"]
+
+
 @pytest.fixture(scope="module")
 def lora_run(tiny_assets, tmp_path_factory):
     work = tmp_path_factory.mktemp("lora")
-    trainer = Trainer(tiny_cfg(work, *OPTIONS, "model.lora.fuse_export=True"))
+    trainer = Trainer(tiny_cfg(work, *OPTIONS, *EXPORTS))
     result = trainer.run()
     return trainer, result, work
 
@@ -91,7 +96,7 @@ def test_lora_with_a_target_that_matches_nothing(tiny_assets, tmp_path):
 def test_text_encoder_lora_exports_loads_and_resumes(tiny_assets, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    options = [*OPTIONS, "model.lora.text_encoders=True", "model.lora.text_encoder_rank=2"]
+    options = [*OPTIONS, "model.lora.text_encoders=True", "model.lora.text_encoder_rank=2", "model.lora.kohya_export=True"]
     trainer = Trainer(tiny_cfg(tmp_path / "a", *options))
     trained_text = [n for e in trainer.conditioner.text_encoders for n, p in e.named_parameters() if p.requires_grad]
     assert trained_text and all("lora_" in n for n in trained_text)
@@ -114,6 +119,156 @@ def test_text_encoder_lora_exports_loads_and_resumes(tiny_assets, tmp_path):
         training_embeds = training_time.encode_prompt("a red circle", do_classifier_free_guidance=False)[0]
     assert_near(training_embeds, loaded_embeds, 1e-4)  # diffusers rebuilt the trained encoders (see test_text_conditioner.REL)
 
+    from pgv25.models.lora_files import KOHYA_FILE
+
+    kohya = load_file(result.step_dir / KOHYA_FILE)
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
+    assert {float(v) for k, v in kohya.items() if k.startswith("lora_te") and k.endswith(".alpha")} == {2.0}
+    pipe = StableDiffusionXLPipeline.from_pretrained(trainer.base_folder)
+    pipe.load_lora_weights(str(result.step_dir), weight_name=KOHYA_FILE)
+    assert_near(pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)[0], loaded_embeds, 1e-4)
+
     resumed = train(tiny_cfg(tmp_path / "b", *options), resume=str(tmp_path / "a" / "checkpoints" / "iter_0000002"))
     again = load_file(resumed.step_dir / LORA_FILE)
     assert all(torch.equal(exported[k], again[k]) for k in exported)
+
+
+def test_kohya_file_loads_like_the_diffusers_file(lora_run, tiny_pipeline):
+    from diffusers import StableDiffusionXLPipeline
+
+    from pgv25.models.lora_files import KOHYA_FILE
+
+    trainer, result, work = lora_run
+    kohya = load_file(result.step_dir / KOHYA_FILE)
+    alphas = {k: float(v) for k, v in kohya.items() if k.endswith(".alpha")}
+    assert alphas and all(k.startswith("lora_unet_") for k in kohya) and set(alphas.values()) == {8.0}  # trained alpha, not rank
+    pipes = []
+    for name in (LORA_FILE, KOHYA_FILE):
+        pipe = StableDiffusionXLPipeline.from_pretrained(trainer.base_folder)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(result.step_dir), weight_name=name)
+        pipes.append(images(pipe))
+    assert abs(pipes[0] - pipes[1]).max() < 1e-5
+    assert abs(pipes[0] - images(tiny_pipeline)).max() > 1e-2
+
+
+def test_fused_pipeline_ships_a_single_file_inside_its_manifest(lora_run):
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    trainer, result, work = lora_run
+    fused = work / "step4_fused"
+    name = f"{work.name}-step4_fused.safetensors"
+    assert name in json.loads((fused / "pgv25_manifest.json").read_text())["files"]
+    unet = UNet2DConditionModel.from_single_file(str(fused / name), config=str(fused), subfolder="unet", local_files_only=True)
+    folder = load_file(fused / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(unet.state_dict()[k], folder[k]) for k in folder)
+
+
+def lora_delta(lora, name):
+    layer = lora.layers[name]
+    return lora.scale(name) * layer.up.float() @ layer.down.float()
+
+
+def test_lora_tools_info_merge_fuse(lora_run, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+
+    from pgv25.cli import main
+    from pgv25.models.lora_files import read_lora
+
+    trainer, result, work = lora_run
+    lora_file = result.step_dir / LORA_FILE
+    assert main(["lora", "info", str(result.step_dir)]) == 0
+    info = capsys.readouterr().out
+    assert "rank 4, alpha 8 (scale 2)" in info and "ff.net.0.proj" in info and "diffusers layout" in info
+
+    original = read_lora(lora_file)
+    for extra, rank in (([], 8), (["--rank", "4"], 4)):  # exact concatenation; SVD back to the rank the sum has
+        out = tmp_path / f"merged{rank}.safetensors"
+        assert main(["lora", "merge", str(lora_file), str(lora_file), "--weights", "0.25", "0.75", *extra, "--out", str(out)]) == 0
+        merged = read_lora(out)
+        assert {layer.rank for layer in merged.layers.values()} == {rank}
+        for name in original.layers:
+            expected = lora_delta(original, name)
+            assert (lora_delta(merged, name) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    fused = tmp_path / "fused"
+    assert main(["lora", "fuse", "--base", str(trainer.base_folder), "--lora", str(lora_file), "--out", str(fused)]) == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(trainer.base_folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(result.step_dir))
+    folded = StableDiffusionXLPipeline.from_pretrained(fused)
+    folded.set_progress_bar_config(disable=True)
+    assert abs(images(folded) - images(pipe)).max() < 1e-4
+
+
+def test_lora_tools_refuse_bad_input_in_one_line(lora_run, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from pgv25.cli import main
+
+    trainer, result, work = lora_run
+    lora_file = result.step_dir / LORA_FILE
+    state = load_file(lora_file)
+    widen = [k for k in state if ".attn2.to_k.lora" in k and k.endswith(("lora_A.weight", "lora.down.weight"))]
+    assert widen
+    other = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if k in widen else v) for k, v in state.items()}
+    save_file(other, str(tmp_path / "other.safetensors"))  # cross-attention twice as wide: another base model
+
+    def error(*args):
+        capsys.readouterr()
+        assert main(list(args)) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "different base architectures" in error("lora", "merge", str(lora_file), str(tmp_path / "other.safetensors"),
+                                                   "--out", str(tmp_path / "m.safetensors"))
+    assert "does not fit the model" in error("lora", "fuse", "--base", str(trainer.base_folder), "--lora",
+                                             str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "f"))
+    assert "cannot write" in error("lora", "merge", str(lora_file), str(lora_file), "--out", str(lora_file / "x.safetensors"))
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "f").exists()
+    assert "--weights" in error("lora", "merge", str(lora_file), str(lora_file), "--weights", "1", "--out", str(tmp_path / "m"))
+
+
+def test_export_options_are_checked_before_anything_loads(tmp_path):
+    from pgv25.errors import UserError
+
+    with pytest.raises(UserError, match="fuse_export=True"):
+        Trainer(tiny_cfg(tmp_path, "model.lora.enabled=True", "export.single_file=True"))
+    with pytest.raises(UserError, match="DoRA or rsLoRA"):
+        Trainer(tiny_cfg(tmp_path, "model.lora.enabled=True", "model.lora.use_dora=True", "model.lora.kohya_export=True"))
+
+
+def test_dora_trains_exports_and_reloads(tiny_assets, tmp_path):
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from pgv25.models.lora import fused_unet_state
+
+    options = ["model.lora.enabled=True", "model.lora.rank=4", "model.lora.alpha=8", "model.lora.use_dora=True",
+               "optim_wrapper.optimizer.lr=1e-2", "train_cfg.max_iters=2", "default_hooks.checkpoint.interval=2"]
+    trainer = Trainer(tiny_cfg(tmp_path, *options))
+    result = trainer.run()
+    exported = load_file(result.step_dir / LORA_FILE)
+    assert any("lora_magnitude_vector" in k for k in exported)
+    pipe = StableDiffusionXLPipeline.from_pretrained(trainer.base_folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(result.step_dir))
+    trained = StableDiffusionXLPipeline.from_pretrained(trainer.base_folder, unet=trainer.unet.eval())
+    trained.set_progress_bar_config(disable=True)
+    assert abs(images(trained) - images(pipe)).max() < 1e-4
+
+    weights = {n: p.detach() for n, p in trainer.unet.named_parameters() if p.requires_grad}
+    ours = fused_unet_state(trainer.unet, weights)
+    merged = copy.deepcopy(trainer.unet)
+    for module in merged.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    theirs = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
+    assert set(ours) == set(theirs)
+    for key in theirs:  # peft's DoRA merge, the same formula in another order
+        assert (ours[key] - theirs[key]).abs().max() <= 1e-5 * theirs[key].abs().max() + 1e-7, key
