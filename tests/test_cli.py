@@ -115,19 +115,19 @@ def test_model_folder_without_a_component(tmp_path, tiny_assets):
     broken = tmp_path / "model"
     shutil.copytree(tiny_assets["model"], broken)
     shutil.rmtree(broken / "vae")
-    result = run("train", "playgroundv2_5_tiny_shapes", "--work-dir", str(tmp_path / "w"), "--cfg-options",
-                 *TINY_OPTIONS, f"model.pretrained_model_name_or_path={broken}")
+    result = call("train", "playgroundv2_5_tiny_shapes", "--work-dir", str(tmp_path / "w"), "--cfg-options",
+                  *TINY_OPTIONS, f"model.pretrained_model_name_or_path={broken}")
     one_line_error(result, "lacks vae/")
 
 
 def test_unwritable_work_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    one_line_error(run("train", "playgroundv2_5_tiny_shapes", "--work-dir", str(blocker / "sub")), "not writable")
+    one_line_error(call("train", "playgroundv2_5_tiny_shapes", "--work-dir", str(blocker / "sub")), "not writable")
 
 
 def test_generate_on_a_missing_model(tmp_path):
-    one_line_error(run("generate", "--model", str(tmp_path / "none"), "--prompt", "x", "--out", str(tmp_path / "o.png")),
+    one_line_error(call("generate", "--model", str(tmp_path / "none"), "--prompt", "x", "--out", str(tmp_path / "o.png")),
                    "does not exist")
 
 
@@ -158,9 +158,9 @@ def test_data_inspect_prints_buckets_and_writes_the_histogram(tmp_path, tiny_ass
     (folder / "9.png").write_bytes(b"")
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "hist.png"
-    result = run("data", "inspect", "playgroundv2_5_tiny_shapes", "--out", str(out), "--cfg-options",
-                 f"train_dataloader.dataset.path={folder}", "train_dataloader.batch_size=2",
-                 "train_dataloader.dataset.buckets.weighting=uniform", *TINY_OPTIONS)
+    result = call("data", "inspect", "playgroundv2_5_tiny_shapes", "--out", str(out), "--cfg-options",
+                  f"train_dataloader.dataset.path={folder}", "train_dataloader.batch_size=2",
+                  "train_dataloader.dataset.buckets.weighting=uniform", *TINY_OPTIONS)
     assert result.returncode == 0, result.stderr
     assert "18 rows, 17 usable, excluded 1 (1 empty file)" in result.stdout
     lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if "x" in line.split()[0][:5]}
@@ -169,5 +169,5 @@ def test_data_inspect_prints_buckets_and_writes_the_histogram(tmp_path, tiny_ass
 
 
 def test_data_commands_refuse_a_streaming_config():
-    result = run("data", "inspect", "playgroundv2_5_pokemon_blip", "--cfg-options", "train_dataloader.dataset.streaming=True")
+    result = call("data", "inspect", "playgroundv2_5_pokemon_blip", "--cfg-options", "train_dataloader.dataset.streaming=True")
     one_line_error(result, "streams its dataset: there is no scan to inspect or cache")

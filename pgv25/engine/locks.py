@@ -61,6 +61,7 @@ class WorkDirLock:
     """A use of the work dir's lock by one Trainer; the flock is released when the last use in this process ends."""
 
     def __init__(self, work_dir: Path):
+        self._active = False  # a refused lock (UserError below) is still finalised: __del__ must find this
         self.key = work_dir.resolve()
         entry = _held.get(self.key)
         if entry is None:

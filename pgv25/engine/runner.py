@@ -501,8 +501,12 @@ class Trainer:
         ema = model_state if self.ema is not None else {}
         needed = tensor_bytes(model_state) + tensor_bytes(optimizer_state) + tensor_bytes(ema)
         if export:  # the trained weights in the export dtype; the frozen parts are hard links
-            scale = {"fp32": 1.0, "fp16": 0.5, "bf16": 0.5}.get(self.cfg.get("export", {}).get("dtype", "fp32"), 1.0)
-            needed += int(tensor_bytes(model_state) * scale)
+            options = self.cfg.get("export") or {}
+            scale = {"fp32": 1.0, "fp16": 0.5, "bf16": 0.5}
+            needed += int(tensor_bytes(model_state) * scale.get(options.get("dtype", "fp32"), 1.0))
+            if options.get("single_file"):  # the whole pipeline once more, as one file
+                unet = sum(p.numel() for p in self.unet.parameters()) * 4
+                needed += int(unet * scale.get(options.get("single_file_dtype", "fp16"), 1.0)) + self._frozen_weight_bytes()
         needed = int(needed * 1.02) + 2**20  # metadata, JSON, the manifest
         free = free_bytes(self.work_dir)
         if needed <= free:
@@ -519,6 +523,11 @@ class Trainer:
         run = {"config": self.cfg.config_name, "iteration": self.iteration,
                "base_model": str(self.cfg.model.pretrained_model_name_or_path)}
         return {"dtype": options.get("single_file_dtype", "fp16"), "run": run}
+
+    def _frozen_weight_bytes(self) -> int:
+        """The base pipeline's VAE and text-encoder files (what the single file holds of them, or more)."""
+        folder = Path(self.base_folder)
+        return sum(f.stat().st_size for name in ("vae", "text_encoder", "text_encoder_2") for f in (folder / name).glob("*.safetensors"))
 
     def _export_lora(self, step_dir: Path, weights: dict, dtype: str) -> str:
         """`step<N>/pytorch_lora_weights.safetensors` (+ with `lora.kohya_export` its kohya-layout twin), and with

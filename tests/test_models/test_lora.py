@@ -70,20 +70,17 @@ def test_lora_resume_is_exact(lora_run, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_generate_with_lora(lora_run, tmp_path):
-    import subprocess
-    import sys
+def test_generate_with_lora(lora_run, tmp_path, capsys):
+    from pgv25.cli import main
 
     trainer, result, work = lora_run
     out = tmp_path / "x.png"
-    done = subprocess.run([sys.executable, "-m", "pgv25.cli", "generate", "--model", trainer.base_folder, "--lora", str(result.step_dir),
-                           "--prompt", "a red circle on a white background", "--steps", "3", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert main(["generate", "--model", str(trainer.base_folder), "--lora", str(result.step_dir),
+                 "--prompt", "a red circle on a white background", "--steps", "3", "--out", str(out)]) == 0
     assert out.is_file()
-    bad = subprocess.run([sys.executable, "-m", "pgv25.cli", "generate", "--model", trainer.base_folder, "--lora", str(tmp_path),
-                          "--prompt", "x", "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "holds no pytorch_lora_weights.safetensors" in bad.stderr
+    capsys.readouterr()
+    assert main(["generate", "--model", str(trainer.base_folder), "--lora", str(tmp_path), "--prompt", "x", "--out", str(out)]) == 2
+    assert "holds no pytorch_lora_weights.safetensors" in capsys.readouterr().err
 
 
 def test_lora_with_a_target_that_matches_nothing(tiny_assets, tmp_path):
