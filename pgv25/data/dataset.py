@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .captions import CaptionOptions, caption_options
 from .buckets import bucket_sizes, merge_small, nearest_buckets
 from .index import DEFAULT_MAX_PIXELS, Index, describe_problems, scan
 from .sources import EMPTY_CAPTION, NO_CAPTION, Rows, load_rows
@@ -41,9 +42,12 @@ class DataPlan:
 
 def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dataset") -> DataPlan:
     """Read and scan the source and assign buckets; every whole-dataset mistake raises here, before any model loads."""
+    captions = caption_options(cfg, f"{key}.captions")
     rows = load_rows(cfg, key)
     if cfg.get("keep_uncaptioned"):  # train such images as unconditional instead of skipping them
         rows.captions = [[""] if c in (NO_CAPTION, EMPTY_CAPTION) else c for c in rows.captions]
+    if not captions.default:  # the template once, here: the cache, inspect and the scan all see the final captions
+        rows.captions = [[captions.fixed(c) for c in cs] if isinstance(cs, list) else cs for cs in rows.captions]
     index = scan(rows, cfg.get("cache_dir"), int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)))
     if len(index) == 0:
         raise UserError(f"no usable images in {rows.name}{describe_problems(index.reasons(), ': excluded')}")
@@ -71,9 +75,10 @@ class BucketedImageDataset(torch.utils.data.Dataset):
     """Item (step, slot, position) → pixels cropped to the position's bucket, time_ids, caption."""
 
     def __init__(self, plan: DataPlan, transform: BucketTransform, caption_dropout: float = 0.0, seed: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, captions: CaptionOptions = CaptionOptions()):
         self.plan, self.transform = plan, transform
         self.caption_dropout, self.seed, self.max_pixels = caption_dropout, seed, max_pixels
+        self.captions = captions  # per-step tag shuffling and dropout (the template is already in the rows)
 
     def __len__(self) -> int:
         return len(self.plan.index)
@@ -93,7 +98,7 @@ class BucketedImageDataset(torch.utils.data.Dataset):
                 pixels, time_ids = self.transform(image, target, rng, original)
         except ImageProblem as problem:
             return {"problem": str(problem), "label": plan.rows.label(row)}
-        caption = rng.choice(plan.rows.captions[row])
+        caption = self.captions(rng.choice(plan.rows.captions[row]), rng)
         return {"pixels": pixels, "time_ids": time_ids, "caption": caption, "drop_caption": rng.random() < self.caption_dropout}
 
     def _pair(self, row: int, position: int, target: tuple[int, int], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,4 +154,4 @@ def build_dataset(cfg: dict, plan: DataPlan, seed: int) -> BucketedImageDataset:
     """From the `train_dataloader.dataset` config dict and its plan."""
     transform = BucketTransform(cfg.get("center_crop", False), cfg.get("random_flip", True))
     return BucketedImageDataset(plan, transform, cfg.get("caption_dropout", 0.0), seed,
-                                int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)))
+                                int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)), caption_options(cfg))

@@ -23,6 +23,7 @@ import torch
 from ..errors import UserError
 from .buckets import bucket_sizes, nearest_buckets
 from .dataset import collate
+from .captions import caption_options
 from .sources import EMPTY_CAPTION, NO_CAPTION, _captions, check_columns, open_hub_dataset
 from .index import DEFAULT_MAX_PIXELS, header_size
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
@@ -68,6 +69,7 @@ class StreamingBucketDataset(torch.utils.data.IterableDataset):
         self.transform = BucketTransform(cfg.get("center_crop", False), cfg.get("random_flip", True))
         self.caption_dropout = float(cfg.get("caption_dropout", 0.0))
         self.keep_uncaptioned = bool(cfg.get("keep_uncaptioned", False))
+        self.captions = caption_options(cfg)
         self.max_pixels = int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS))
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.resume = resume or {}  # worker id → (epoch, rows read)
@@ -131,5 +133,5 @@ class StreamingBucketDataset(torch.utils.data.IterableDataset):
             pixels, time_ids = self.transform(image, target, rng, original)
         except ImageProblem as problem:
             return {"problem": str(problem), "label": label}
-        return {"pixels": pixels, "time_ids": time_ids, "caption": rng.choice(captions),
+        return {"pixels": pixels, "time_ids": time_ids, "caption": self.captions(self.captions.fixed(rng.choice(captions)), rng),
                 "drop_caption": rng.random() < self.caption_dropout, "bucket": bucket}

@@ -28,6 +28,10 @@ train_dataloader = dict(
         # Keep only rows whose numeric columns lie in a range (inclusive), e.g. a curated subset:
         # filters=dict(aesthetic=dict(min=6.0)) or --cfg-options train_dataloader.dataset.filters.aesthetic.min=6
         filters=dict(),
+        # Caption handling, e.g. dict(prefix='TOK, ', shuffle_tags=True, keep_tokens=1, tag_dropout=0.1):
+        # prefix or template='a photo of TOK, {caption}' (applied once); shuffle_tags / tag_dropout on the comma-
+        # separated tags after the first keep_tokens, drawn per (seed, step) so resumes stay exact (not with the cache).
+        captions=dict(),
         cache_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/data',
         cache=dict(
             enabled=False,  # train from VAE latents + caption embeddings on disk (see `pgv25 data cache`)
