@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -74,6 +75,53 @@ def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 50, guidance_
                 width=width, height=height, generator=generator,
             ).images
     return images
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt as fine-tuners write validation prompts: each with its own seed, size, negative prompt, guidance."""
+
+    prompt: str
+    seed: int = 0
+    width: int | None = None
+    height: int | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float = 3.0
+    steps: int = 25
+
+    @property
+    def label(self) -> str:
+        size = f" ({self.width}×{self.height})" if self.width and self.height else ""
+        return self.prompt + size
+
+
+def prompt_specs(prompts, defaults: dict, key: str) -> list[PromptSpec]:
+    """`prompts`: strings and/or dicts (prompt, seed, width, height, negative_prompt, guidance_scale, steps);
+    what a dict leaves out comes from `defaults`. Every mistake is one line naming `key`."""
+    fields = set(PromptSpec.__dataclass_fields__)
+    base = {k: v for k, v in defaults.items() if k in fields and k != "prompt"}
+    specs = []
+    for i, item in enumerate(prompts or []):
+        item = {"prompt": item} if isinstance(item, str) else dict(item) if isinstance(item, dict) else None
+        if item is None or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            raise UserError(f"{key}[{i}] must be a prompt or a dict with a non-empty 'prompt'")
+        unknown = set(item) - fields
+        if unknown:
+            raise UserError(f"{key}[{i}]: unknown key(s) {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(fields))})")
+        spec = {**base, **{k: v for k, v in item.items() if v is not None or k == "negative_prompt"}}
+        for side in ("width", "height"):
+            value = spec.get(side)
+            if value is not None and (not isinstance(value, int) or value <= 0 or value % 8):
+                raise UserError(f"{key}[{i}].{side} must be a positive multiple of 8, got {value!r}")
+        specs.append(PromptSpec(**spec))
+    return specs
+
+
+def generate_specs(pipe, specs: list[PromptSpec]) -> list[Image.Image]:
+    """One image per spec, each from its own seeded CPU generator (the same image on any device count)."""
+    return [pipe(spec.prompt, negative_prompt=spec.negative_prompt, num_inference_steps=spec.steps,
+                 guidance_scale=spec.guidance_scale, width=spec.width, height=spec.height,
+                 generator=torch.Generator("cpu").manual_seed(spec.seed)).images[0] for spec in specs]
 
 
 def labelled_grid(images: list[Image.Image], labels: list[str], columns: int = 4, cell: int = 192) -> Image.Image:

@@ -38,9 +38,20 @@ export = dict(
     single_file=False,
     single_file_dtype='fp16',
 )
+# README.md in every export (the model card the Hugging Face Hub renders): YAML front matter (base_model, license,
+# tags, trigger_words, instance_prompt, widget with the validation images of that iteration, saved beside it when
+# validation.interval divides the checkpoint interval), how to load it, the training settings.
+model_card = dict(
+    title=None,  # default: '<config> step <N>'
+    trigger_words=[],  # default: the fixed words of train_dataloader.dataset.captions (prefix/template)
+    instance_prompt=None,
+    tags=[],
+    license=None,  # default: Playground's license (license: other, license_name: playground-v2dot5-community) on its base
+)
 # After training: a labelled grid of images from the exported pipeline, at work_dir/samples_step<N>.png.
 sample_grid = dict(
-    prompts=[],
+    prompts=[],  # strings, or dicts with their own seed/width/height/negative_prompt/guidance_scale/steps
+    negative_prompt=None,
     seed=0,
     scheduler='dpmpp',  # 'dpmpp' (EDM DPM++ 2M Karras) or 'euler' (EDM Euler)
     steps=50,
@@ -52,7 +63,10 @@ sample_grid = dict(
 # saved as work_dir/validation/iter_<N>.png and logged to TensorBoard. Does not touch the training RNG.
 validation = dict(
     interval=0,  # iterations between grids (0: off); one is also made before the first iteration
+    # Strings, or dicts as fine-tuners write them, each with its own seed, size, negative prompt and guidance:
+    # [dict(prompt='a photo of TOK dog', seed=1, width=1152, height=896, negative_prompt='blurry', guidance_scale=4.0)]
     prompts=[],
+    negative_prompt=None,
     seed=0,
     scheduler='dpmpp',  # the pipeline's own EDM DPM++ sampler ('euler': EDM Euler)
     steps=25,

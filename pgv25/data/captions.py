@@ -60,6 +60,10 @@ def caption_options(data_cfg: dict, key: str = KEY) -> CaptionOptions:
         raise UserError(f"{key}: unknown option(s) {', '.join(sorted(unknown))} (template, prefix, shuffle_tags, "
                         "keep_tokens, tag_dropout, separator)")
     template, prefix = cfg.get("template"), cfg.get("prefix") or ""
+    for name, value in (("template", template), ("prefix", prefix)):
+        if value is not None and not isinstance(value, str):  # --cfg-options splits an unquoted 'TOK, x' at the comma
+            raise UserError(f"{key}.{name} must be a string, got {value!r}: --cfg-options splits a value at its "
+                            "commas, so set one with a comma in the config file")
     if template and prefix:
         raise UserError(f"{key}: give a template or a prefix, not both (a prefix is the template '{prefix}{{caption}}')")
     template = template or prefix + "{caption}"

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ..errors import UserError
 from .integrity import UMASK, finish_folder
+from .model_card import write_card
 
 FROZEN = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "scheduler")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -118,13 +119,15 @@ def atomic_file(out: Path):
 
 
 def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "fp32", state: dict | None = None,
-                    scheduler=None, single_file: dict | None = None, text_encoders: dict | None = None) -> Path:
+                    scheduler=None, single_file: dict | None = None, text_encoders: dict | None = None,
+                    card: dict | None = None) -> Path:
     """Write `out_dir` as a diffusers pipeline: the base pipeline's frozen parts + this UNet.
 
     `scheduler`: a diffusers scheduler to ship instead of the base's (a model trained on another noise
     schedule must be sampled on it); model_index.json then names its class. `single_file`: also the
     whole pipeline as one LDM-layout file inside the folder (single_file.py; keys dtype, run).
     `text_encoders`: name → encoder to save instead of linking the base's (a fused text-encoder LoRA).
+    `card`: the model card (`card`, sample `images`) to write as README.md (model_card.py).
     """
     base_folder = Path(base_folder)
     text_encoders = text_encoders or {}
@@ -142,6 +145,8 @@ def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "
             index["scheduler"] = ["diffusers", type(scheduler).__name__]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         save_unet(unet, tmp / "unet", dtype, state)
+        if card is not None:
+            write_card(tmp, card["card"], card.get("images"))
         if single_file is not None:  # inside the folder: the manifest covers it, the rename publishes both at once
             from .single_file import write_single_file
 

@@ -28,7 +28,8 @@ from ..data.dataset import collate
 from ..data.index import describe_problems, problem_lines
 from ..data.sampler import BucketBatchSampler
 from ..errors import UserError
-from ..generate import generate, labelled_grid, load_pipeline
+from ..data.captions import caption_options
+from ..generate import generate_specs, labelled_grid, load_pipeline, prompt_specs
 from ..models.lora import LORA_FILE, fused_unet_state, save_lora
 from ..models.lora_files import KOHYA_FILE, write_kohya
 from ..objectives import build_objective, objective_options
@@ -36,8 +37,9 @@ from . import distributed
 from .build import build_data, build_model, build_optimisation, build_runtime
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .ema import build_ema
-from .export import atomic_folder, export_options, export_pipeline
+from .export import atomic_folder, export_options, export_pipeline, single_file_name
 from .locks import WorkDirLock
+from .model_card import Card, write_card
 from .resume import check_same_run, checkpoint_to_resume, fingerprint
 from .signals import GracefulStop
 from .validation import ValidationSampler
@@ -198,6 +200,8 @@ class Trainer:
         ensure_writable(self.work_dir)
         objective_options(cfg)  # a wrong objective or export option fails before any data or model loads
         export_options(cfg)
+        sample_specs(cfg)  # a malformed prompt list, too
+        prompt_specs((cfg.get("validation") or {}).get("prompts"), {}, "validation.prompts")
         # Rank 0 of a run holds the work dir for as long as it trains: a second run there refuses in one line.
         self._lock = WorkDirLock(self.work_dir) if int(os.environ.get("RANK", "0")) == 0 else None
         try:
@@ -484,8 +488,10 @@ class Trainer:
                     if self.lora is not None:
                         exported = self._export_lora(step_dir, weights, dtype)
                     else:
+                        single = self._single_file()
+                        card = self._card("pipeline", [single_file_name(step_dir)] if single else [])
                         export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=weights, scheduler=self.export_scheduler,
-                                        single_file=self._single_file())
+                                        single_file=single, card=card)
                         exported = f", export {step_dir}"
                     exported += " (EMA weights)" if use_ema else ""
                 logger.info("iteration %d: checkpoint %s%s", self.iteration, checkpoint, exported)
@@ -542,11 +548,13 @@ class Trainer:
                 save_lora(self.unet, weights, tmp)
             if self.lora.get("kohya_export"):
                 write_kohya(tmp / LORA_FILE, tmp / KOHYA_FILE)
+            write_card(tmp, **self._card("lora", [KOHYA_FILE] if self.lora.get("kohya_export") else []))
         text = f", LoRA {step_dir / LORA_FILE}"
         if self.lora.get("fuse_export"):
             fused = step_dir.with_name(f"{step_dir.name}_fused")
+            single = self._single_file()
             export_pipeline(self.unet, self.base_folder, fused, dtype, state=fused_unet_state(self.unet, weights),
-                            single_file=self._single_file())
+                            single_file=single, card=self._card("pipeline", [single_file_name(fused)] if single else []))
             text += f", fused pipeline {fused}"
         return text
 
@@ -572,7 +580,7 @@ class Trainer:
     def _validate(self) -> None:
         """Validation samples on rank 0 (the others wait for it at the next step's all-reduce)."""
         if self.validation.enabled and self.accelerator.is_main_process:
-            self.validation.run(self.iteration, self.accelerator.trackers)
+            self.validation.run(self.iteration, self.accelerator.trackers, exported=self.export_ema)
 
     def _report_scan(self) -> None:
         """Log the buckets and the rows the scan left out; start the skipped-files list on a fresh run."""
@@ -690,24 +698,66 @@ class Trainer:
     def sample_grid(self, step_dir: Path) -> Path | None:
         """Generate the configured prompts from the exported pipeline and save a labelled grid."""
         options = self.cfg.get("sample_grid") or {}
-        prompts = list(options.get("prompts") or [])
-        if not prompts or not self.accelerator.is_main_process:
+        specs = sample_specs(self.cfg)
+        if not specs or not self.accelerator.is_main_process:
             return None
-        resolution = self.cfg.train_dataloader.dataset.get("resolution")
         if self.lora is not None:  # the base pipeline with the exported LoRA, as a user would load it
             pipe = load_pipeline(self.base_folder, options.get("scheduler", "dpmpp"), device=str(self.device), lora=step_dir)
         else:
             sampler = "native" if self.export_scheduler is not None else options.get("scheduler", "dpmpp")
             pipe = load_pipeline(step_dir, sampler, device=str(self.device))
-        images = generate(
-            pipe, prompts, seed=options.get("seed", 0), steps=options.get("steps", 50),
-            guidance_scale=options.get("guidance_scale", 3.0),
-            width=options.get("width") or resolution, height=options.get("height") or resolution,
-        )
         out = self.work_dir / f"samples_{step_dir.name}.png"
-        labelled_grid(images, prompts).save(out)
+        labelled_grid(generate_specs(pipe, specs), [spec.label for spec in specs]).save(out)
         logger.info("sample grid from %s: %s", step_dir, out)
         return out
+
+    def _card(self, kind: str, files: list[str] = ()) -> dict:
+        """The model card of an export at this iteration (engine/model_card.py), with this iteration's validation
+        images when there are some."""
+        cfg, data = self.cfg, self.cfg.train_dataloader
+        card_cfg = dict(cfg.get("model_card") or {})
+        base = str(cfg.model.pretrained_model_name_or_path)
+        captions = caption_options(data.dataset)
+        triggers = list(card_cfg.get("trigger_words") or [])
+        if not triggers and captions.template != "{caption}":  # the fixed words the captions were given
+            fixed = captions.template.replace("{caption}", "").strip(" ,;")
+            triggers = [fixed] if fixed else []
+        optimizer = cfg.optim_wrapper.optimizer
+        settings = {"objective": self.objective.describe(), "optimizer": f"{optimizer.get('type', 'AdamW')}, lr {optimizer.get('lr')}",
+                    "batch": f"{data.batch_size} per process × {self.optim.accumulation} accumulation × {self.world_size} "
+                             f"process(es) = {data.batch_size * self.optim.accumulation * self.world_size} images per update",
+                    "iterations": f"{self.iteration} of {self.max_iters}", "resolution": str(data.dataset.get("resolution")),
+                    "mixed precision": str(cfg.optim_wrapper.get("mixed_precision", "no")), "seed": str(self.seed),
+                    "dataset": f"{data.dataset.get('type')} {data.dataset.get('path')}"}
+        if self.lora is not None:
+            settings["LoRA"] = (f"rank {self.lora.get('rank', 16)}, alpha {self.lora.get('alpha', self.lora.get('rank', 16))}"
+                                f"{', DoRA' if self.lora.get('use_dora') else ''}, targets "
+                                f"{', '.join(sorted(self.unet.peft_config['default'].target_modules))}")
+        if self.ema is not None:
+            settings["EMA"] = f"decay {cfg.ema.get('decay')}, exported: {self.export_ema}"
+        if not captions.default:
+            settings["captions"] = f"template '{captions.template}', shuffle {captions.shuffle_tags}, keep_tokens " \
+                                   f"{captions.keep_tokens}, tag dropout {captions.tag_dropout}"
+        last = self.validation.last
+        images = last[2] if last is not None and last[0] == self.iteration else []
+        samples = [(spec.prompt, f"images/sample_{i}.png") for i, spec in enumerate(last[1])] if images else []
+        from .single_file import edm_latent_stats
+
+        card = Card(title=card_cfg.get("title") or f"{cfg.config_name} step {self.iteration}", base_model=base,
+                    playground=edm_latent_stats(Path(self.base_folder)) is not None, kind=kind, iteration=self.iteration,
+                    settings=settings, trigger_words=triggers, instance_prompt=card_cfg.get("instance_prompt"),
+                    tags=list(card_cfg.get("tags") or []), license=card_cfg.get("license"), samples=samples, files=list(files))
+        return {"card": card, "images": images}
+
+
+def sample_specs(cfg) -> list:
+    """`sample_grid.prompts` as PromptSpecs (strings or per-prompt dicts), defaults from `sample_grid`."""
+    options = cfg.get("sample_grid") or {}
+    resolution = cfg.train_dataloader.dataset.get("resolution")
+    defaults = {"seed": options.get("seed", 0), "steps": options.get("steps", 50), "guidance_scale": options.get("guidance_scale", 3.0),
+                "negative_prompt": options.get("negative_prompt"), "width": options.get("width") or resolution,
+                "height": options.get("height") or resolution}
+    return prompt_specs(options.get("prompts"), defaults, "sample_grid.prompts")
 
 
 def train(cfg, resume: str | bool | None = None, allow_config_change: bool = False) -> TrainResult:

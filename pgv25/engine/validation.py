@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..generate import generate, labelled_grid, load_pipeline
+from ..generate import generate_specs, labelled_grid, load_pipeline, prompt_specs
 
 logger = logging.getLogger("pgv25")
 
@@ -25,12 +25,14 @@ class ValidationSampler:
     def __init__(self, cfg: dict, base_folder: str, unet, ema, device: torch.device, dtype: torch.dtype,
                  autocast, work_dir: Path, resolution: int, text_encoders=None, scheduler=None):
         self.interval = int(cfg.get("interval", 0) or 0)
-        self.prompts = list(cfg.get("prompts") or [])
-        self.seed, self.steps = int(cfg.get("seed", 0)), int(cfg.get("steps", 25))
-        self.guidance = float(cfg.get("guidance_scale", 3.0))
+        defaults = {"seed": int(cfg.get("seed", 0)), "steps": int(cfg.get("steps", 25)),
+                    "guidance_scale": float(cfg.get("guidance_scale", 3.0)), "negative_prompt": cfg.get("negative_prompt"),
+                    "width": cfg.get("width") or resolution, "height": cfg.get("height") or resolution}
+        self.specs = prompt_specs(cfg.get("prompts"), defaults, "validation.prompts")
+        self.prompts = [spec.label for spec in self.specs]
         self.scheduler = cfg.get("scheduler", "dpmpp")
         self.own_scheduler = scheduler  # a DDPM-schedule run samples on its own schedule
-        self.width, self.height = cfg.get("width") or resolution, cfg.get("height") or resolution
+        self.last: tuple[int, list, list] | None = None  # (iteration, specs, images of the exported weights)
         self.show_raw = bool(cfg.get("raw_and_ema", True))
         self.base_folder, self.unet, self.ema = base_folder, unet, ema
         self.text_encoders = text_encoders  # the trained ones (text-encoder LoRA), else the base model's
@@ -54,12 +56,10 @@ class ValidationSampler:
         return self._pipe
 
     def _images(self) -> list:
-        pipe = self._pipeline()
-        return generate(pipe, self.prompts, seed=self.seed, steps=self.steps, guidance_scale=self.guidance,
-                        width=self.width, height=self.height)
+        return generate_specs(self._pipeline(), self.specs)
 
     @torch.no_grad()
-    def run(self, iteration: int, trackers=()) -> Path:
+    def run(self, iteration: int, trackers=(), exported: str = "ema") -> Path:
         """Generate the grid for `iteration`; the UNet is back in training mode, with its own weights, afterwards."""
         pipe = self._pipeline()
         frozen = [pipe.vae] + ([] if self.text_encoders else [pipe.text_encoder, pipe.text_encoder_2])  # trained ones stay put
@@ -70,14 +70,18 @@ class ValidationSampler:
         rng_devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=rng_devices), self.autocast():
-                rows, labels = [], []
+                rows, labels, ema, raw = [], [], None, None
                 if self.ema is not None:
                     with self.ema.applied():
-                        rows += self._images()
-                    labels += [f"EMA: {p}" for p in self.prompts]
-                if self.ema is None or self.show_raw:
-                    rows += self._images()
-                    labels += [f"raw: {p}" if self.ema is not None else p for p in self.prompts]
+                        ema = self._images()
+                    rows, labels = rows + ema, labels + [f"EMA: {p}" for p in self.prompts]
+                if self.ema is None or self.show_raw or exported == "model":
+                    raw = self._images()
+                    if self.ema is None or self.show_raw:
+                        rows += raw
+                        labels += [f"raw: {p}" if self.ema is not None else p for p in self.prompts]
+                # what an export made at this iteration holds: its model card shows these
+                self.last = (iteration, self.specs, ema if ema is not None and exported == "ema" else raw)
         finally:
             self.unet.train(was_training)
             if self.device.type != "cpu":

@@ -85,3 +85,11 @@ def test_the_template_is_part_of_the_cache_key(tmp_path):
     key = cache_key(plan_data(plain), plain, "enc", True, 0)[0]
     assert cache_key(plan_data(prefixed), prefixed, "enc", True, 0)[0] != key
     assert cache_key(plan_data(plain), {**plain, "captions": {}}, "enc", True, 0)[0] == key  # old caches keep their key
+
+
+def test_a_prefix_split_by_the_command_line_says_why():
+    from pgv25.config import parse_cfg_options
+
+    value = parse_cfg_options(["captions.prefix=TOK, a"])["captions.prefix"]
+    with pytest.raises(UserError, match="set one with a comma in the config file"):
+        caption_options({"captions": {"prefix": value}})
