@@ -8,6 +8,7 @@ objective module; FSDP shards the UNet inside it before the optimizer sees its p
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from ..errors import UserError
 from ..models.edm_denoiser import Conditioning
 from ..models.latent_codec import LatentCodec
 from ..models.loading import load_components, resolve_pretrained
-from ..models.lora import add_lora, add_text_lora
+from ..models.lora import add_lora, add_text_lora, check_lora_fits, load_lora_weights, lora_init
 from ..models.text_conditioner import TextConditioner
 from . import distributed
 from .export import DTYPES
@@ -151,7 +152,11 @@ class ModelParts:
 def build_model(cfg, runtime: Runtime, cached: bool, buckets: int) -> ModelParts:
     """Load the pipeline's parts; add LoRA, gradient checkpointing, channels-last and compile as configured."""
     model_cfg, device = cfg.model, runtime.device
+    lora, init = lora_init(dict(model_cfg.get("lora") or {}))  # rank, alpha, targets from an init_from file
     with runtime.accelerator.local_main_process_first():
+        if init is not None:  # a LoRA of another architecture fails here, before gigabytes of weights load
+            folder = resolve_pretrained(model_cfg.pretrained_model_name_or_path)
+            check_lora_fits(init, json.loads((folder / "unet" / "config.json").read_text()))
         parts = load_components(model_cfg.pretrained_model_name_or_path, runtime.weight_dtype, encoders=not cached)
     conditioner = codec = None
     if not cached:
@@ -160,13 +165,15 @@ def build_model(cfg, runtime: Runtime, cached: bool, buckets: int) -> ModelParts
         ).to(device)
         codec = LatentCodec(parts.vae.to(device, runtime.vae_dtype)).to(device)
     unet = parts.unet.train()
-    lora = dict(model_cfg.get("lora") or {})
     if not lora.get("enabled"):
         lora = None
     elif runtime.sharded:
         raise UserError("model.lora with strategy='fsdp' is not supported; LoRA weights are small: use strategy='ddp'")
     else:
         trainable = add_lora(unet, lora)
+        if init is not None:
+            load_lora_weights(unet, init, "unet")
+            logger.info("LoRA starts from %s", init.path)
         logger.info("LoRA rank %d (alpha %s) on %s: %.2fM trainable parameters", lora.get("rank", 16),
                     lora.get("alpha", lora.get("rank", 16)), sorted(unet.peft_config["default"].target_modules), trainable / 1e6)
     trained, text_lora = unet, bool(lora and lora.get("text_encoders"))
@@ -179,6 +186,9 @@ def build_model(cfg, runtime: Runtime, cached: bool, buckets: int) -> ModelParts
                             "use the LoRA file (pipe.load_lora_weights)")
         encoders = list(conditioner.text_encoders)
         count = add_text_lora(encoders, lora)
+        if init is not None:
+            for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
+                load_lora_weights(encoder, init, name)
         logger.info("LoRA on both text encoders: %.2fM trainable parameters", count / 1e6)
         trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": encoders[0], "text_encoder_2": encoders[1]})
     if model_cfg.get("gradient_checkpointing"):

@@ -30,7 +30,7 @@ from ..data.sampler import BucketBatchSampler
 from ..errors import UserError
 from ..data.captions import caption_options
 from ..generate import generate_specs, labelled_grid, load_pipeline, prompt_specs
-from ..models.lora import LORA_FILE, fused_unet_state, save_lora
+from ..models.lora import LORA_FILE, fused_unet_state, lora_init, save_lora
 from ..models.lora_files import KOHYA_FILE, write_kohya
 from ..objectives import build_objective, objective_options
 from . import distributed
@@ -200,6 +200,7 @@ class Trainer:
         ensure_writable(self.work_dir)
         objective_options(cfg)  # a wrong objective or export option fails before any data or model loads
         export_options(cfg)
+        lora_init(dict(cfg.model.get("lora") or {}))  # an unusable init_from file
         sample_specs(cfg)  # a malformed prompt list, too
         prompt_specs((cfg.get("validation") or {}).get("prompts"), {}, "validation.prompts")
         # Rank 0 of a run holds the work dir for as long as it trains: a second run there refuses in one line.

@@ -132,3 +132,80 @@ def fused_unet_state(unet, trainable: dict[str, torch.Tensor]) -> dict[str, torc
                 weight = weight * (magnitude / torch.linalg.norm(weight, dim=1)).view(-1, 1)
             state[key] = weight.to(state[key].dtype)
     return {k.replace(".base_layer.", "."): v for k, v in state.items()}
+
+
+def lora_init(cfg: dict) -> tuple[dict, object | None]:
+    """`model.lora` with rank, alpha, targets and DoRA taken from the `init_from` LoRA file (a diffusers-layout file
+    or a pgv25 export folder), and that file; (cfg, None) without init_from. Every mistake is one line."""
+    path = cfg.get("init_from")
+    if not cfg.get("enabled") or not path:
+        return cfg, None
+    from .lora_files import adapter_configs, component, read_lora, target
+
+    lora = read_lora(path)
+    if lora.layout != "diffusers":
+        raise UserError(f"model.lora.init_from: {lora.path} is a kohya-layout file; start from the diffusers-layout "
+                        f"{LORA_FILE} of the export (or load it in diffusers and save it with save_lora_weights)")
+    parts = {component(name) for name in lora.layers}
+    if parts - {"unet"} and not cfg.get("text_encoders"):
+        raise UserError(f"model.lora.init_from: {lora.path} also adapts the text encoders; set model.lora.text_encoders=True "
+                        "to train them too")
+    configs = adapter_configs(lora.metadata)
+    cfg = dict(cfg)
+    for part, prefix in (("unet", ""), ("text_encoder", "text_encoder_")):
+        names = [n for n in lora.layers if component(n) == part]
+        if not names:
+            continue
+        config = configs.get(part, {})
+        ranks = {lora.layers[n].rank for n in names}
+        if len(ranks) > 1 and not config.get("rank_pattern"):
+            raise UserError(f"model.lora.init_from: {lora.path} has layers of ranks {sorted(ranks)}; pgv25 trains one rank")
+        rank = config.get("r") or ranks.pop()
+        alpha = lora.layers[names[0]].alpha or rank
+        cfg[f"{prefix}rank"], cfg[f"{prefix}alpha"] = int(rank), float(alpha)
+        if part == "unet":
+            cfg["target_modules"] = sorted(config.get("target_modules") or {target(n) for n in names})
+            cfg["feed_forward"] = False  # the file's target list already says which projections
+            cfg["use_dora"] = bool(config.get("use_dora") or lora.dora)
+    return cfg, lora
+
+
+def check_lora_fits(lora, unet_config: dict) -> None:
+    """Every UNet layer of `lora` exists in a UNet of `unet_config` with the shapes the file's A and B need (built on the
+    meta device: no weights); else one line naming the first misfit."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from .lora_files import component
+
+    with init_empty_weights():
+        modules = dict(UNet2DConditionModel.from_config(unet_config).named_modules())
+    for name, layer in lora.layers.items():
+        if component(name) != "unet":
+            continue
+        module = modules.get(name.partition(".")[2])
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.shape[0] != layer.up.shape[0] or weight.shape[1] != layer.down.shape[1]:
+            found = "no such layer" if weight is None else f"a layer of shape {tuple(weight.shape[:2])}"
+            raise UserError(f"model.lora.init_from: {lora.path} was trained for another architecture: {name} needs "
+                            f"{(layer.up.shape[0], layer.down.shape[1])}, this UNet has {found}")
+
+
+def load_lora_weights(model, lora, part: str) -> None:
+    """Copy the file's layers of `part` ('unet', 'text_encoder', 'text_encoder_2') into the model's 'default' adapter."""
+    from peft.utils import set_peft_model_state_dict
+
+    from .lora_files import component
+
+    state = {}
+    for name, layer in lora.layers.items():
+        if component(name) != part:
+            continue
+        module = name.partition(".")[2]
+        state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = layer.down, layer.up
+        if layer.magnitude is not None:
+            state[f"{module}.lora_magnitude_vector"] = layer.magnitude
+    result = set_peft_model_state_dict(model, state, adapter_name="default")
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    if unexpected:
+        raise UserError(f"model.lora.init_from: {lora.path} has layers this model has no adapter for ({unexpected[0]}, ...)")

@@ -190,7 +190,7 @@ def cross_attention_width(lora: LoraFile) -> int | None:
     return None
 
 
-def _target(name: str) -> str:
+def target(name: str) -> str:
     """The projection a layer adapts (to_q, ff.net.0.proj, self_attn.q_proj, ...), in the file's own separators."""
     match = re.search(r"(attn\d[._]to_(q|k|v|out[._]0)|ff[._]net[._]\d([._]proj)?|self_attn[._]\w+|mlp[._]\w+"
                       r"|proj_in|proj_out|conv\w*)$", name)
@@ -208,7 +208,7 @@ def describe(lora: LoraFile) -> list[str]:
         ranks = sorted({lora.layers[n].rank for n in names})
         alphas = sorted({lora.layers[n].alpha if lora.layers[n].alpha is not None else lora.layers[n].rank for n in names})
         scales = sorted({round(lora.scale(n), 6) for n in names})
-        targets = sorted({_target(n) for n in names})
+        targets = sorted({target(n) for n in names})
         params = sum(lora.layers[n].down.numel() + lora.layers[n].up.numel() for n in names)
         dora = any(lora.layers[n].magnitude is not None for n in names)
         lines.append(f"{part}: {len(names)} layers, rank {'/'.join(map(str, ranks))}, alpha {'/'.join(f'{a:g}' for a in alphas)} "

@@ -269,3 +269,44 @@ def test_dora_trains_exports_and_reloads(tiny_assets, tmp_path):
     assert set(ours) == set(theirs)
     for key in theirs:  # peft's DoRA merge, the same formula in another order
         assert (ours[key] - theirs[key]).abs().max() <= 1e-5 * theirs[key].abs().max() + 1e-7, key
+
+    again = Trainer(tiny_cfg(tmp_path / "again", "model.lora.enabled=True", f"model.lora.init_from={result.step_dir}"))
+    assert again.unet.peft_config["default"].use_dora
+    restored = {n: p for n, p in again.unet.named_parameters() if p.requires_grad}
+    assert set(restored) == set(weights) and all(torch.equal(restored[n], weights[n]) for n in weights)  # magnitudes too
+    again.release()
+
+
+def test_init_from_a_lora_export_starts_where_it_ended(lora_run, tmp_path):
+    from pgv25.models.lora_files import read_lora
+
+    trainer, result, work = lora_run
+    # the config asks for rank 16 (the default): the file's rank 4, alpha 8 and targets win
+    continued = Trainer(tiny_cfg(tmp_path / "c", "model.lora.enabled=True", f"model.lora.init_from={result.step_dir}",
+                                 "train_cfg.max_iters=1"))
+    config = continued.unet.peft_config["default"]
+    assert (config.r, config.lora_alpha) == (4, 8.0) and "ff.net.2" in config.target_modules
+    exported, loaded = read_lora(result.step_dir), continued.unet.state_dict()
+    for name, layer in exported.layers.items():
+        module = name.partition(".")[2]
+        assert torch.equal(loaded[f"{module}.lora_A.default.weight"], layer.down)
+        assert torch.equal(loaded[f"{module}.lora_B.default.weight"], layer.up)
+    continued.release()
+
+
+def test_init_from_refuses_a_lora_of_another_architecture(lora_run, tmp_path):
+    from safetensors.torch import save_file
+
+    from pgv25.errors import UserError
+    from pgv25.models.lora_files import KOHYA_FILE
+
+    trainer, result, work = lora_run
+    state = load_file(result.step_dir / LORA_FILE)
+    wide = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if ".attn2.to_k.lora" in k and "down" in k else v) for k, v in state.items()}
+    save_file(wide, str(tmp_path / "other.safetensors"))
+    with pytest.raises(UserError, match="another architecture"):
+        Trainer(tiny_cfg(tmp_path / "w", "model.lora.enabled=True", f"model.lora.init_from={tmp_path / 'other.safetensors'}"))
+    with pytest.raises(UserError, match="kohya-layout"):
+        Trainer(tiny_cfg(tmp_path / "w", "model.lora.enabled=True", f"model.lora.init_from={result.step_dir / KOHYA_FILE}"))
+    with pytest.raises(UserError, match="does not exist"):
+        Trainer(tiny_cfg(tmp_path / "w", "model.lora.enabled=True", f"model.lora.init_from={tmp_path / 'none'}"))

@@ -36,7 +36,10 @@ model = dict(
         feed_forward=False,  # also the feed-forward projections (ff.net.0.proj, ff.net.2)
         fuse_export=False,  # also export step<N>_fused/: a full pipeline with the LoRA folded into the UNet
         kohya_export=False,  # also step<N>/pytorch_lora_weights_kohya.safetensors (ComfyUI LoraLoader, A1111)
-        use_dora=False,  # DoRA (peft): a learned magnitude per output feature beside the low-rank direction
+        use_dora=False,
+        # Start from a LoRA: a diffusers-layout file or a pgv25 export folder (rank, alpha, targets, DoRA come from
+        # it): continue training it, or use it as the start of a new run.
+        init_from=None,  # DoRA (peft): a learned magnitude per output feature beside the low-rank direction
         text_encoders=False,  # also LoRA on both CLIP encoders' attention (q/k/v/out projections)
         text_encoder_rank=None,  # None: the UNet's rank and alpha
         text_encoder_alpha=None,
