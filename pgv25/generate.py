@@ -88,17 +88,17 @@ class PromptSpec:
     negative_prompt: str | None = None
     guidance_scale: float = 3.0
     steps: int = 25
+    own_size: bool = False  # the prompt set its own width/height: its label says so
 
     @property
     def label(self) -> str:
-        size = f" ({self.width}×{self.height})" if self.width and self.height else ""
-        return self.prompt + size
+        return f"{self.prompt} ({self.width}×{self.height})" if self.own_size else self.prompt
 
 
 def prompt_specs(prompts, defaults: dict, key: str) -> list[PromptSpec]:
     """`prompts`: strings and/or dicts (prompt, seed, width, height, negative_prompt, guidance_scale, steps);
     what a dict leaves out comes from `defaults`. Every mistake is one line naming `key`."""
-    fields = set(PromptSpec.__dataclass_fields__)
+    fields = set(PromptSpec.__dataclass_fields__) - {"own_size"}
     base = {k: v for k, v in defaults.items() if k in fields and k != "prompt"}
     specs = []
     for i, item in enumerate(prompts or []):
@@ -113,7 +113,7 @@ def prompt_specs(prompts, defaults: dict, key: str) -> list[PromptSpec]:
             value = spec.get(side)
             if value is not None and (not isinstance(value, int) or value <= 0 or value % 8):
                 raise UserError(f"{key}[{i}].{side} must be a positive multiple of 8, got {value!r}")
-        specs.append(PromptSpec(**spec))
+        specs.append(PromptSpec(**spec, own_size="width" in item or "height" in item))
     return specs
 
 

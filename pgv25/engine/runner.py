@@ -28,7 +28,6 @@ from ..data.dataset import collate
 from ..data.index import describe_problems, problem_lines
 from ..data.sampler import BucketBatchSampler
 from ..errors import UserError
-from ..data.captions import caption_options
 from ..generate import generate_specs, labelled_grid, load_pipeline, prompt_specs
 from ..models.lora import LORA_FILE, fused_unet_state, lora_init, save_lora
 from ..models.lora_files import KOHYA_FILE, write_kohya
@@ -39,7 +38,7 @@ from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .ema import build_ema
 from .export import atomic_folder, export_options, export_pipeline, single_file_name
 from .locks import WorkDirLock
-from .model_card import Card, write_card
+from .model_card import card_of_run, write_card
 from .resume import check_same_run, checkpoint_to_resume, fingerprint
 from .signals import GracefulStop
 from .validation import ValidationSampler
@@ -490,7 +489,7 @@ class Trainer:
                         exported = self._export_lora(step_dir, weights, dtype)
                     else:
                         single = self._single_file()
-                        card = self._card("pipeline", [single_file_name(step_dir)] if single else [])
+                        card = card_of_run(self, "pipeline", [single_file_name(step_dir)] if single else [])
                         export_pipeline(self.unet, self.base_folder, step_dir, dtype, state=weights, scheduler=self.export_scheduler,
                                         single_file=single, card=card)
                         exported = f", export {step_dir}"
@@ -549,13 +548,13 @@ class Trainer:
                 save_lora(self.unet, weights, tmp)
             if self.lora.get("kohya_export"):
                 write_kohya(tmp / LORA_FILE, tmp / KOHYA_FILE)
-            write_card(tmp, **self._card("lora", [KOHYA_FILE] if self.lora.get("kohya_export") else []))
+            write_card(tmp, **card_of_run(self, "lora", [KOHYA_FILE] if self.lora.get("kohya_export") else []))
         text = f", LoRA {step_dir / LORA_FILE}"
         if self.lora.get("fuse_export"):
             fused = step_dir.with_name(f"{step_dir.name}_fused")
             single = self._single_file()
             export_pipeline(self.unet, self.base_folder, fused, dtype, state=fused_unet_state(self.unet, weights),
-                            single_file=single, card=self._card("pipeline", [single_file_name(fused)] if single else []))
+                            single_file=single, card=card_of_run(self, "pipeline", [single_file_name(fused)] if single else []))
             text += f", fused pipeline {fused}"
         return text
 
@@ -711,44 +710,6 @@ class Trainer:
         labelled_grid(generate_specs(pipe, specs), [spec.label for spec in specs]).save(out)
         logger.info("sample grid from %s: %s", step_dir, out)
         return out
-
-    def _card(self, kind: str, files: list[str] = ()) -> dict:
-        """The model card of an export at this iteration (engine/model_card.py), with this iteration's validation
-        images when there are some."""
-        cfg, data = self.cfg, self.cfg.train_dataloader
-        card_cfg = dict(cfg.get("model_card") or {})
-        base = str(cfg.model.pretrained_model_name_or_path)
-        captions = caption_options(data.dataset)
-        triggers = list(card_cfg.get("trigger_words") or [])
-        if not triggers and captions.template != "{caption}":  # the fixed words the captions were given
-            fixed = captions.template.replace("{caption}", "").strip(" ,;")
-            triggers = [fixed] if fixed else []
-        optimizer = cfg.optim_wrapper.optimizer
-        settings = {"objective": self.objective.describe(), "optimizer": f"{optimizer.get('type', 'AdamW')}, lr {optimizer.get('lr')}",
-                    "batch": f"{data.batch_size} per process × {self.optim.accumulation} accumulation × {self.world_size} "
-                             f"process(es) = {data.batch_size * self.optim.accumulation * self.world_size} images per update",
-                    "iterations": f"{self.iteration} of {self.max_iters}", "resolution": str(data.dataset.get("resolution")),
-                    "mixed precision": str(cfg.optim_wrapper.get("mixed_precision", "no")), "seed": str(self.seed),
-                    "dataset": f"{data.dataset.get('type')} {data.dataset.get('path')}"}
-        if self.lora is not None:
-            settings["LoRA"] = (f"rank {self.lora.get('rank', 16)}, alpha {self.lora.get('alpha', self.lora.get('rank', 16))}"
-                                f"{', DoRA' if self.lora.get('use_dora') else ''}, targets "
-                                f"{', '.join(sorted(self.unet.peft_config['default'].target_modules))}")
-        if self.ema is not None:
-            settings["EMA"] = f"decay {cfg.ema.get('decay')}, exported: {self.export_ema}"
-        if not captions.default:
-            settings["captions"] = f"template '{captions.template}', shuffle {captions.shuffle_tags}, keep_tokens " \
-                                   f"{captions.keep_tokens}, tag dropout {captions.tag_dropout}"
-        last = self.validation.last
-        images = last[2] if last is not None and last[0] == self.iteration else []
-        samples = [(spec.prompt, f"images/sample_{i}.png") for i, spec in enumerate(last[1])] if images else []
-        from .single_file import edm_latent_stats
-
-        card = Card(title=card_cfg.get("title") or f"{cfg.config_name} step {self.iteration}", base_model=base,
-                    playground=edm_latent_stats(Path(self.base_folder)) is not None, kind=kind, iteration=self.iteration,
-                    settings=settings, trigger_words=triggers, instance_prompt=card_cfg.get("instance_prompt"),
-                    tags=list(card_cfg.get("tags") or []), license=card_cfg.get("license"), samples=samples, files=list(files))
-        return {"card": card, "images": images}
 
 
 def sample_specs(cfg) -> list:
