@@ -180,6 +180,15 @@ def test_lora_tools_info_merge_fuse(lora_run, tmp_path, capsys):
     info = capsys.readouterr().out
     assert "rank 4, alpha 8 (scale 2)" in info and "ff.net.0.proj" in info and "diffusers layout" in info
 
+    from pgv25.models.lora_files import KOHYA_FILE
+
+    assert main(["lora", "kohya", str(result.step_dir), "--out", str(tmp_path / "k.safetensors")]) == 0
+    converted, trained = load_file(tmp_path / "k.safetensors"), load_file(result.step_dir / KOHYA_FILE)
+    assert set(converted) == set(trained) and all(torch.equal(converted[k], trained[k]) for k in trained)
+    capsys.readouterr()
+    assert main(["lora", "info", str(tmp_path / "k.safetensors")]) == 0
+    assert "kohya layout" in (info := capsys.readouterr().out) and "rank 4, alpha 8 (scale 2)" in info
+
     original = read_lora(lora_file)
     for extra, rank in (([], 8), (["--rank", "4"], 4)):  # exact concatenation; SVD back to the rank the sum has
         out = tmp_path / f"merged{rank}.safetensors"
