@@ -145,10 +145,11 @@ def _data_config(args):
 def cmd_data_inspect(args) -> int:
     from .data.dataset import plan_data
     from .data.index import problem_lines
+    from .data.multi import dataset_config
     from .data.inspect import plot, report
 
     cfg, global_batch = _data_config(args)
-    plan = plan_data(cfg.train_dataloader.dataset, global_batch)
+    plan = plan_data(dataset_config(cfg.train_dataloader), global_batch)
     print(report(plan))
     out = Path(args.out or Path(cfg.get("work_dir") or Path("work_dirs") / cfg.config_name) / "buckets.png")
     print(f"histogram: {plot(plan, out)}")
@@ -164,10 +165,11 @@ def cmd_data_cache(args) -> int:
 
     from .data.cache import ensure_cache
     from .data.dataset import plan_data
+    from .data.multi import dataset_config
     from .engine.export import DTYPES
 
     cfg, global_batch = _data_config(args)
-    data_cfg = cfg.train_dataloader.dataset
+    data_cfg = dataset_config(cfg.train_dataloader)
     data_cfg.setdefault("cache", {})["build"] = "auto"
     plan = plan_data(data_cfg, global_batch)
     on_gpu = torch.cuda.is_available()

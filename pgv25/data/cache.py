@@ -32,6 +32,7 @@ import torch
 from ..engine.integrity import share_permissions
 from ..errors import UserError
 from .captions import caption_options
+from .multi import ConcatRows
 from .dataset import DataPlan
 from .index import DEFAULT_MAX_PIXELS
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
@@ -57,9 +58,12 @@ def cache_key(plan: DataPlan, data_cfg: dict, encoders_identity: str, force_zero
         "dtype": cache_options(data_cfg)["dtype"],
         "seed": None if data_cfg.get("center_crop", False) else seed,  # of the random crops drawn once
     }
-    template = caption_options(data_cfg).template
-    if template != "{caption}":  # only then: caches built before caption templates existed keep their key
-        inputs["caption_template"] = template
+    if isinstance(plan.rows, ConcatRows):  # several datasets: each one's template
+        inputs["caption_templates"] = [options.template for options in plan.rows.options]
+    else:
+        template = caption_options(data_cfg).template
+        if template != "{caption}":  # only then: caches built before caption templates existed keep their key
+            inputs["caption_template"] = template
     return hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20], inputs
 
 

@@ -19,6 +19,7 @@ from ..errors import UserError
 from .captions import CaptionOptions, caption_options
 from .buckets import bucket_sizes, merge_small, nearest_buckets
 from .index import DEFAULT_MAX_PIXELS, Index, describe_problems, scan
+from .multi import ConcatRows, load_parts, positions_of_parts, repeat_counts
 from .sources import EMPTY_CAPTION, NO_CAPTION, Rows, load_rows
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
 
@@ -34,6 +35,7 @@ class DataPlan:
     sizes: list  # bucket (w, h)
     bucket_of: np.ndarray  # bucket of each index position
     weighting: float | str
+    parts: list[dict] | None = None  # several datasets (data/multi.py): name, usable images, repeats of each
 
     def histogram(self) -> list[tuple[tuple[int, int], int]]:
         counts = np.bincount(self.bucket_of, minlength=len(self.sizes))
@@ -42,15 +44,21 @@ class DataPlan:
 
 def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dataset") -> DataPlan:
     """Read and scan the source and assign buckets; every whole-dataset mistake raises here, before any model loads."""
-    captions = caption_options(cfg, f"{key}.captions")
-    rows = load_rows(cfg, key)
-    if cfg.get("keep_uncaptioned"):  # train such images as unconditional instead of skipping them
-        rows.captions = [[""] if c in (NO_CAPTION, EMPTY_CAPTION) else c for c in rows.captions]
-    if not captions.default:  # the template once, here: the cache, inspect and the scan all see the final captions
-        rows.captions = [[captions.fixed(c) for c in cs] if isinstance(cs, list) else cs for cs in rows.captions]
+    parts = None
+    if cfg.get("parts"):  # several datasets: their rows as one, each with its own captions (data/multi.py)
+        rows, parts = load_parts(cfg, key, load_rows)
+    else:
+        captions = caption_options(cfg, f"{key}.captions")
+        rows = load_rows(cfg, key)
+        if cfg.get("keep_uncaptioned"):  # train such images as unconditional instead of skipping them
+            rows.captions = [[""] if c in (NO_CAPTION, EMPTY_CAPTION) else c for c in rows.captions]
+        if not captions.default:  # the template once, here: the cache, inspect and the scan all see the final captions
+            rows.captions = [[captions.fixed(c) for c in cs] if isinstance(cs, list) else cs for cs in rows.captions]
     index = scan(rows, cfg.get("cache_dir"), int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)))
     if len(index) == 0:
         raise UserError(f"no usable images in {rows.name}{describe_problems(index.reasons(), ': excluded')}")
+    if parts is not None:
+        index, parts = repeat_parts(index, rows, parts)
     resolution = int(cfg["resolution"])
     buckets = cfg.get("buckets") or {}
     try:
@@ -68,17 +76,38 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
         bucket_of, weighting = np.zeros(len(index), np.int64), 1.0
     used = np.bincount(bucket_of, minlength=len(sizes)) > 0  # keep only buckets that have images
     renumber = np.cumsum(used) - 1
-    return DataPlan(rows, index, [s for s, u in zip(sizes, used) if u], renumber[bucket_of], weighting)
+    return DataPlan(rows, index, [s for s, u in zip(sizes, used) if u], renumber[bucket_of], weighting, parts)
+
+
+def repeat_parts(index: Index, rows: ConcatRows, parts: list[dict]) -> tuple[Index, list[dict]]:
+    """Each usable position of part d `repeats_d` times (a new position each: its own crop, its own draws)."""
+    part_of = positions_of_parts(rows, index.rows)
+    usable = np.bincount(part_of, minlength=len(parts)).tolist()
+    repeats = repeat_counts(parts, usable)
+    take = np.repeat(np.arange(len(index)), np.asarray(repeats)[part_of])
+    repeated = Index(index.rows[take], index.widths[take], index.heights[take], index.problems)
+    return repeated, [{"name": p["cfg"]["name"], "usable": n, "repeats": r} for p, n, r in zip(parts, usable, repeats)]
+
+
+class SameCaptions:
+    """One dataset's caption options for every row (a class, not a lambda: loader workers pickle the dataset)."""
+
+    def __init__(self, options: CaptionOptions):
+        self.options = options
+
+    def __call__(self, row: int) -> CaptionOptions:
+        return self.options
 
 
 class BucketedImageDataset(torch.utils.data.Dataset):
     """Item (step, slot, position) → pixels cropped to the position's bucket, time_ids, caption."""
 
     def __init__(self, plan: DataPlan, transform: BucketTransform, caption_dropout: float = 0.0, seed: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, captions: CaptionOptions = CaptionOptions()):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, captions=None):
         self.plan, self.transform = plan, transform
         self.caption_dropout, self.seed, self.max_pixels = caption_dropout, seed, max_pixels
-        self.captions = captions  # per-step tag shuffling and dropout (the template is already in the rows)
+        # row → its per-step tag shuffling and dropout (the template is already in the rows)
+        self.captions = captions or SameCaptions(CaptionOptions())
 
     def __len__(self) -> int:
         return len(self.plan.index)
@@ -98,7 +127,7 @@ class BucketedImageDataset(torch.utils.data.Dataset):
                 pixels, time_ids = self.transform(image, target, rng, original)
         except ImageProblem as problem:
             return {"problem": str(problem), "label": plan.rows.label(row)}
-        caption = self.captions(rng.choice(plan.rows.captions[row]), rng)
+        caption = self.captions(row)(rng.choice(plan.rows.captions[row]), rng)
         return {"pixels": pixels, "time_ids": time_ids, "caption": caption, "drop_caption": rng.random() < self.caption_dropout}
 
     def _pair(self, row: int, position: int, target: tuple[int, int], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,5 +182,6 @@ def collate(items: list[dict]) -> dict:
 def build_dataset(cfg: dict, plan: DataPlan, seed: int) -> BucketedImageDataset:
     """From the `train_dataloader.dataset` config dict and its plan."""
     transform = BucketTransform(cfg.get("center_crop", False), cfg.get("random_flip", True))
+    captions = plan.rows.options_of if isinstance(plan.rows, ConcatRows) else SameCaptions(caption_options(cfg))
     return BucketedImageDataset(plan, transform, cfg.get("caption_dropout", 0.0), seed,
-                                int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)), caption_options(cfg))
+                                int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)), captions)

@@ -32,7 +32,25 @@ def report(plan: DataPlan) -> str:
     for row in bucket_table(plan):
         lines.append(f"{row['width']:>5}x{row['height']:<5} {row['ratio']:6.2f} {row['images']:8d} {row['share']:7.1%} "
                      f"{row['probability']:8.1%} {row['relative_repeats']:7.2f}x")
+    if plan.parts:
+        lines.append(f"{'dataset':<40} {'usable':>7} {'repeats':>8} {'share of draws':>15}")
+        for part, share in zip(plan.parts, part_shares(plan)):
+            lines.append(f"{part['name'][:40]:<40} {part['usable']:7d} {part['repeats']:7d}x {share:15.1%}")
     return "\n".join(lines)
+
+
+def part_shares(plan: DataPlan) -> list[float]:
+    """Each dataset's expected share of the images drawn: Σ over buckets of P(bucket) × its share of that bucket."""
+    from .multi import positions_of_parts
+
+    part_of = positions_of_parts(plan.rows, plan.index.rows)
+    counts = np.array([n for _, n in plan.histogram()])
+    probabilities = bucket_probabilities(counts, plan.weighting)
+    shares = np.zeros(len(plan.parts))
+    for bucket, p in enumerate(probabilities):
+        members = part_of[plan.bucket_of == bucket]
+        shares += p * np.bincount(members, minlength=len(plan.parts)) / max(len(members), 1)
+    return shares.tolist()
 
 
 def plot(plan: DataPlan, out: Path) -> Path:

@@ -17,6 +17,7 @@ import torch
 
 from ..data.cache import CachedLatentDataset, cache_options, ensure_cache
 from ..data.dataset import DataPlan, build_dataset, plan_data
+from ..data.multi import dataset_config
 from ..data.streaming import StreamingBucketDataset, check_streaming
 from ..errors import UserError
 from ..models.edm_denoiser import Conditioning
@@ -96,7 +97,7 @@ class DataParts:
 def build_data(cfg, runtime: Runtime) -> DataParts:
     """The dataset (scanned, bucketed, cached when configured); the base pipeline resolved on the way."""
     accelerator, seed = runtime.accelerator, int(cfg.randomness.seed)
-    data_cfg, model_name = cfg.train_dataloader.dataset, cfg.model.pretrained_model_name_or_path
+    data_cfg, model_name = dataset_config(cfg.train_dataloader), cfg.model.pretrained_model_name_or_path
     batch_size = int(cfg.train_dataloader.batch_size)
     # One process per machine downloads / builds / caches; the others then read its copy.
     with accelerator.local_main_process_first():

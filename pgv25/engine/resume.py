@@ -39,6 +39,8 @@ def fingerprint(cfg, world_size: int) -> dict:
         "randomness.seed": cfg.randomness.seed,
         "processes": world_size,
     }
+    if loader.get("datasets"):  # several datasets: absent otherwise, as in older checkpoints
+        values["train_dataloader.datasets"] = list(loader.datasets)
     objective = dict(cfg.get("objective") or {})
     if objective.get("type", "denoising") != "denoising":  # absent for plain fine-tuning, as in older checkpoints
         values["objective"] = objective
