@@ -87,13 +87,21 @@ def load_rows(cfg: dict, key: str = "train_dataloader.dataset") -> Rows:
         return pair_rows(cfg, key)
     image_column, caption_column = cfg.get("image_column", "image"), cfg.get("caption_column", "text")
     keep = row_filter(cfg, key)
+    fixed = cfg.get("caption")
+    if fixed is not None and (not isinstance(fixed, str) or not fixed.strip()):
+        raise UserError(f"{key}.caption must be a non-empty string (one caption for every image), got {fixed!r}")
     if kind == "hub":
-        return hub_rows(path, cfg.get("split", "train"), image_column, caption_column, key, keep)
-    if kind == "folder":
-        return folder_rows(Path(path).expanduser(), image_column, caption_column, key, keep)
-    if kind == "manifest":
-        return manifest_rows(Path(path).expanduser(), image_column, caption_column, key, keep)
-    raise UserError(f"{key}.type must be 'hub', 'folder' or 'manifest', got '{kind}'")
+        rows = hub_rows(path, cfg.get("split", "train"), image_column, caption_column, key, keep)
+    elif kind == "folder":
+        rows = folder_rows(Path(path).expanduser(), image_column, caption_column, key, keep)
+    elif kind == "manifest":
+        rows = manifest_rows(Path(path).expanduser(), image_column, caption_column, key, keep)
+    else:
+        raise UserError(f"{key}.type must be 'hub', 'folder' or 'manifest', got '{kind}'")
+    if fixed is not None:  # e.g. DreamBooth's instance prompt: the images need no captions of their own
+        rows.captions = [[fixed] for _ in rows.captions]
+        rows.fingerprint = f"{rows.fingerprint}:caption={hashlib.sha1(fixed.encode()).hexdigest()[:12]}"  # the scan differs
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- files

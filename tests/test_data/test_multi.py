@@ -87,3 +87,18 @@ def test_training_from_two_datasets(tiny_assets, tmp_path):
     assert result.step_dir.is_dir()
     losses = [json.loads(line)["loss"] for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and np.isfinite(losses).all()
+
+
+def test_one_caption_for_a_folder_without_captions(tmp_path):
+    from .files import png
+
+    bare = tmp_path / "my_dog"
+    bare.mkdir()
+    for i in range(3):
+        png(bare / f"{i}.png", color=(i * 50, 0, 0))
+    with pytest.raises(UserError, match="no usable images"):  # no captions at all
+        plan_data({"type": "folder", "path": str(bare), "resolution": 16})
+    plan = plan_data({"type": "folder", "path": str(bare), "resolution": 16, "caption": "a photo of TOK dog"})
+    assert len(plan.index) == 3 and {c[0] for c in plan.rows.captions} == {"a photo of TOK dog"}
+    with pytest.raises(UserError, match="caption must be a non-empty string"):
+        plan_data({"type": "folder", "path": str(bare), "resolution": 16, "caption": ""})
