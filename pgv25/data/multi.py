@@ -28,7 +28,11 @@ def dataset_config(loader_cfg) -> dict:
     parts = loader_cfg.get("datasets")
     if not parts:
         return data_cfg
-    return {**dict(data_cfg), "parts": [dict(p) for p in parts]}
+    if not isinstance(parts, (list, tuple)) or not all(isinstance(p, dict) for p in parts):
+        raise UserError(f"{KEY} must be a list of dicts (type, path, repeats or weight, ...)")
+    combined = {**dict(data_cfg), "parts": [dict(p) for p in parts]}
+    part_configs(combined)  # every mistake in the list now, before the loader branches on streaming
+    return combined
 
 
 def part_configs(data_cfg: dict) -> list[dict]:

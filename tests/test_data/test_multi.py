@@ -102,3 +102,8 @@ def test_one_caption_for_a_folder_without_captions(tmp_path):
     assert len(plan.index) == 3 and {c[0] for c in plan.rows.captions} == {"a photo of TOK dog"}
     with pytest.raises(UserError, match="caption must be a non-empty string"):
         plan_data({"type": "folder", "path": str(bare), "resolution": 16, "caption": ""})
+
+
+def test_streaming_cannot_be_combined():
+    with pytest.raises(UserError, match="streaming datasets cannot be combined"):
+        dataset_config(loader({"path": "x"}, streaming=True))
