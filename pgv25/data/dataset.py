@@ -19,8 +19,8 @@ from ..errors import UserError
 from .captions import CaptionOptions, caption_options
 from .buckets import bucket_sizes, merge_small, nearest_buckets
 from .index import DEFAULT_MAX_PIXELS, Index, describe_problems, scan
-from .multi import ConcatRows, load_parts, positions_of_parts, repeat_counts
-from .sources import EMPTY_CAPTION, NO_CAPTION, Rows, load_rows
+from .multi import ConcatRows, load_parts, positions_of_parts, prepare_rows, repeat_counts
+from .sources import Rows, load_rows
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
 
 logger = logging.getLogger("pgv25")
@@ -48,12 +48,7 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
     if cfg.get("parts"):  # several datasets: their rows as one, each with its own captions (data/multi.py)
         rows, parts = load_parts(cfg, key, load_rows)
     else:
-        captions = caption_options(cfg, f"{key}.captions")
-        rows = load_rows(cfg, key)
-        if cfg.get("keep_uncaptioned"):  # train such images as unconditional instead of skipping them
-            rows.captions = [[""] if c in (NO_CAPTION, EMPTY_CAPTION) else c for c in rows.captions]
-        if not captions.default:  # the template once, here: the cache, inspect and the scan all see the final captions
-            rows.captions = [[captions.fixed(c) for c in cs] if isinstance(cs, list) else cs for cs in rows.captions]
+        rows, _ = prepare_rows(cfg, key, load_rows)
     index = scan(rows, cfg.get("cache_dir"), int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)))
     if len(index) == 0:
         raise UserError(f"no usable images in {rows.name}{describe_problems(index.reasons(), ': excluded')}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError
 from .captions import CaptionOptions, caption_options
-from .sources import Rows
+from .sources import EMPTY_CAPTION, NO_CAPTION, Rows
 
 KEY = "train_dataloader.datasets"
 SHARED = ("resolution", "buckets", "center_crop", "random_flip", "caption_dropout", "max_image_pixels", "cache", "cache_dir")
@@ -121,23 +121,23 @@ class ConcatRows:
         return self.options[self.part_of(i)]
 
 
-def load_parts(data_cfg: dict, key: str, load_rows) -> tuple[ConcatRows, list[dict]]:
-    """The parts' rows (each with its own caption template applied) as one ConcatRows, and the parts' configs."""
-    parts = part_configs(data_cfg)
-    rows, options = [], []
-    for i, part in enumerate(parts):
-        cfg = part["cfg"]
-        captions = caption_options(cfg, f"{KEY}[{i}].captions")
-        part_rows = load_rows(cfg, f"{KEY}[{i}]")
-        if cfg.get("keep_uncaptioned"):
-            from .sources import EMPTY_CAPTION, NO_CAPTION
+def prepare_rows(cfg: dict, key: str, load_rows) -> tuple[Rows, CaptionOptions]:
+    """One source's rows with its caption settings applied once: uncaptioned rows kept as unconditional when asked,
+    the template on every caption (so the cache, inspect and the scan see the final captions); and its options."""
+    captions = caption_options(cfg, f"{key}.captions")
+    rows = load_rows(cfg, key)
+    if cfg.get("keep_uncaptioned"):  # train such images as unconditional instead of skipping them
+        rows.captions = [[""] if c in (NO_CAPTION, EMPTY_CAPTION) else c for c in rows.captions]
+    if not captions.default:
+        rows.captions = [[captions.fixed(c) for c in cs] if isinstance(cs, list) else cs for cs in rows.captions]
+    return rows, captions
 
-            part_rows.captions = [[""] if c in (NO_CAPTION, EMPTY_CAPTION) else c for c in part_rows.captions]
-        if not captions.default:
-            part_rows.captions = [[captions.fixed(c) for c in cs] if isinstance(cs, list) else cs for cs in part_rows.captions]
-        rows.append(part_rows)
-        options.append(captions)
-    return ConcatRows(rows, [p["cfg"]["name"] for p in parts], options), parts
+
+def load_parts(data_cfg: dict, key: str, load_rows) -> tuple[ConcatRows, list[dict]]:
+    """The parts' rows (each with its own captions) as one ConcatRows, and the parts' configs."""
+    parts = part_configs(data_cfg)
+    prepared = [prepare_rows(part["cfg"], f"{KEY}[{i}]", load_rows) for i, part in enumerate(parts)]
+    return ConcatRows([rows for rows, _ in prepared], [p["cfg"]["name"] for p in parts], [o for _, o in prepared]), parts
 
 
 def repeat_counts(parts: list[dict], usable: list[int]) -> list[int]:

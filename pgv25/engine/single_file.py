@@ -21,8 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from ..models import ldm_layout
-from ..models.lora import LORA_FILE
+from ..models import ldm_layout, loading
 from .export import DTYPES, atomic_file
 
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"  # the network; the EDM schedule travels in edm_mean/edm_std
@@ -55,16 +54,10 @@ def read_component(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def check_pipeline_folder(folder: Path) -> None:
-    """A full diffusers pipeline folder, or one line saying what it is instead."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    """A full pipeline folder (models/loading.py says what else it is), or one line."""
+    if not Path(folder).is_dir():
         raise UserError(f"{folder} is not a folder (give a pipeline export such as work_dirs/<config>/step<N>)")
-    if (folder / LORA_FILE).is_file() and not (folder / "unet").is_dir():
-        raise UserError(f"{folder} is a LoRA export, not a full pipeline; fold it into the base first: "
-                        f"pgv25 lora fuse --base BASE_DIR --lora {folder / LORA_FILE} --out FUSED_DIR")
-    missing = [p for p in ("unet", "vae", "text_encoder", "text_encoder_2") if not (folder / p / "config.json").is_file()]
-    if missing:
-        raise UserError(f"{folder} is not an SDXL pipeline folder: no {', '.join(missing)} (with a config.json)")
+    loading.check_pipeline_folder(Path(folder))
 
 
 def _config(folder: Path) -> dict:

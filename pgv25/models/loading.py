@@ -111,6 +111,12 @@ def _is_missing_repo(error: Exception) -> bool:
 
 
 def check_pipeline_folder(folder: Path) -> None:
+    """A complete SDXL pipeline folder, or one line saying what is missing (or that it is a LoRA export)."""
+    from .lora import LORA_FILE
+
+    if (folder / LORA_FILE).is_file() and not (folder / "unet").is_dir():
+        raise UserError(f"{folder} is a LoRA export, not a full pipeline: apply it to its base (--lora), or fold it in "
+                        f"with pgv25 lora fuse --base BASE_DIR --lora {folder / LORA_FILE} --out FUSED_DIR")
     if not (folder / "model_index.json").is_file():
         raise UserError(f"model directory {folder} has no model_index.json: it is not a diffusers pipeline folder")
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]

@@ -81,8 +81,8 @@ def kohya_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The LoRA in `path` (diffusers layout, with pgv25's metadata) in the kohya layout, alphas as trained."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    _, metadata = _load(path)
-    configs, alphas = adapter_configs(metadata), {}
+    lora = read_lora(path)
+    configs, alphas = adapter_configs(lora.metadata), {}
     if any(c.get("use_dora") for c in configs.values()):
         raise UserError("lora.kohya_export: a DoRA adapter has no kohya file diffusers can read back; export it without DoRA")
     if any(c.get("use_rslora") for c in configs.values()):
@@ -90,7 +90,7 @@ def kohya_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     # peft names for every layer (diffusers' own detection converts only one naming per file, and a file with
     # text-encoder layers mixes two), CLIP-L under `text_model.` as kohya names it (transformers ≥ 5.6 drops it).
     peft = {}
-    for name, layer in read_lora(path).layers.items():
+    for name, layer in lora.layers.items():
         part, _, module = name.partition(".")
         if part != "unet" and not module.startswith("text_model."):
             module = "text_model." + module
