@@ -43,6 +43,24 @@ from pgv25.models.playground_configs import SCHEDULER, UNET  # noqa: E402
 
 PLAYGROUND_UNET, PLAYGROUND_SCHEDULER = UNET, SCHEDULER  # the names the other tools import
 VARIANTS = ("full", "ckpt", "adamw8bit", "lora64", "compile")
+# Speed levers, added to a variant with '+' (e.g. full+cl+bf16norm+regional); measured on pgv25's step only,
+# to compare with the plain variant's row of the same run (the reference step stays as diffusers writes it).
+LEVERS = {
+    "cl": "channels-last UNet and latents",
+    "bf16norm": "GroupNorm/LayerNorm in bf16 (pgv25.models.speed.low_precision_norms)",
+    "cudnn": "cuDNN attention (sdpa_kernel CUDNN_ATTENTION)",
+    "flash": "flash attention (sdpa_kernel FLASH_ATTENTION)",
+    "regional": "torch.compile of each BasicTransformerBlock",
+    "regional_resnet": "torch.compile of each BasicTransformerBlock and ResnetBlock2D",
+}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    base, *levers = text.split("+")
+    if base not in VARIANTS or any(lever not in LEVERS for lever in levers):
+        raise argparse.ArgumentTypeError(f"{text!r}: a variant is one of {', '.join(VARIANTS)}, "
+                                         f"optionally +{'+'.join(LEVERS)}")
+    return base, levers
 
 
 def build_unet(arch: str, device: str, seed: int = 0):
@@ -164,13 +182,36 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def prepare(variant: str, args):
+class WithAttention:
+    """A step run under one scaled-dot-product-attention kernel."""
+
+    def __init__(self, step, backend: str):
+        self.step, self.backend = step, backend
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        from pgv25.models.speed import attention_backend
+
+        with attention_backend(self.backend):
+            return self.step(batch)
+
+
+def prepare(text: str, args):
     """A fresh UNet set up for the variant; returns (unet, optimizer type) or raises RuntimeError('skip: ...')."""
+    from pgv25.models import speed
+
+    variant, levers = parse_variant(text)
     if variant == "adamw8bit" and args.device != "cuda":
         raise RuntimeError("skip: 8-bit AdamW (bitsandbytes) needs CUDA")
+    if {"cudnn", "flash"} & set(levers) and args.device != "cuda":
+        raise RuntimeError("skip: cuDNN/flash attention need CUDA")
     unet = build_unet(args.arch, args.device).train()
-    if args.channels_last:
+    if args.channels_last or "cl" in levers:
         unet.to(memory_format=torch.channels_last)
+    if "bf16norm" in levers:
+        speed.low_precision_norms(unet)
+    if "regional" in levers or "regional_resnet" in levers:
+        blocks = ("transformer", "resnet") if "regional_resnet" in levers else ("transformer",)
+        speed.compile_regions(unet, blocks, mode=args.compile_mode, dynamic=False)
     if variant == "ckpt":
         unet.enable_gradient_checkpointing()
     if variant == "lora64":
@@ -184,19 +225,27 @@ def prepare(variant: str, args):
 
 def measure(variant: str, batch_size: int, size: tuple[int, int], args) -> dict:
     row = {"variant": variant, "batch": batch_size, "size": f"{size[1]}x{size[0]}"}
+    _, levers = parse_variant(variant)
+    backend = next((lever for lever in levers if lever in ("cudnn", "flash")), None)
+    compiled = variant.startswith("compile") or any(lever.startswith("regional") for lever in levers)
     autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if args.device == "cuda" else (lambda: torch.autocast("cpu", enabled=False))
     try:
         unet, optimizer_type = prepare(variant, args)
     except RuntimeError as error:
         return {**row, "error": str(error)}
     batch = synthetic_batch(unet, batch_size, *size, args.latent_factor, args.device)
+    if args.channels_last or "cl" in levers:
+        batch["latents"] = batch["latents"].contiguous(memory_format=torch.channels_last)
+    sides = (("pgv25", Pgv25Step),) if levers else (("pgv25", Pgv25Step), ("reference", ReferenceStep))
     try:
-        rounds = {"pgv25": [], "reference": []}
+        rounds = {name: [] for name, _ in sides}
         flops = None
         for _ in range(args.rounds):
-            for name, cls in (("pgv25", Pgv25Step), ("reference", ReferenceStep)):
+            for name, cls in sides:
                 step = cls(unet, optimizer_type, args.device, autocast)
-                if flops is None and name == "pgv25" and variant != "compile":
+                if backend:
+                    step = WithAttention(step, backend)
+                if flops is None and name == "pgv25" and not compiled:
                     flops = count_flops(step, batch)
                 rounds[name].append(timed(step, batch, args.warmup, args.steps, args.device))
                 del step
@@ -211,12 +260,11 @@ def measure(variant: str, batch_size: int, size: tuple[int, int], args) -> dict:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     ours = statistics.median(r["step_s"] for r in rounds["pgv25"])
-    ref = statistics.median(r["step_s"] for r in rounds["reference"])
-    row.update({
-        "images_per_s": batch_size / ours, "step_s": ours, "peak_gib": max(r["peak_gib"] for r in rounds["pgv25"]),
-        "reference_images_per_s": batch_size / ref, "reference_peak_gib": max(r["peak_gib"] for r in rounds["reference"]),
-        "speedup_vs_reference": ref / ours,
-    })
+    row.update({"images_per_s": batch_size / ours, "step_s": ours, "peak_gib": max(r["peak_gib"] for r in rounds["pgv25"])})
+    if "reference" in rounds:
+        ref = statistics.median(r["step_s"] for r in rounds["reference"])
+        row.update({"reference_images_per_s": batch_size / ref, "speedup_vs_reference": ref / ours,
+                    "reference_peak_gib": max(r["peak_gib"] for r in rounds["reference"])})
     if flops:
         row["tflop_per_step"] = flops / 1e12
         if args.device == "cuda":  # against the GPU's dense bf16 peak; meaningless for a CPU
@@ -234,8 +282,10 @@ def markdown(rows: list[dict], args) -> str:
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "–"
         tflop = f"{r['tflop_per_step']:.4g}" if "tflop_per_step" in r else "–"
+        ref = (f"{r['reference_images_per_s']:.2f} | {r['speedup_vs_reference']:.2f}" if "reference_images_per_s" in r
+               else "– | –")
         lines.append(f"| {r['variant']} | {r['size']} | {r['batch']} | {r['images_per_s']:.2f} | {r['step_s']:.3f} | {tflop} | {mfu} "
-                     f"| {r['peak_gib']:.1f} | {r['reference_images_per_s']:.2f} | {r['speedup_vs_reference']:.2f} |")
+                     f"| {r['peak_gib']:.1f} | {ref} |")
     return "\n".join(lines)
 
 
@@ -252,7 +302,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=["playground", "tiny"], default="playground")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["full", "ckpt", "adamw8bit", "lora64"])
+    parser.add_argument("--variants", nargs="+", type=lambda v: parse_variant(v) and v, default=["full", "ckpt", "adamw8bit", "lora64"],
+                        help=f"{', '.join(VARIANTS)}, each optionally with +lever: {'; '.join(f'{k}: {v}' for k, v in LEVERS.items())}")
     parser.add_argument("--size", nargs="+", default=["1024x1024", "896x1152"], help="WxH in pixels")
     parser.add_argument("--latent-factor", type=int, help="pixels per latent (8 for the SDXL VAE; 4 for the tiny one)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])

@@ -27,37 +27,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pgv25.models import playground_configs  # noqa: E402
 
 
 def build_folder(folder: Path, tokenizers_from: Path, seed: int) -> None:
-    from diffusers import AutoencoderKL, EDMDPMSolverMultistepScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTokenizer
 
-    from pgv25.tiny.base_pipeline import PLAYGROUND_SCHEDULER_CONFIG
+    from build_fullsize_base import build_base
 
-    torch.manual_seed(seed)
-    parts = {
-        "unet": lambda: UNet2DConditionModel.from_config(playground_configs.UNET),
-        "vae": lambda: AutoencoderKL.from_config(playground_configs.VAE),
-        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**playground_configs.TEXT_ENCODER)),
-        "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**playground_configs.TEXT_ENCODER_2)),
-    }
-    for name, build in parts.items():  # one at a time: the fp32 UNet alone is 10 GB
-        model = build().to(torch.float16)
-        model.save_pretrained(folder / name)
-        del model
-    EDMDPMSolverMultistepScheduler(**PLAYGROUND_SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
-    for name in ("tokenizer", "tokenizer_2"):
-        shutil.copytree(tokenizers_from / name, folder / name)
-    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": True,
-             "feature_extractor": [None, None], "image_encoder": [None, None],
-             "scheduler": ["diffusers", "EDMDPMSolverMultistepScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    tokenizers = [CLIPTokenizer.from_pretrained(tokenizers_from / name) for name in ("tokenizer", "tokenizer_2")]
+    build_base(folder, tokenizers, "fp16", "cpu", seed)
 
 
 def compare(pipe, folder: Path) -> dict[str, int]:

@@ -1,0 +1,93 @@
+"""Speed levers for the UNet that leave its weights, state dict and trained function alone.
+
+- `low_precision_norms`: GroupNorm/LayerNorm in the autocast dtype. Autocast runs both norms in fp32
+  (they are on its fp32 list), so every norm reads bf16 activations, writes an fp32 copy and the next
+  convolution casts it back: two extra passes over the largest tensors of the step. The CUDA kernels
+  accumulate the statistics in fp32 whatever the input dtype, so computing the norm in bf16 loses only
+  the rounding of its output, which the next bf16 convolution applies anyway.
+- `compile_regions`: regional compilation (torch.compile of each repeated block instead of the whole
+  UNet): the blocks of one kind share one compiled graph, so it compiles in seconds, not minutes.
+- `attention_backend`: which scaled-dot-product-attention kernel the step uses (cuDNN on Hopper, flash).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPEATED_BLOCKS = {"transformer": "BasicTransformerBlock", "resnet": "ResnetBlock2D"}
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+class LowPrecisionGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that, under autocast, normalises in the autocast dtype instead of fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            weight = self.weight.to(dtype) if self.weight is not None else None
+            bias = self.bias.to(dtype) if self.bias is not None else None
+            return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps)
+
+
+class LowPrecisionLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that, under autocast, normalises in the autocast dtype instead of fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            weight = self.weight.to(dtype) if self.weight is not None else None
+            bias = self.bias.to(dtype) if self.bias is not None else None
+            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+
+
+_LOW_PRECISION = {nn.GroupNorm: LowPrecisionGroupNorm, nn.LayerNorm: LowPrecisionLayerNorm}
+
+
+def low_precision_norms(model: nn.Module) -> int:
+    """Switch every plain GroupNorm/LayerNorm of `model` to its low-precision twin, in place (same
+    parameters, same state dict; outside autocast they compute exactly as before). Returns how many."""
+    count = 0
+    for module in model.modules():
+        twin = _LOW_PRECISION.get(type(module))
+        if twin is not None:
+            module.__class__ = twin
+            count += 1
+    return count
+
+
+def compile_regions(model: nn.Module, blocks=("transformer",), **compile_options) -> int:
+    """torch.compile each block of the named kinds in place (`module.compile`: state dict unchanged).
+    Returns how many modules were compiled."""
+    names = {REPEATED_BLOCKS[b] for b in blocks}
+    compiled = 0
+    for module in model.modules():
+        if type(module).__name__ in names:
+            module.compile(**compile_options)
+            compiled += 1
+    if not compiled:
+        raise ValueError(f"no {sorted(names)} in {type(model).__name__} to compile")
+    return compiled
+
+
+def attention_backend(name: str | None):
+    """A context manager that restricts scaled_dot_product_attention to one kernel: 'cudnn', 'flash',
+    'efficient' or 'math'; None leaves PyTorch's choice."""
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel(backends[name])

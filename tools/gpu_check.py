@@ -1,0 +1,402 @@
+"""The real path at full size, end to end, within a time budget (one GPU; not part of CI).
+
+    python tools/gpu_check.py --out OUT --budget 540                  # on a GPU machine
+    python tools/gpu_check.py --out OUT --small --resolution 256      # the same stages on a CPU, reduced model
+
+Stages, each recorded in OUT/gpu_check.json as soon as it ends (a timeout keeps what finished):
+
+1. env: GPU, torch/diffusers versions, free space where the run writes.
+2. base: tools/build_fullsize_base.py on the GPU (random weights, Playground's exact configs, fp16).
+3. images: photo-like JPEGs in five aspect ratios with captions (a `folder` dataset).
+4. train: `pgv25 train playgroundv2_5_pokemon_blip` pointed at both with --cfg-options: bf16, loader
+   workers, VAE and text encoders on the GPU, fused AdamW, a checkpoint and export at iteration 20, on to
+   30 with a loss logged every iteration; killed with SIGKILL once iteration 30 is logged (the save at 30
+   is cut off: the checkpoint at 20 must stay intact, which `pgv25 ckpt verify` then checks).
+5. generate: one 1024² image, 50 steps with CFG, from the export with plain diffusers in a separate
+   process that never imports pgv25.
+6. resume: `--resume` from the checkpoint at 20 to 30 in a new work dir: its losses at 21..30 against the
+   uninterrupted run's, its own checkpoint and export at 30.
+7. bench: tools/bench_train.py at the same batch: the bare step (and the reference step), then the speed
+   levers (channels-last, bf16 norms, cuDNN attention, regional compilation) each against it.
+
+Reported: the whole runner's images/s against the bare step's at the same batch size, peak GPU memory,
+checkpoint size and save time, resume exactness, generation seconds, and every failure with its stage.
+Two full AdamW checkpoints (2 × 31 GB) do not fit beside the base on a 64 GB disk, so the checkpoint at
+20 moves to /dev/shm before the resume when that has room.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(TOOLS))
+
+GIB = 2**30
+RATIOS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216)]
+# Cheap levers first: a budget cut-off then loses the compiled variants (a minute or more of compiling each).
+LEVER_VARIANTS = ["full", "full+cl", "full+bf16norm", "full+cudnn", "full+cl+bf16norm", "full+regional",
+                  "full+cl+bf16norm+cudnn+regional"]
+PGV25 = "import sys; from pgv25.cli import main; sys.exit(main())"
+
+
+class Report:
+    """The results so far, rewritten to OUT/gpu_check.json after every stage."""
+
+    def __init__(self, out: Path, budget: float):
+        self.out, self.start, self.budget = out, time.time(), budget
+        self.data = {"stages": {}, "failures": []}
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.start)
+
+    def record(self, stage: str, result: dict) -> None:
+        self.data["stages"][stage] = result
+        if result.get("error"):
+            self.data["failures"].append(f"{stage}: {result['error']}")
+        self.data["elapsed_s"] = round(time.time() - self.start, 1)
+        (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=2, default=str))
+        print(f"[{self.data['elapsed_s']:7.1f}s] {stage}: {json.dumps(result, default=str)[:1500]}", flush=True)
+
+
+def free_gib(path: Path) -> float:
+    return shutil.disk_usage(path).free / GIB
+
+
+def folder_gib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / GIB if path.exists() else 0.0
+
+
+def stage_env(work: Path) -> dict:
+    import torch
+
+    import diffusers
+    import transformers
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    shm = Path("/dev/shm")
+    return {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "cpus": os.cpu_count(), "work": str(work),
+            "work_free_gib": round(free_gib(work), 1), "shm_free_gib": round(free_gib(shm), 1) if shm.is_dir() else None}
+
+
+def stage_base(folder: Path, device: str, small: bool, bpe: str | None) -> dict:
+    import build_fullsize_base as builder
+
+    vocab, merges = builder.clip_vocabulary(builder.find_bpe_file(bpe))
+    configs = builder.reduced_configs() if small else None
+    report = builder.build_base(folder, builder.build_tokenizers(vocab, merges), "fp16", device, configs=configs)
+    report["gib"] = round(report.pop("bytes") / GIB, 2)
+    report["vocab"] = len(vocab)
+    return report
+
+
+def photo(args) -> None:
+    """One photo-like JPEG: a smooth random field (sky/ground-like gradients and blobs) plus sensor noise."""
+    import numpy as np
+    from PIL import Image
+
+    path, width, height, seed = args
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
+    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+    ramp = np.linspace(-40, 40, height, dtype=np.float32)[:, None, None]
+    pixels = np.clip(field + ramp + rng.normal(0, 6, (height, width, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def stage_images(folder: Path, count: int, resolution: int) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    colours, things = ["red", "blue", "green", "golden", "grey"], ["fox", "lighthouse", "teapot", "mountain", "bicycle"]
+    jobs, rows = [], []
+    for i in range(count):
+        w, h = RATIOS[i % len(RATIOS)]
+        scale = resolution / 1024 * rng.uniform(1.0, 1.5)  # larger than the bucket: the loader resizes and crops
+        name = f"{i:04d}.jpg"
+        jobs.append((folder / name, int(w * scale), int(h * scale), i))
+        rows.append({"file_name": name, "text": f"a photo of a {colours[i % 5]} {things[(i // 5) % 5]}, detailed, {i}"})
+    with ProcessPoolExecutor(max(1, min(16, (os.cpu_count() or 2)))) as pool:
+        list(pool.map(photo, jobs))
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"images": count, "gib": round(folder_gib(folder), 2)}
+
+
+def train_options(args, base: Path, images: Path, work: Path, max_iters: int, optimizer: str) -> list[str]:
+    return [
+        f"model.pretrained_model_name_or_path={base}",
+        "train_dataloader.dataset.type=folder", f"train_dataloader.dataset.path={images}",
+        "train_dataloader.dataset.image_column=file_name", "train_dataloader.dataset.caption_column=text",
+        f"train_dataloader.dataset.resolution={args.resolution}", f"train_dataloader.dataset.cache_dir={work / 'cache'}",
+        f"train_dataloader.batch_size={args.batch}", f"train_dataloader.num_workers={args.workers}",
+        f"train_cfg.max_iters={max_iters}", f"default_hooks.checkpoint.interval={args.checkpoint_at}",
+        "default_hooks.logger.interval=1", "validation.interval=0", "sample_grid.prompts=[]",
+        f"optim_wrapper.optimizer.type={optimizer}",
+    ]
+
+
+def scalars(work_dir: Path) -> dict[int, dict]:
+    path = work_dir / "scalars.jsonl"
+    if not path.is_file():
+        return {}
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            continue
+        rows[row["iteration"]] = row
+    return rows
+
+
+def run_train(options: list[str], work_dir: Path, log: Path, timeout: float, resume: Path | None = None,
+              kill_at: int | None = None) -> dict:
+    """`pgv25 train` in a subprocess; with kill_at, SIGKILL once that iteration's scalars line is written."""
+    command = [sys.executable, "-c", PGV25, "train", "playgroundv2_5_pokemon_blip", "--work-dir", str(work_dir),
+               "--cfg-options", *options]
+    if resume is not None:
+        command[5:5] = ["--resume", str(resume)]
+    start, killed = time.time(), False
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+        while process.poll() is None:
+            if time.time() - start > timeout:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                return {"error": f"timed out after {timeout:.0f} s", "log_tail": tail(log)}
+            if kill_at is not None and kill_at in scalars(work_dir):
+                time.sleep(1.0)  # into the save that follows the last iteration
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                killed = True
+                break
+            time.sleep(0.5)
+    result = {"returncode": process.returncode, "seconds": round(time.time() - start, 1), "killed": killed}
+    if process.returncode != 0 and not killed:
+        result["error"] = f"exit {process.returncode}: {tail(log, 1)}"
+        result["log_tail"] = tail(log)
+    return result
+
+
+def child_env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def tail(log: Path, lines: int = 15) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
+
+
+def rates(rows: dict[int, dict], first: int, last: int) -> dict:
+    """Median images/s of iterations first..last (each logged alone) and the peak memory."""
+    values = [rows[i]["images_per_s"] for i in range(first, last + 1) if i in rows]
+    peak = max((r.get("gpu_peak_memory_gib", 0.0) for r in rows.values()), default=0.0)
+    return {"images_per_s_median": round(statistics.median(values), 3) if values else None, "iterations": len(values),
+            "gpu_peak_gib": round(peak, 1)}
+
+
+def save_seconds(log: Path) -> float | None:
+    """Seconds between the last iteration line before the first checkpoint line and that checkpoint line."""
+    import re
+
+    last_iter, stamp = None, re.compile(r"^(\d\d):(\d\d):(\d\d) ")
+    for line in log.read_text(errors="replace").splitlines():
+        match = stamp.match(line)
+        if not match:
+            continue
+        seconds = int(match[1]) * 3600 + int(match[2]) * 60 + int(match[3])
+        if " iter " in line:
+            last_iter = seconds
+        elif ": checkpoint " in line and last_iter is not None:
+            return float((seconds - last_iter) % 86400)
+    return None
+
+
+GENERATE = r"""
+import json, sys, time, torch
+from diffusers import StableDiffusionXLPipeline
+folder, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+size = int(sys.argv[4])
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+start = time.time()
+pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+loaded = time.time() - start
+pipe(prompt="a photo of a red fox", num_inference_steps=2, guidance_scale=3.0, height=size, width=size)  # warm-up
+if device == "cuda":
+    torch.cuda.synchronize()
+start = time.time()
+image = pipe(prompt="a photo of a red fox", num_inference_steps=steps, guidance_scale=3.0, height=size, width=size,
+             generator=torch.Generator(device).manual_seed(0), output_type="np").images[0]
+if device == "cuda":
+    torch.cuda.synchronize()
+seconds = time.time() - start
+from PIL import Image
+import numpy as np
+Image.fromarray((np.nan_to_num(image) * 255).round().clip(0, 255).astype("uint8")).save(out)
+print(json.dumps({"scheduler": type(pipe.scheduler).__name__, "load_s": round(loaded, 1), "generate_s": round(seconds, 2),
+                  "steps": steps, "size": size, "finite": bool(np.isfinite(image).all()),
+                  "pgv25_imported": any(m.split(".")[0] == "pgv25" for m in sys.modules)}))
+"""
+
+
+def stage_generate(export: Path, out_png: Path, steps: int, size: int, timeout: float) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # no repo on the path: plain diffusers only
+    done = subprocess.run([sys.executable, "-c", GENERATE, str(export), str(out_png), str(steps), str(size)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
+    if done.returncode != 0:
+        return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", "export": str(export)}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["export"] = str(export)
+    if result["pgv25_imported"]:
+        result["error"] = "pgv25 was imported by the plain-diffusers process"
+    return result
+
+
+def stage_bench(args, log: Path, timeout: float) -> dict:
+    command = [sys.executable, str(TOOLS / "bench_train.py"), "--variants", *args.bench_variants, "--batch", str(args.batch),
+               "--size", f"{args.resolution}x{args.resolution}", "--steps", "5", "--warmup", "2", "--rounds", "1"]
+    if args.small:
+        command += ["--arch", "tiny", "--latent-factor", "4"]
+    rows, start = [], time.time()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=out, text=True, env=child_env(), start_new_session=True)
+        try:
+            for line in process.stdout:
+                out.write(line)
+                out.flush()
+                if line.startswith("{"):
+                    rows.append(json.loads(line))
+                    print("  bench:", line.strip(), flush=True)
+                if time.time() - start > timeout:
+                    raise TimeoutError
+            process.wait()
+        except TimeoutError:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return {"rows": rows, "error": f"stopped after {timeout:.0f} s with {len(rows)} of {len(args.bench_variants)} rows"}
+    result = {"rows": rows}
+    if process.returncode != 0:
+        result["error"] = f"exit {process.returncode}: {tail(log, 1)}"
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="where gpu_check.json, the logs and the image go")
+    p.add_argument("--work", help="where the base, images, work dirs go (default: the roomiest of /tmp, /root, .)")
+    p.add_argument("--budget", type=float, default=540, help="seconds for all stages; a stage that cannot fit is skipped")
+    p.add_argument("--small", action="store_true", help="a reduced model of the same layout (for trying this on a CPU)")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--images", type=int, default=160)
+    p.add_argument("--checkpoint-at", type=int, default=20)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--steps", type=int, default=50, help="generation steps")
+    p.add_argument("--bpe", help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: from an installed open_clip)")
+    p.add_argument("--bench-variants", nargs="+", default=LEVER_VARIANTS)
+    p.add_argument("--skip", nargs="*", default=[], choices=["generate", "resume", "bench"])
+    args = p.parse_args(argv)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    candidates = [Path(c) for c in ("/tmp", "/root", ".") if Path(c).is_dir()]
+    work = Path(args.work) if args.work else max(candidates, key=free_gib) / "pgv25_gpu_check"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    report = Report(out, args.budget)
+    report.record("env", stage_env(work))
+    base, images = work / "base", work / "images"
+    start = time.time()
+    report.record("base", {**stage_base(base, device, args.small, args.bpe), "total_s": round(time.time() - start, 1)})
+    start = time.time()
+    report.record("images", {**stage_images(images, args.images, args.resolution), "seconds": round(time.time() - start, 1)})
+
+    # Optimizer: AdamW, unless the disk cannot take one full checkpoint + export beside the base.
+    unet_params = report.data["stages"]["base"]["parameters"]["unet"]
+    adamw_gib = unet_params * (4 + 8 + 2) / GIB
+    optimizer = "AdamW" if free_gib(work) > 1.1 * adamw_gib else "Adafactor"
+    first = work / "run"
+    result = run_train(train_options(args, base, images, work, args.iters, optimizer), first, out / "train.log",
+                       timeout=max(60.0, report.left() - 60), kill_at=args.iters)
+    rows = scalars(first)
+    checkpoint = first / "checkpoints" / f"iter_{args.checkpoint_at:07d}"
+    result.update(optimizer=optimizer, logged_iterations=len(rows), **rates(rows, 2, args.checkpoint_at),
+                  checkpoint_gib=round(folder_gib(checkpoint), 2), export_gib=round(folder_gib(first / f"step{args.checkpoint_at}"), 2),
+                  save_s=save_seconds(out / "train.log"), losses=[rows[i]["loss"] for i in sorted(rows)])
+    if args.iters not in rows and not result.get("error"):
+        result["error"] = f"iteration {args.iters} never logged"
+    report.record("train", result)
+    if not checkpoint.is_dir():
+        report.record("verify", {"error": f"no checkpoint at {checkpoint}"})
+        return finish(report)
+    for leftover in (first / "checkpoints").glob(".iter_*.tmp*"):  # the save cut off by SIGKILL
+        shutil.rmtree(leftover, ignore_errors=True)
+    verify = subprocess.run([sys.executable, "-c", PGV25, "ckpt", "verify", str(checkpoint)], capture_output=True, text=True,
+                            env=child_env())
+    report.record("verify", {"returncode": verify.returncode, "output": verify.stdout.strip()[-600:],
+                             **({"error": verify.stderr.strip()[-300:] or "verify failed"} if verify.returncode else {})})
+
+    export = first / f"step{args.checkpoint_at}"
+    if "generate" not in args.skip and report.left() > 60:
+        try:
+            report.record("generate", stage_generate(export, out / "generated.png", args.steps, args.resolution, report.left() - 30))
+        except subprocess.TimeoutExpired:
+            report.record("generate", {"error": "timed out"})
+
+    if "resume" not in args.skip and report.left() > 90:
+        resume_from = checkpoint
+        need = folder_gib(checkpoint) + folder_gib(export)
+        if free_gib(work) < 1.1 * need and free_gib(Path("/dev/shm")) > 1.1 * folder_gib(checkpoint):
+            resume_from = Path("/dev/shm") / checkpoint.name
+            shutil.move(str(checkpoint), resume_from)
+        second = work / "resumed"
+        result = run_train(train_options(args, base, images, work, args.iters, optimizer), second, out / "resume.log",
+                           timeout=max(60.0, report.left() - 40), resume=resume_from)
+        resumed = scalars(second)
+        compared = [i for i in range(args.checkpoint_at + 1, args.iters + 1) if i in rows and i in resumed]
+        diffs = [abs(resumed[i]["loss"] - rows[i]["loss"]) / max(abs(rows[i]["loss"]), 1e-12) for i in compared]
+        result.update(resumed_from=str(resume_from), compared_iterations=len(compared),
+                      max_relative_loss_difference=max(diffs) if diffs else None, **rates(resumed, args.checkpoint_at + 2, args.iters),
+                      export=str(second / f"step{args.iters}"), export_written=(second / f"step{args.iters}" / "model_index.json").is_file(),
+                      save_s=save_seconds(out / "resume.log"))
+        if not result.get("error") and (len(compared) < args.iters - args.checkpoint_at or not result["export_written"]):
+            result["error"] = f"{len(compared)} iterations compared; export written: {result['export_written']}"
+        report.record("resume", result)
+
+    if "bench" not in args.skip and report.left() > 60:
+        report.record("bench", stage_bench(args, out / "bench.log", report.left() - 10))
+    return finish(report)
+
+
+def finish(report: Report) -> int:
+    data = report.data
+    train, bench = data["stages"].get("train", {}), data["stages"].get("bench", {})
+    bare = next((r for r in bench.get("rows", []) if r.get("variant") == "full" and "images_per_s" in r), None)
+    if bare and train.get("images_per_s_median"):
+        data["runner_vs_bare_step"] = round(train["images_per_s_median"] / bare["images_per_s"], 3)
+    report.record("summary", {"failures": data["failures"], "runner_vs_bare_step": data.get("runner_vs_bare_step")})
+    return 1 if data["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
