@@ -49,6 +49,12 @@ RATIOS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216)]
 LEVER_VARIANTS = ["full", "full+cl", "full+bf16norm", "full+cudnn", "full+cl+bf16norm", "full+regional",
                   "full+cl+bf16norm+cudnn+regional"]
 PGV25 = "import sys; from pgv25.cli import main; sys.exit(main())"
+# Runner variants to set beside the end-to-end run: what the whole loop costs over the bare step, part by part.
+RUNNER_VARIANTS = {
+    "cache": ["train_dataloader.dataset.cache.enabled=True", "train_dataloader.num_workers=0"],  # latents encoded once
+    "vae_bf16": ["model.vae_dtype=bf16"],
+    "eager": ["model.compile.enabled=False", "model.channels_last=False", "model.attention_backend=None"],
+}
 
 
 class Report:
@@ -164,21 +170,32 @@ def scalars(work_dir: Path) -> dict[int, dict]:
     return rows
 
 
-def run_train(options: list[str], work_dir: Path, log: Path, timeout: float, resume: Path | None = None,
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its children (loader workers)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
+def run_train(config: str, options: list[str], work_dir: Path, log: Path, timeout: float, resume: Path | None = None,
               kill_at: int | None = None) -> dict:
     """`pgv25 train` in a subprocess; with kill_at, SIGKILL once that iteration's scalars line is written."""
-    command = [sys.executable, "-c", PGV25, "train", "playgroundv2_5_pokemon_blip", "--work-dir", str(work_dir),
-               "--cfg-options", *options]
+    command = [sys.executable, "-c", PGV25, "train", config, "--work-dir", str(work_dir), "--cfg-options", *options]
     if resume is not None:
         command[5:5] = ["--resume", str(resume)]
-    start, killed = time.time(), False
+    start, killed, peak = time.time(), False, 0
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
         while process.poll() is None:
+            peak = max(peak, tree_rss(process.pid))
             if time.time() - start > timeout:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-                return {"error": f"timed out after {timeout:.0f} s", "log_tail": tail(log)}
+                return {"error": f"timed out after {timeout:.0f} s", "log_tail": tail(log), "peak_rss_gib": round(peak / GIB, 1)}
             if kill_at is not None and kill_at in scalars(work_dir):
                 time.sleep(1.0)  # into the save that follows the last iteration
                 os.killpg(process.pid, signal.SIGKILL)
@@ -186,7 +203,8 @@ def run_train(options: list[str], work_dir: Path, log: Path, timeout: float, res
                 killed = True
                 break
             time.sleep(0.5)
-    result = {"returncode": process.returncode, "seconds": round(time.time() - start, 1), "killed": killed}
+    result = {"returncode": process.returncode, "seconds": round(time.time() - start, 1), "killed": killed,
+              "peak_rss_gib": round(peak / GIB, 1)}
     if process.returncode != 0 and not killed:
         result["error"] = f"exit {process.returncode}: {tail(log, 1)}"
         result["log_tail"] = tail(log)
@@ -232,11 +250,13 @@ GENERATE = r"""
 import json, sys, time, torch
 from diffusers import StableDiffusionXLPipeline
 folder, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-size = int(sys.argv[4])
+size, lora = int(sys.argv[4]), (sys.argv[5] if len(sys.argv) > 5 else None)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 start = time.time()
 pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+if lora:  # a LoRA export: the base pipeline with the adapter, as a user loads it
+    pipe.load_lora_weights(lora)
 loaded = time.time() - start
 pipe(prompt="a photo of a red fox", num_inference_steps=2, guidance_scale=3.0, height=size, width=size)  # warm-up
 if device == "cuda":
@@ -256,9 +276,11 @@ print(json.dumps({"scheduler": type(pipe.scheduler).__name__, "load_s": round(lo
 """
 
 
-def stage_generate(export: Path, out_png: Path, steps: int, size: int, timeout: float) -> dict:
+def stage_generate(export: Path, out_png: Path, steps: int, size: int, timeout: float, base: Path | None = None) -> dict:
+    """Plain diffusers on the export (or, for a LoRA export, on `base` with the LoRA loaded)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # no repo on the path: plain diffusers only
-    done = subprocess.run([sys.executable, "-c", GENERATE, str(export), str(out_png), str(steps), str(size)],
+    folders = [str(base), str(export)] if base is not None else [str(export)]
+    done = subprocess.run([sys.executable, "-c", GENERATE, folders[0], str(out_png), str(steps), str(size), *folders[1:]],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
     if done.returncode != 0:
         return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", "export": str(export)}
@@ -303,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", help="where the base, images, work dirs go (default: the roomiest of /tmp, /root, .)")
     p.add_argument("--budget", type=float, default=540, help="seconds for all stages; a stage that cannot fit is skipped")
     p.add_argument("--small", action="store_true", help="a reduced model of the same layout (for trying this on a CPU)")
+    p.add_argument("--config", default="playgroundv2_5_pokemon_blip",
+                   help="a full fine-tune or a LoRA config (playgroundv2_5_lora_pokemon_blip: what fits a CPU at full size)")
+    p.add_argument("--runner-variants", nargs="*", default=[], choices=sorted(RUNNER_VARIANTS),
+                   help="more short runs of the whole runner (killed at their last iteration, nothing saved)")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--workers", type=int, default=4)
@@ -335,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     unet_params = report.data["stages"]["base"]["parameters"]["unet"]
     adamw_gib = unet_params * (4 + 8 + 2) / GIB
     optimizer = "AdamW" if free_gib(work) > 1.1 * adamw_gib else "Adafactor"
+    lora = "lora" in args.config
     first = work / "run"
-    result = run_train(train_options(args, base, images, work, args.iters, optimizer), first, out / "train.log",
+    result = run_train(args.config, train_options(args, base, images, work, args.iters, optimizer), first, out / "train.log",
                        timeout=max(60.0, report.left() - 60), kill_at=args.iters)
     rows = scalars(first)
     checkpoint = first / "checkpoints" / f"iter_{args.checkpoint_at:07d}"
@@ -359,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     export = first / f"step{args.checkpoint_at}"
     if "generate" not in args.skip and report.left() > 60:
         try:
-            report.record("generate", stage_generate(export, out / "generated.png", args.steps, args.resolution, report.left() - 30))
+            report.record("generate", stage_generate(export, out / "generated.png", args.steps, args.resolution, report.left() - 30,
+                                                     base if lora else None))
         except subprocess.TimeoutExpired:
             report.record("generate", {"error": "timed out"})
 
@@ -370,18 +398,31 @@ def main(argv: list[str] | None = None) -> int:
             resume_from = Path("/dev/shm") / checkpoint.name
             shutil.move(str(checkpoint), resume_from)
         second = work / "resumed"
-        result = run_train(train_options(args, base, images, work, args.iters, optimizer), second, out / "resume.log",
+        result = run_train(args.config, train_options(args, base, images, work, args.iters, optimizer), second, out / "resume.log",
                            timeout=max(60.0, report.left() - 40), resume=resume_from)
         resumed = scalars(second)
         compared = [i for i in range(args.checkpoint_at + 1, args.iters + 1) if i in rows and i in resumed]
         diffs = [abs(resumed[i]["loss"] - rows[i]["loss"]) / max(abs(rows[i]["loss"]), 1e-12) for i in compared]
+        written = second / f"step{args.iters}" / ("pytorch_lora_weights.safetensors" if lora else "model_index.json")
         result.update(resumed_from=str(resume_from), compared_iterations=len(compared),
                       max_relative_loss_difference=max(diffs) if diffs else None, **rates(resumed, args.checkpoint_at + 2, args.iters),
-                      export=str(second / f"step{args.iters}"), export_written=(second / f"step{args.iters}" / "model_index.json").is_file(),
+                      export=str(second / f"step{args.iters}"), export_written=written.is_file(),
                       save_s=save_seconds(out / "resume.log"))
         if not result.get("error") and (len(compared) < args.iters - args.checkpoint_at or not result["export_written"]):
             result["error"] = f"{len(compared)} iterations compared; export written: {result['export_written']}"
         report.record("resume", result)
+
+    for name in args.runner_variants:
+        if report.left() < 90:
+            report.record(f"runner_{name}", {"error": "skipped: no time left"})
+            continue
+        iters = max(8, args.checkpoint_at // 2)
+        folder = work / f"runner_{name}"
+        result = run_train(args.config, train_options(args, base, images, work, iters, optimizer) + RUNNER_VARIANTS[name], folder,
+                           work / f"runner_{name}.log", timeout=report.left() - 30, kill_at=iters)  # $OUT takes 8 files
+        result.update(rates(scalars(folder), 3, iters))
+        shutil.rmtree(folder, ignore_errors=True)
+        report.record(f"runner_{name}", result)
 
     if "bench" not in args.skip and report.left() > 60:
         report.record("bench", stage_bench(args, out / "bench.log", report.left() - 10))

@@ -18,8 +18,9 @@ from .integrity import check_folder
 
 logger = logging.getLogger("pgv25")
 
-# Model keys that only trade memory for speed; the trained function is the same.
-_FREE_MODEL_KEYS = {"gradient_checkpointing"}
+# Model keys that only trade memory or time; the trained function is the same (and a checkpoint of an older
+# version, which recorded some of them, resumes under new defaults).
+_FREE_MODEL_KEYS = {"gradient_checkpointing", "channels_last", "compile", "attention_backend"}
 # Keys that only choose which files an export writes: changing them on resume changes no weight.
 _EXPORT_ONLY = {"model.lora.fuse_export", "model.lora.kohya_export"}
 # Keys added after checkpoints already existed, with the value those checkpoints were trained with.
@@ -58,6 +59,7 @@ def _flatten(value, prefix: str) -> dict:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """'key: saved -> now' for every fingerprint value that differs."""
+    saved = {**saved, "model": {k: v for k, v in (saved.get("model") or {}).items() if k not in _FREE_MODEL_KEYS}}
     old, new = {}, {}
     for key in sorted(set(saved) | set(current)):
         old.update(_flatten(saved.get(key), key))

@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..generate import generate_specs, labelled_grid, load_pipeline, prompt_specs
 from ..models.lora import LORA_FILE, fused_unet_state, lora_init, save_lora
 from ..models.lora_files import KOHYA_FILE, write_kohya
+from ..models.speed import ATTENTION_BACKENDS, attention_backend
 from ..objectives import build_objective, objective_options
 from . import distributed
 from .build import build_data, build_model, build_optimisation, build_runtime
@@ -223,6 +224,10 @@ class Trainer:
         self._open_log()
         checkpoint = self._checkpoint_to_resume(resume)  # a damaged one is found before gigabytes load
         self.data = build_data(cfg, runtime)
+        self.attention_backend = cfg.model.get("attention_backend")  # the SDPA kernel tried first (None: PyTorch's order)
+        if self.attention_backend not in (None, *ATTENTION_BACKENDS):
+            raise UserError(f"model.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)} or None, "
+                            f"got {self.attention_backend!r}")
         self.model = build_model(cfg, runtime, self.data.cached, len(self.data.plan.sizes) if self.data.plan else 32)
         self.objective = build_objective(cfg, self.model, self.device)
         self.export_scheduler = self.objective.schedule.export_scheduler
@@ -368,7 +373,7 @@ class Trainer:
         x0, cond = self.model.inputs(batch, self.device, self.generator)
         target = batch["time_ids"][0, 4:6].tolist()  # the bucket (h, w) in pixels
         self._batch_shape = (len(x0), int(target[1]), int(target[0]))  # named if this step runs out of memory
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), attention_backend(self.attention_backend):
             loss = self.optim.step_module(x0, cond, self.generator).mean()
         self.accelerator.backward(loss / self.optim.accumulation)
         return loss.detach()

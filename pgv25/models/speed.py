@@ -7,7 +7,7 @@
   the rounding of its output, which the next bf16 convolution applies anyway.
 - `compile_regions`: regional compilation (torch.compile of each repeated block instead of the whole
   UNet): the blocks of one kind share one compiled graph, so it compiles in seconds, not minutes.
-- `attention_backend`: which scaled-dot-product-attention kernel the step uses (cuDNN on Hopper, flash).
+- `attention_backend`: which scaled-dot-product-attention kernel the step tries first (cuDNN on Hopper).
 """
 
 from __future__ import annotations
@@ -81,13 +81,20 @@ def compile_regions(model: nn.Module, blocks=("transformer",), **compile_options
     return compiled
 
 
+ATTENTION_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
 def attention_backend(name: str | None):
-    """A context manager that restricts scaled_dot_product_attention to one kernel: 'cudnn', 'flash',
-    'efficient' or 'math'; None leaves PyTorch's choice."""
+    """A context manager under which scaled_dot_product_attention tries kernel `name` first ('cudnn', 'flash',
+    'efficient' or 'math') and the others after it, in that order, where `name` cannot take the inputs (e.g.
+    the CUDA kernels on a CPU). None leaves PyTorch's own order."""
     if name is None:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    return sdpa_kernel(backends[name])
+    if name not in backends:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)} or None, got {name!r}")
+    order = [backends[name]] + [b for key, b in backends.items() if key != name]
+    return sdpa_kernel(order, set_priority=True)

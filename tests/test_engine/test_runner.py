@@ -232,12 +232,21 @@ def test_streaming_a_local_parquet_dataset_trains_and_resumes(tiny_assets, tmp_p
     assert result.iteration == 4 and result.step_dir == tmp_path / "w" / "step4"
 
 
-def test_channels_last_and_compiled_unet_train_like_eager(tiny_assets, tmp_path):
-    """Both switches are numerically the same model: same losses (to float tolerance) as the eager run."""
+def test_speed_switches_train_like_eager(tiny_assets, tmp_path, caplog):
+    """The speed switches are numerically the same model: same losses (to float tolerance) as the eager run; their
+    GPU-only defaults ('cuda') leave a CPU on the plain path."""
+    import logging
+
     base = ["train_cfg.max_iters=2", "default_hooks.checkpoint.interval=2", "sample_grid.prompts=[]"]
-    eager = train(tiny_cfg(tmp_path / "eager", *base))
-    switched = train(tiny_cfg(tmp_path / "switched", *base, "model.channels_last=True", "model.compile.enabled=True",
-                              "model.compile.backend=aot_eager"))  # traced fwd+bwd graphs, no C++ build in the test
+    with caplog.at_level(logging.INFO, logger="pgv25"):
+        eager = train(tiny_cfg(tmp_path / "eager", *base))
+    assert not any("compiled with torch.compile" in r.message for r in caplog.records)  # compile.enabled='cuda'
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pgv25"):
+        switched = train(tiny_cfg(tmp_path / "switched", *base, "model.channels_last=True", "model.compile.enabled=True",
+                                  "model.compile.regions=[transformer,resnet]", "model.attention_backend=math",
+                                  "model.compile.backend=aot_eager"))  # traced fwd+bwd graphs, no C++ build in the test
+    assert any("blocks (transformer, resnet) compiled" in r.message for r in caplog.records)
     for a, b in zip(scalars(tmp_path / "eager"), scalars(tmp_path / "switched")):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"])
     weights = unet_weights(switched.step_dir)
@@ -273,3 +282,6 @@ def test_export_switches_and_keys_older_than_a_checkpoint_do_not_block_its_resum
     assert config_changes(saved, now) == []
     dora = {"model": {"lora": {"rank": 4, "fuse_export": False, "kohya_export": False, "use_dora": True}}}
     assert config_changes(saved, dora) == ["model.lora.use_dora: False -> True"]
+    # speed switches recorded by older versions (channels_last, compile) are not part of the run's identity
+    older = {"model": {"channels_last": False, "compile": {"enabled": False}, "noise_schedule": "edm"}}
+    assert config_changes(older, {"model": {"noise_schedule": "edm"}}) == []
