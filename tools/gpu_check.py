@@ -170,13 +170,13 @@ def scalars(work_dir: Path) -> dict[int, dict]:
     return rows
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and its children (loader workers)."""
+def main_rss(pid: int) -> int:
+    """Resident bytes of the training process (its forked loader workers share most of its pages, so a sum
+    over the tree would count them several times)."""
     import psutil
 
     try:
-        root = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        return psutil.Process(pid).memory_info().rss
     except psutil.Error:
         return 0
 
@@ -191,7 +191,7 @@ def run_train(config: str, options: list[str], work_dir: Path, log: Path, timeou
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
         while process.poll() is None:
-            peak = max(peak, tree_rss(process.pid))
+            peak = max(peak, main_rss(process.pid))
             if time.time() - start > timeout:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
