@@ -71,6 +71,9 @@ def test_compile_unet_regions_and_whole(caplog):
     compiled = [type(m).__name__ for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert set(compiled) == {"BasicTransformerBlock", "ResnetBlock2D"}
     assert torch.allclose(unet(**inputs).sample, expected, atol=1e-6)
+    sharded = build_unet(16)  # the GPU default is not applied under FSDP; an explicit True is
+    compile_unet(sharded, {"enabled": "cuda", "regions": None}, buckets=1, device=torch.device("cuda"), sharded=True)
+    assert sharded._compiled_call_impl is None
     whole = build_unet(16)
     compile_unet(whole, {"enabled": True, "regions": None, "backend": "eager"}, buckets=1, device=CPU)
     assert whole._compiled_call_impl is not None

@@ -31,7 +31,7 @@ model = dict(
     # BasicTransformerBlock (regional compilation: seconds per bucket shape; with channels-last and cuDNN attention
     # 12.4 images/s against 10.7 eager on an H200); add 'resnet' for the ResnetBlock2Ds; regions=None compiles the
     # whole UNet (minutes). One graph per bucket shape and block width (dynamic=False); mode='max-autotune' tunes
-    # longer; backend='eager' only traces (for debugging).
+    # longer; backend='eager' only traces (for debugging). 'cuda' leaves strategy='fsdp' eager (True forces it).
     compile=dict(enabled='cuda', regions=['transformer'], backend='inductor', mode=None, dynamic=False),
     # LoRA (peft) on the UNet instead of a full fine-tune: base weights frozen, checkpoints hold only the
     # adapter, exports are work_dirs/<cfg>/step<N>/pytorch_lora_weights.safetensors (pipe.load_lora_weights).
