@@ -162,22 +162,18 @@ def test_two_nodes_train_checkpoint_and_resume_like_two_local_processes(straight
     for step in steps["steps"]:
         assert step["local_loss"][0] != step["local_loss"][1] and step["weights"][0] == step["weights"][1]
 
-    # `pgv25 train` on both nodes: checkpoints at 2 and 4, then a resume from 2 on both nodes
-    straight = tmp_path / "straight"
-    node0, node1 = two_nodes(lambda env: train_command(straight, *RESUMABLE))
-    assert "iter 4/4" in node0 and "iter 4/4" not in node1, "only global rank 0 logs"
-    state = json.loads((straight / "checkpoints" / "iter_0000004" / "trainer_state.json").read_text())
-    assert state["world_size"] == 2 and [r["consumed"] for r in state["ranks"]] == [4, 4]
+    # `pgv25 train` on both nodes, resuming the one-node two-process run's checkpoint at 2: the same ranks, so the
+    # same model at 4 to the bit (one run proves both the two-node training and its resume)
     one_node, _ = straight_run("ddp")
-    a, b = export_of(straight), export_of(one_node)
-    assert all(torch.equal(a[k], b[k]) for k in a), "two nodes trained another model than two local processes"
-
     resumed = tmp_path / "resumed"
-    shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
-    two_nodes(lambda env: train_command(resumed, *RESUMABLE, resume=str(resumed / "checkpoints" / "iter_0000002")))
-    c = export_of(resumed)
-    assert all(torch.equal(a[k], c[k]) for k in a), "the resumed two-node run differs from the uninterrupted one"
-    assert scalars(resumed) == scalars(straight)[2:]
+    shutil.copytree(one_node / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
+    node0, node1 = two_nodes(lambda env: train_command(resumed, *RESUMABLE, resume=str(resumed / "checkpoints" / "iter_0000002")))
+    assert "iter 4/4" in node0 and "iter 4/4" not in node1, "only global rank 0 logs"
+    state = json.loads((resumed / "checkpoints" / "iter_0000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and [r["consumed"] for r in state["ranks"]] == [4, 4]
+    a, c = export_of(one_node), export_of(resumed)
+    assert all(torch.equal(a[k], c[k]) for k in a), "two nodes resumed into another model than two local processes trained"
+    assert scalars(resumed) == scalars(one_node)[2:]
 
 
 def test_sigterm_to_the_launcher_stops_all_ranks_with_a_checkpoint(tiny_assets, tmp_path):
