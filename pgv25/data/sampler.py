@@ -20,14 +20,27 @@ class BucketBatchSampler:
     resuming at step s only replays the bucket choices (integers) to find each bucket's position.
     A bucket's stream is an endless series of permutations of its images, so no bucket runs dry.
     Keys are (step, slot, position): the dataset seeds each sample's augmentation from (step, slot).
+
+    With `companion` (a mask over positions: DreamBooth's class images), those positions are never drawn on
+    their own: every batch of a bucket also takes `batch_size` of them from the same bucket (slots after the
+    batch's own), from that bucket's own stream of companions, the k-th with the k-th draw of the bucket, so a
+    resume finds them from the same replayed bucket counts.
     """
 
     def __init__(self, buckets: np.ndarray, batch_size: int, weighting: float | str = 1.0, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, start: int = 0):
+                 rank: int = 0, world_size: int = 1, start: int = 0, companion: np.ndarray | None = None):
         buckets = np.asarray(buckets)
-        if len(buckets) < batch_size * world_size:
-            raise ValueError(f"{len(buckets)} usable images are fewer than one batch of {batch_size} × {world_size} processes")
-        self.members = [np.flatnonzero(buckets == b) for b in range(int(buckets.max()) + 1)]
+        companion = np.zeros(len(buckets), bool) if companion is None else np.asarray(companion, bool)
+        drawn_alone = int((~companion).sum())
+        if drawn_alone < batch_size * world_size:
+            raise ValueError(f"{drawn_alone} usable images are fewer than one batch of {batch_size} × {world_size} processes")
+        count = int(buckets.max()) + 1
+        self.members = [np.flatnonzero((buckets == b) & ~companion) for b in range(count)]
+        self.companions = [np.flatnonzero((buckets == b) & companion) for b in range(count)] if companion.any() else None
+        if self.companions is not None:
+            lacking = [b for b in range(count) if len(self.members[b]) and not len(self.companions[b])]
+            if lacking:
+                raise ValueError(f"{len(lacking)} bucket(s) have images but no class images to pair them with")
         self.counts = np.array([len(m) for m in self.members])
         self.probabilities = bucket_probabilities(self.counts, weighting)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -44,19 +57,21 @@ class BucketBatchSampler:
         rng = np.random.default_rng([self.seed, 0x6275636B, chunk])
         return rng.choice(len(self.members), size=CHUNK, p=self.probabilities)
 
-    def _batch(self, bucket: int, k: int) -> np.ndarray:
+    def _batch(self, bucket: int, k: int, companions: bool = False) -> np.ndarray:
         """The bucket's k-th global batch: slices of a fresh permutation per pass over the bucket.
 
         Like drop_last, a pass ends before a batch would straddle two permutations (so no image
         appears twice in one batch); the few images left out differ from pass to pass. A bucket
         smaller than one global batch (only if `min_images` allows it) repeats its images.
         """
-        members, size = self.members[bucket], len(self.members[bucket])
+        members = (self.companions if companions else self.members)[bucket]
+        size, key = len(members), (bucket, companions)
         per_pass = max(1, size // self.global_batch)
         epoch, offset = divmod(k, per_pass)
-        if self._orders.get(bucket, (None,))[0] != epoch:  # one shuffle per pass, not per step
-            self._orders[bucket] = (epoch, members[np.random.default_rng([self.seed, bucket, epoch]).permutation(size)])
-        order = self._orders[bucket][1]
+        if self._orders.get(key, (None,))[0] != epoch:  # one shuffle per pass, not per step
+            rng = np.random.default_rng([self.seed, bucket, epoch] + ([0x636C6173] if companions else []))
+            self._orders[key] = (epoch, members[rng.permutation(size)])
+        order = self._orders[key][1]
         return np.resize(order, self.global_batch) if size < self.global_batch else order[offset * self.global_batch :][: self.global_batch]
 
     def drawn_before(self, step: int) -> np.ndarray:
@@ -78,5 +93,9 @@ class BucketBatchSampler:
             batch = self._batch(bucket, int(drawn[bucket]))
             drawn[bucket] += 1
             first = self.rank * self.batch_size
-            yield [(step, slot, int(batch[slot])) for slot in range(first, first + self.batch_size)]
+            keys = [(step, slot, int(batch[slot])) for slot in range(first, first + self.batch_size)]
+            if self.companions is not None:  # the same bucket's class images, in slots after the whole global batch
+                paired = self._batch(bucket, int(drawn[bucket]) - 1, companions=True)
+                keys += [(step, self.global_batch + slot, int(paired[slot])) for slot in range(first, first + self.batch_size)]
+            yield keys
             step += 1

@@ -32,7 +32,7 @@ from ..generate import generate_specs, labelled_grid, load_pipeline, prompt_spec
 from ..models.lora import LORA_FILE, fused_unet_state, lora_init, save_lora
 from ..models.lora_files import KOHYA_FILE, write_kohya
 from ..models.speed import ATTENTION_BACKENDS, attention_backend
-from ..objectives import build_objective, objective_options
+from ..objectives import batch_inputs, build_objective, objective_options
 from . import distributed
 from .build import build_data, build_model, build_optimisation, build_runtime
 from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -371,10 +371,11 @@ class Trainer:
     def micro_step(self, batch: dict) -> torch.Tensor:
         """One forward/backward of the objective on a batch; returns the (detached) mean loss."""
         x0, cond = self.model.inputs(batch, self.device, self.generator)
+        extra = batch_inputs(self.objective, batch, self.device)  # what else of the batch the objective reads
         target = batch["time_ids"][0, 4:6].tolist()  # the bucket (h, w) in pixels
         self._batch_shape = (len(x0), int(target[1]), int(target[0]))  # named if this step runs out of memory
         with self.accelerator.autocast(), attention_backend(self.attention_backend):
-            loss = self.optim.step_module(x0, cond, self.generator).mean()
+            loss = self.optim.step_module(x0, cond, self.generator, **extra).mean()
         self.accelerator.backward(loss / self.optim.accumulation)
         return loss.detach()
 

@@ -5,7 +5,8 @@ run) with the same small surface the runner relies on:
   forward(x0, cond, generator) → per-sample (or per-pair) losses, σ and noise drawn inside;
   commit(keep)                 → end of an update: count its statistics unless it was skipped;
   metrics()                    → means since the last call, over all ranks (a collective);
-  describe()                   → the objective in one line for the run's first log line.
+  describe()                   → the objective in one line for the run's first log line;
+  batch_inputs(batch, device)  → (optional) what else of the batch forward takes, as keyword arguments.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def _dpo_options(cfg, options: dict) -> dict:
     return {"beta": beta, "reference": reference, "loss_weighting": weighting, "reference_dtype": dtype}
 
 
+def batch_inputs(objective, batch: dict, device) -> dict:
+    """The keyword arguments an objective reads from the batch beside x0 and its conditioning (none for most)."""
+    read = getattr(objective, "batch_inputs", None)
+    return read(batch, device) if read is not None else {}
+
+
 def build_objective(cfg, model, device):
     """The objective module around `model.unet` (engine.build.ModelParts), built before any resume."""
     options = objective_options(cfg)
@@ -89,4 +96,4 @@ def build_objective(cfg, model, device):
     return DPO(model.unet, reference, schedule, options["beta"], options["loss_weighting"], device)
 
 
-__all__ = ["DPO", "Denoising", "NoiseSchedule", "build_noise_schedule", "build_objective", "objective_options"]
+__all__ = ["DPO", "Denoising", "NoiseSchedule", "batch_inputs", "build_noise_schedule", "build_objective", "objective_options"]

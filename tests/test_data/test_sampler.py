@@ -55,3 +55,23 @@ def test_seed_changes_the_order():
 def test_fewer_images_than_a_global_batch():
     with pytest.raises(ValueError, match="3 usable images are fewer than one batch of 2 × 2 processes"):
         BucketBatchSampler(np.zeros(3, int), 2, world_size=2)
+
+
+def test_companions_pair_every_batch_from_the_same_bucket_and_resume():
+    """DreamBooth's class images: never drawn alone, batch_size of them in every batch, from its bucket."""
+    buckets = np.array([0] * 6 + [1] * 4 + [0] * 5 + [1] * 3)  # 10 instance images, then 8 class images
+    companion = np.arange(len(buckets)) >= 10
+    ranks = [take(BucketBatchSampler(buckets, 2, 0.5, seed=2, rank=r, world_size=2, companion=companion), 60) for r in range(2)]
+    for batches in zip(*ranks):
+        keys = [key for batch in batches for key in batch]
+        own = [p for _, slot, p in keys if slot < 4]
+        paired = [p for _, slot, p in keys if slot >= 4]
+        assert len(own) == len(paired) == 4 and len({slot for _, slot, _ in keys}) == 8  # distinct slots per step
+        assert not companion[own].any() and companion[paired].all()
+        assert len(set(buckets[own + paired])) == 1  # one bucket, one tensor shape
+    drawn = {p for batches in ranks for batch in batches for _, slot, p in batch if slot >= 4}
+    assert drawn == set(np.flatnonzero(companion))  # every class image is used
+    resumed = take(BucketBatchSampler(buckets, 2, 0.5, seed=2, rank=1, world_size=2, start=37, companion=companion), 23)
+    assert resumed == ranks[1][37:]
+    with pytest.raises(ValueError, match="1 bucket\\(s\\) have images but no class images"):
+        BucketBatchSampler(np.array([0, 0, 1, 1, 0]), 1, companion=np.array([False, False, False, False, True]))
