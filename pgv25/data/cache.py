@@ -33,7 +33,7 @@ from ..engine.integrity import share_permissions
 from ..errors import UserError
 from .captions import caption_options
 from .multi import ConcatRows
-from .dataset import DataPlan
+from .dataset import DataPlan, companion_flag
 from .index import DEFAULT_MAX_PIXELS
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
 
@@ -272,7 +272,7 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         if drop and self.meta["force_zeros_for_empty_prompt"]:
             embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         return {"latents": latents.get_tensor(str(position))[variant], "time_ids": latents.get_tensor(f"{position}.time_ids")[variant],
-                "prompt_embeds": embeds, "pooled": pooled}
+                "prompt_embeds": embeds, "pooled": pooled, **companion_flag(self.plan, position)}
 
 
 def ensure_cache(plan: DataPlan, data_cfg: dict, model_name: str, seed: int, device, encoder_dtype=torch.float32,

@@ -36,6 +36,7 @@ class DataPlan:
     bucket_of: np.ndarray  # bucket of each index position
     weighting: float | str
     parts: list[dict] | None = None  # several datasets (data/multi.py): name, usable images, repeats of each
+    companion: np.ndarray | None = None  # per position: a class image, only drawn beside a batch (prior preservation)
 
     def histogram(self) -> list[tuple[tuple[int, int], int]]:
         counts = np.bincount(self.bucket_of, minlength=len(self.sizes))
@@ -52,8 +53,9 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
     index = scan(rows, cfg.get("cache_dir"), int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)))
     if len(index) == 0:
         raise UserError(f"no usable images in {rows.name}{describe_problems(index.reasons(), ': excluded')}")
+    companion = None
     if parts is not None:
-        index, parts = repeat_parts(index, rows, parts)
+        index, parts, companion = repeat_parts(index, rows, parts)
     resolution = int(cfg["resolution"])
     buckets = cfg.get("buckets") or {}
     try:
@@ -71,17 +73,25 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
         bucket_of, weighting = np.zeros(len(index), np.int64), 1.0
     used = np.bincount(bucket_of, minlength=len(sizes)) > 0  # keep only buckets that have images
     renumber = np.cumsum(used) - 1
-    return DataPlan(rows, index, [s for s, u in zip(sizes, used) if u], renumber[bucket_of], weighting, parts)
+    return DataPlan(rows, index, [s for s, u in zip(sizes, used) if u], renumber[bucket_of], weighting, parts, companion)
 
 
-def repeat_parts(index: Index, rows: ConcatRows, parts: list[dict]) -> tuple[Index, list[dict]]:
-    """Each usable position of part d `repeats_d` times (a new position each: its own crop, its own draws)."""
+def repeat_parts(index: Index, rows: ConcatRows, parts: list[dict]) -> tuple[Index, list[dict], np.ndarray | None]:
+    """Each usable position of part d `repeats_d` times (a new position each: its own crop, its own draws); and,
+    when a part is a companion (class images), which positions are."""
     part_of = positions_of_parts(rows, index.rows)
     usable = np.bincount(part_of, minlength=len(parts)).tolist()
     repeats = repeat_counts(parts, usable)
     take = np.repeat(np.arange(len(index)), np.asarray(repeats)[part_of])
     repeated = Index(index.rows[take], index.widths[take], index.heights[take], index.problems)
-    return repeated, [{"name": p["cfg"]["name"], "usable": n, "repeats": r} for p, n, r in zip(parts, usable, repeats)]
+    flags = np.asarray([p.get("companion", False) for p in parts], bool)
+    companion = flags[part_of[take]] if flags.any() else None
+    return repeated, [{"name": p["cfg"]["name"], "usable": n, "repeats": r} for p, n, r in zip(parts, usable, repeats)], companion
+
+
+def companion_flag(plan: DataPlan, position: int) -> dict:
+    """{"prior": True/False} for a plan with class images (prior preservation reads it per sample), else {}."""
+    return {} if plan.companion is None else {"prior": bool(plan.companion[position])}
 
 
 class SameCaptions:
@@ -123,7 +133,8 @@ class BucketedImageDataset(torch.utils.data.Dataset):
         except ImageProblem as problem:
             return {"problem": str(problem), "label": plan.rows.label(row)}
         caption = self.captions(row)(rng.choice(plan.rows.captions[row]), rng)
-        return {"pixels": pixels, "time_ids": time_ids, "caption": caption, "drop_caption": rng.random() < self.caption_dropout}
+        return {"pixels": pixels, "time_ids": time_ids, "caption": caption, "drop_caption": rng.random() < self.caption_dropout,
+                **companion_flag(plan, position)}
 
     def _pair(self, row: int, position: int, target: tuple[int, int], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         """Winner and loser stacked ([2, C, H, W], [2, 6]): one bucket, the same relative crop and flip, and

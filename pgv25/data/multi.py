@@ -57,11 +57,12 @@ def part_configs(data_cfg: dict) -> list[dict]:
         if "weight" in part and not (isinstance(part["weight"], (int, float)) and part["weight"] >= 0):
             raise UserError(f"{KEY}[{i}].weight must be a number ≥ 0, got {part['weight']!r}")
         merged = {k: v for k, v in data_cfg.items() if k != "parts"}
-        merged.update({k: v for k, v in part.items() if k not in ("repeats", "weight", "name")})
+        merged.update({k: v for k, v in part.items() if k not in ("repeats", "weight", "name", "companion")})
         if "path" not in part:
             raise UserError(f"{KEY}[{i}] needs a path (and a type: folder, manifest or hub)")
         merged["name"] = part.get("name") or f"{merged.get('type', 'folder')}:{part['path']}"
-        out.append({"cfg": merged, "repeats": repeats, "weight": part.get("weight")})
+        # companion: drawn only beside the others' batches (DreamBooth's class images; data/sampler.py)
+        out.append({"cfg": merged, "repeats": repeats, "weight": part.get("weight"), "companion": bool(part.get("companion"))})
     weights = [p["weight"] for p in out]
     if any(w is not None for w in weights):
         if any(w is None for w in weights):

@@ -27,8 +27,10 @@ from ..models.lora import add_lora, add_text_lora, check_lora_fits, load_lora_we
 from ..models.speed import REPEATED_BLOCKS, compile_regions
 from ..models.text_conditioner import TextConditioner
 from . import distributed
+from ..objectives import objective_options
 from .export import DTYPES
 from .optim import build_lr_scheduler, build_optimizer
+from .prior_data import add_class_images
 
 logger = logging.getLogger("pgv25")
 
@@ -106,6 +108,10 @@ def build_data(cfg, runtime: Runtime) -> DataParts:
             from ..tiny import ensure_tiny_assets
 
             ensure_tiny_assets(**cfg.tiny_assets)
+        if cfg.get("tiny_dreambooth"):  # the tiny DreamBooth config's instance images, from the shapes above
+            from ..tiny.dreambooth import ensure_instance_images
+
+            ensure_instance_images(**cfg.tiny_dreambooth)
         plan = None
         if data_cfg.get("streaming"):  # no scan: rows are bucketed as they arrive (data/streaming.py)
             check_streaming(data_cfg)
@@ -113,6 +119,9 @@ def build_data(cfg, runtime: Runtime) -> DataParts:
         else:
             plan = plan_data(data_cfg, batch_size * runtime.world_size)
         resolve_pretrained(model_name)  # one download per machine
+    objective = objective_options(cfg)
+    if objective["type"] == "prior_preservation":  # DreamBooth: class images drawn by the base model, then planned with
+        data_cfg, plan = add_class_images(data_cfg, plan, objective, runtime, model_name, batch_size * runtime.world_size)
     cached = cache_options(data_cfg)["enabled"]
     if cached:  # built here first if missing; then neither the VAE nor the text encoders are loaded
         folder = ensure_cache(plan, data_cfg, model_name, seed, runtime.device, runtime.weight_dtype, runtime.vae_dtype,

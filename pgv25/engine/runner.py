@@ -361,7 +361,8 @@ class Trainer:
                                                pin_memory=pin, persistent_workers=workers > 0)
         try:
             self.sampler = sampler = BucketBatchSampler(
-                data.plan.bucket_of, data.batch_size, data.plan.weighting, self.seed, self.rank, self.world_size, start_batches
+                data.plan.bucket_of, data.batch_size, data.plan.weighting, self.seed, self.rank, self.world_size, start_batches,
+                companion=data.plan.companion,
             )
         except ValueError as error:
             raise UserError(f"train_dataloader: {error}") from None

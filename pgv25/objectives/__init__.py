@@ -17,9 +17,10 @@ from ..engine.export import DTYPES
 from ..errors import UserError
 from .denoising import Denoising
 from .dpo import DPO, Reference, frozen_copy
+from .prior import CLASS_KEYS, PriorPreservation, prior_options
 from .schedule import NoiseSchedule, build_noise_schedule
 
-OBJECTIVES = ("denoising", "dpo")
+OBJECTIVES = ("denoising", "dpo", "prior_preservation")
 REFERENCES = ("auto", "adapters_off", "frozen_copy")
 
 
@@ -42,6 +43,16 @@ def objective_options(cfg) -> dict:
     elif pairs:
         raise UserError(f"train_dataloader.dataset.pairs holds preference pairs, which objective.type={kind!r} cannot use; "
                         "set objective=dict(type='dpo') or remove pairs")
+    if kind == "prior_preservation":
+        if data_cfg.get("streaming"):
+            raise UserError("objective.type='prior_preservation' pairs every batch with class images of its bucket, which needs "
+                            "a scanned dataset; set train_dataloader.dataset.streaming=False")
+        options.update(prior_options(options))
+    else:
+        stray = sorted(k for k in options if k in CLASS_KEYS)
+        if stray:
+            raise UserError(f"objective.{stray[0]} is read only with objective.type='prior_preservation' (DreamBooth's prior "
+                            f"preservation), not with type={kind!r}: set the type, or remove {', '.join(stray)}")
     return options
 
 
@@ -88,6 +99,8 @@ def build_objective(cfg, model, device):
     schedule = build_noise_schedule(cfg.model, model.scheduler_config, lora=model.lora is not None)
     if options["type"] == "denoising":
         return Denoising(model.unet, schedule, device)
+    if options["type"] == "prior_preservation":
+        return PriorPreservation(Denoising(model.unet, schedule, device), options["prior_loss_weight"], device)
     if options["reference"] == "adapters_off":
         reference = Reference(schedule.denoiser(model.unet), adapters_off=True)
     else:  # low precision on a GPU only: a CPU computes it in fp32 like everything else
@@ -96,4 +109,4 @@ def build_objective(cfg, model, device):
     return DPO(model.unet, reference, schedule, options["beta"], options["loss_weighting"], device)
 
 
-__all__ = ["DPO", "Denoising", "NoiseSchedule", "batch_inputs", "build_noise_schedule", "build_objective", "objective_options"]
+__all__ = ["DPO", "Denoising", "NoiseSchedule", "PriorPreservation", "batch_inputs", "build_noise_schedule", "build_objective", "objective_options"]

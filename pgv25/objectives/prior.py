@@ -13,8 +13,37 @@ import torch
 from torch import nn
 
 from ..engine.metrics import RunningMeans
+from ..errors import UserError
 from ..models.edm_denoiser import Conditioning
 from .denoising import Denoising
+
+
+# objective keys of prior preservation (refused with any other objective type); generation: how class images are drawn
+CLASS_KEYS = ("prior_loss_weight", "class_prompt", "class_data_dir", "num_class_images", "class_generation")
+GENERATION = {"batch_size": 4, "steps": 25, "guidance_scale": 3.0, "negative_prompt": None, "seed": 0}
+
+
+def prior_options(options: dict) -> dict:
+    """objective.* of prior preservation, checked (one line each) before any data or model loads."""
+    prompt = options.get("class_prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError("objective.type='prior_preservation' needs objective.class_prompt, e.g. 'a photo of a dog' "
+                        "(what the class looks like without the instance)")
+    folder = options.get("class_data_dir")
+    if not isinstance(folder, str) or not folder.strip():
+        raise UserError("objective.class_data_dir must be a folder for the class images (kept and reused)")
+    count = options.get("num_class_images", 100)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UserError(f"objective.num_class_images must be an integer ≥ 1, got {count!r}")
+    weight = options.get("prior_loss_weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise UserError(f"objective.prior_loss_weight must be a number ≥ 0, got {weight!r}")
+    generation = dict(options.get("class_generation") or {})
+    unknown = sorted(set(generation) - set(GENERATION))
+    if unknown:
+        raise UserError(f"objective.class_generation.{unknown[0]} is not a setting; use {', '.join(GENERATION)}")
+    return {"class_prompt": prompt, "class_data_dir": folder, "num_class_images": count, "prior_loss_weight": float(weight),
+            "class_generation": {**GENERATION, **generation}}
 
 
 class PriorPreservation(nn.Module):
@@ -23,6 +52,7 @@ class PriorPreservation(nn.Module):
     def __init__(self, denoising: Denoising, prior_loss_weight: float, device: torch.device):
         super().__init__()
         self.denoising, self.prior_loss_weight = denoising, prior_loss_weight
+        self.schedule = denoising.schedule  # the noise schedule every objective exposes (exports read its sampler)
         self.parts = RunningMeans(["loss_instance", "loss_prior"], device)
 
     @staticmethod

@@ -112,7 +112,8 @@ def export_of(work: Path, iteration: int = 4) -> dict:
     return load_file(work / f"step{iteration}" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+# DDP's two-process resume is proven by the two-node test below (it resumes the DDP run's checkpoint on two nodes)
+@pytest.mark.parametrize("strategy", ["fsdp"])
 def test_two_process_resume_is_exact(straight_run, tmp_path, strategy):
     straight, log = straight_run(strategy)
     assert log.count("iter 4/4") == 1, "only rank 0 logs progress"
