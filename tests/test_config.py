@@ -65,7 +65,8 @@ def test_list_configs_excludes_bases():
     names = list_configs()
     assert {"playgroundv2_5_pokemon_blip", "playgroundv2_5_tiny_shapes"} <= set(names)
     assert not any("_base_" in str(p) for p in names.values())
-    assert list(list_configs("tiny")) == ["playgroundv2_5_dpo_tiny_shapes", "playgroundv2_5_lora_tiny_shapes", "playgroundv2_5_tiny_shapes"]
+    assert list(list_configs("tiny")) == ["playgroundv2_5_dpo_tiny_shapes", "playgroundv2_5_dreambooth_lora_tiny_shapes",
+                                          "playgroundv2_5_lora_tiny_shapes", "playgroundv2_5_tiny_shapes"]
 
 
 def test_option_without_equals_is_refused():
@@ -82,7 +83,8 @@ def test_syntax_error_in_a_base_file_names_that_file(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["playgroundv2_5_pokemon_blip", "playgroundv2_5_tiny_shapes",
-                                  "playgroundv2_5_lora_pokemon_blip", "playgroundv2_5_lora_tiny_shapes"])
+                                  "playgroundv2_5_lora_pokemon_blip", "playgroundv2_5_lora_tiny_shapes",
+                                  "playgroundv2_5_dreambooth_lora_tiny_shapes"])
 def test_every_shipped_config_loads_and_lora_configs_enable_lora(name):
     cfg = load_config(name)
     assert cfg.model.lora.enabled == ("lora" in name)
