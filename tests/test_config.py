@@ -84,7 +84,7 @@ def test_syntax_error_in_a_base_file_names_that_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["playgroundv2_5_pokemon_blip", "playgroundv2_5_tiny_shapes",
                                   "playgroundv2_5_lora_pokemon_blip", "playgroundv2_5_lora_tiny_shapes",
-                                  "playgroundv2_5_dreambooth_lora_tiny_shapes"])
+                                  "playgroundv2_5_dreambooth_lora_tiny_shapes", "playgroundv2_5_dreambooth_lora"])
 def test_every_shipped_config_loads_and_lora_configs_enable_lora(name):
     cfg = load_config(name)
     assert cfg.model.lora.enabled == ("lora" in name)

@@ -29,6 +29,7 @@ MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parque
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 # Caption problems a row can have; the scan skips and counts such rows.
 NO_CAPTION, EMPTY_CAPTION, NOT_UTF8 = "missing caption", "empty caption", "caption not UTF-8"
+CAPTION_PROBLEMS = (NO_CAPTION, EMPTY_CAPTION, NOT_UTF8)  # what a fixed caption (dataset.caption) makes good
 BAD_LINE = "\0line"  # marks a manifest line that could not be parsed
 
 
@@ -90,8 +91,8 @@ def load_rows(cfg: dict, key: str = "train_dataloader.dataset") -> Rows:
     fixed = cfg.get("caption")
     if fixed is not None and (not isinstance(fixed, str) or not fixed.strip()):
         raise UserError(f"{key}.caption must be a non-empty string (one caption for every image), got {fixed!r}")
-    if kind == "hub":
-        rows = hub_rows(path, cfg.get("split", "train"), image_column, caption_column, key, keep)
+    if kind == "hub":  # with one caption for all, the dataset needs no caption column (an image-only dataset)
+        rows = hub_rows(path, cfg.get("split", "train"), image_column, None if fixed is not None else caption_column, key, keep)
     elif kind == "folder":
         rows = folder_rows(Path(path).expanduser(), image_column, caption_column, key, keep)
     elif kind == "manifest":
@@ -99,7 +100,8 @@ def load_rows(cfg: dict, key: str = "train_dataloader.dataset") -> Rows:
     else:
         raise UserError(f"{key}.type must be 'hub', 'folder' or 'manifest', got '{kind}'")
     if fixed is not None:  # e.g. DreamBooth's instance prompt: the images need no captions of their own
-        rows.captions = [[fixed] for _ in rows.captions]
+        # a row left out for another reason (a filter, an unreadable manifest line) stays out
+        rows.captions = [[fixed] if isinstance(c, list) or c in CAPTION_PROBLEMS else c for c in rows.captions]
         rows.fingerprint = f"{rows.fingerprint}:caption={hashlib.sha1(fixed.encode()).hexdigest()[:12]}"  # the scan differs
     return rows
 
@@ -135,7 +137,7 @@ def _sidecar_caption(path: Path):
 def manifest_rows(manifest: Path, image_column: str, caption_column: str, key: str, keep: RowFilter | None = None) -> Rows:
     """A CSV/JSONL/parquet table of image paths (relative to the table) and captions (a string or a list)."""
     records, columns = read_manifest(manifest, key)
-    missing = [c for c in (image_column, caption_column) if c not in columns]
+    missing = [c for c in (image_column, caption_column) if c is not None and c not in columns]
     if missing:
         raise UserError(f"manifest {manifest} has no column {', '.join(map(repr, missing))}; its columns are {sorted(columns)} "
                         f"(set {key}.image_column / caption_column)")
@@ -244,17 +246,18 @@ def open_hub_dataset(name: str, split: str, key: str, streaming: bool = False):
         raise UserError(f"cannot load dataset {name}: {first_line(error)}") from None
 
 
-def hub_rows(name: str, split: str, image_column: str, caption_column: str, key: str, keep: RowFilter | None = None) -> Rows:
+def hub_rows(name: str, split: str, image_column: str, caption_column: str | None, key: str, keep: RowFilter | None = None) -> Rows:
     import datasets
 
     dataset = open_hub_dataset(name, split, key)
-    check_columns(dataset.column_names, image_column, caption_column, name, key)
+    check_columns(dataset.column_names, image_column, caption_column, name, key)  # caption_column None: not read
     excluded = filtered_out(dataset, keep, name, key)
     if len(dataset) == 0:
         raise UserError(f"dataset {name} (split '{split}') is empty")
     if isinstance(dataset.features[image_column], datasets.Image):  # bytes only: pgv25 decodes, and catches, itself
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    captions = [reason or _captions(value) for reason, value in zip(excluded, dataset[caption_column])]
+    cells = dataset[caption_column] if caption_column is not None else [None] * len(dataset)
+    captions = [reason or _captions(value) for reason, value in zip(excluded, cells)]
     return Rows(name, list(range(len(dataset))), captions, f"{dataset._fingerprint}:{image_column}:{caption_column}:{keep}",
                 hub=dataset, image_column=image_column)
 
@@ -269,7 +272,7 @@ def filtered_out(dataset, keep: RowFilter | None, name: str, key: str) -> list:
 
 
 def check_columns(columns, image_column: str, caption_column: str, name: str, key: str) -> None:
-    missing = [c for c in (image_column, caption_column) if c not in columns]
+    missing = [c for c in (image_column, caption_column) if c is not None and c not in columns]
     if missing:
         raise UserError(f"dataset {name} has no column {', '.join(map(repr, missing))}; its columns are {list(columns)} "
                         f"(set {key}.image_column / caption_column)")

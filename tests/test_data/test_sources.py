@@ -91,6 +91,19 @@ def test_local_saved_dataset_is_read_undecoded(tmp_path):
     assert Image.open(rows.open(2)).getpixel((0, 0)) == (80, 0, 0)
 
 
+def test_a_fixed_caption_needs_no_caption_column_and_keeps_filtered_rows_out(tmp_path):
+    import datasets
+    from PIL import Image
+
+    images = [Image.new("RGB", (32, 16), (i * 40, 0, 0)) for i in range(3)]
+    features = datasets.Features({"image": datasets.Image(), "score": datasets.Value("float32")})
+    datasets.Dataset.from_dict({"image": images, "score": [1.0, 5.0, 9.0]}, features=features).save_to_disk(str(tmp_path / "d"))
+    rows = load_rows({"type": "hub", "path": str(tmp_path / "d"), "caption": "a photo of sks dog"})  # image-only dataset
+    assert rows.captions == [["a photo of sks dog"]] * 3
+    kept = load_rows({"type": "hub", "path": str(tmp_path / "d"), "caption": "a photo of sks dog", "filters": {"score": {"min": 4}}})
+    assert kept.captions[0] != ["a photo of sks dog"] and kept.captions[1:] == [["a photo of sks dog"]] * 2
+
+
 def test_hub_dataset_wrong_column(tmp_path):
     with pytest.raises(UserError, match="no column 'caption'"):
         load_rows({"type": "hub", "path": str(saved_hub_dataset(tmp_path)), "caption_column": "caption"})
