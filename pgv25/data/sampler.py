@@ -40,7 +40,9 @@ class BucketBatchSampler:
         if self.companions is not None:
             lacking = [b for b in range(count) if len(self.members[b]) and not len(self.companions[b])]
             if lacking:
-                raise ValueError(f"{len(lacking)} bucket(s) have images but no class images to pair them with")
+                raise ValueError(f"{len(lacking)} bucket(s) have images but no class images to pair them with (class images "
+                                 "drawn by pgv25 are sized after the instance buckets; with your own, add some of those "
+                                 "sizes or set dataset.buckets.enabled=False)")
         self.counts = np.array([len(m) for m in self.members])
         self.probabilities = bucket_probabilities(self.counts, weighting)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
