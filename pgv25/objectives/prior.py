@@ -80,4 +80,5 @@ class PriorPreservation(nn.Module):
         return {**self.denoising.metrics(), **self.parts.means()}
 
     def describe(self) -> str:
-        return f"{self.denoising.describe()}; prior preservation (class loss × {self.prior_loss_weight:g})"
+        return (f"objective prior_preservation (class loss × {self.prior_loss_weight:g}, as many class images as "
+                f"instance images per step); {self.schedule.describe()}")

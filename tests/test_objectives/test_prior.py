@@ -38,7 +38,7 @@ def test_mean_is_instance_mean_plus_weighted_class_mean(flags):
         assert means["loss_prior"] == pytest.approx(float(classes), rel=1e-6)
     if (~prior).any():
         assert means["loss_instance"] == pytest.approx(float(instance), rel=1e-6)
-    assert "prior preservation (class loss × 0.7)" in objective.describe()
+    assert objective.describe().startswith("objective prior_preservation (class loss × 0.7, as many class images")
 
 
 def test_objectives_without_batch_inputs_take_none():
