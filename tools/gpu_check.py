@@ -109,17 +109,13 @@ def stage_base(folder: Path, device: str, small: bool, bpe: str | None) -> dict:
 
 
 def photo(args) -> None:
-    """One photo-like JPEG: a smooth random field (sky/ground-like gradients and blobs) plus sensor noise."""
+    """One photo-like JPEG (bench_loader's: a smooth random colour field plus texture, so it compresses like a photo)."""
     import numpy as np
-    from PIL import Image
+
+    from bench_loader import photo as photo_like
 
     path, width, height, seed = args
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
-    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
-    ramp = np.linspace(-40, 40, height, dtype=np.float32)[:, None, None]
-    pixels = np.clip(field + ramp + rng.normal(0, 6, (height, width, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path, quality=90)
+    photo_like((width, height), np.random.default_rng(seed)).save(path, quality=90)
 
 
 def stage_images(folder: Path, count: int, resolution: int) -> dict:

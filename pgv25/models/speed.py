@@ -26,17 +26,20 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
+def _normalise_in(dtype: torch.dtype, norm: nn.Module, x: torch.Tensor, function, *shape) -> torch.Tensor:
+    """`function(x, *shape, weight, bias, eps)` with input and affine parameters in `dtype`, autocast off."""
+    with torch.autocast(x.device.type, enabled=False):
+        weight = norm.weight.to(dtype) if norm.weight is not None else None
+        bias = norm.bias.to(dtype) if norm.bias is not None else None
+        return function(x.to(dtype), *shape, weight, bias, norm.eps)
+
+
 class LowPrecisionGroupNorm(nn.GroupNorm):
     """nn.GroupNorm that, under autocast, normalises in the autocast dtype instead of fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _autocast_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            weight = self.weight.to(dtype) if self.weight is not None else None
-            bias = self.bias.to(dtype) if self.bias is not None else None
-            return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps)
+        return super().forward(x) if dtype is None else _normalise_in(dtype, self, x, F.group_norm, self.num_groups)
 
 
 class LowPrecisionLayerNorm(nn.LayerNorm):
@@ -44,12 +47,7 @@ class LowPrecisionLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _autocast_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            weight = self.weight.to(dtype) if self.weight is not None else None
-            bias = self.bias.to(dtype) if self.bias is not None else None
-            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+        return super().forward(x) if dtype is None else _normalise_in(dtype, self, x, F.layer_norm, self.normalized_shape)
 
 
 _LOW_PRECISION = {nn.GroupNorm: LowPrecisionGroupNorm, nn.LayerNorm: LowPrecisionLayerNorm}
