@@ -4,7 +4,8 @@ Layout of `<cache_dir>/latents/<key>/` (safetensors, read lazily with `safe_open
   latents-r<rank>-<n>.safetensors  "<position>": [F, C, h, w] (F = 2 with random_flip: plain and
                                    mirrored, each encoded from its own pixels; a latent flip is not
                                    exact), "<position>.time_ids": [F, 6]; for preference pairs
-                                   [F, 2, C, h, w] and [F, 2, 6]: winner and loser, one crop, one flip
+                                   [F, 2, C, h, w] and [F, 2, 6]: winner and loser, one crop, one flip;
+                                   with masked loss "<position>.loss_weights": [F, 1, h, w] (data/masks.py)
   text-r<rank>-<n>.safetensors     "<caption id>.embeds": [77, D], "<caption id>.pooled": [D]
   index.npz                        per usable position: latent file id (-1: unreadable image), caption ids
   meta.json                        the inputs of `key` and the file list; written last, it marks the cache complete
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..engine.integrity import share_permissions
 from ..errors import UserError
@@ -35,6 +37,7 @@ from .captions import caption_options
 from .multi import ConcatRows
 from .dataset import DataPlan, companion_flag
 from .index import DEFAULT_MAX_PIXELS
+from .masks import masked_sample
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
 
 logger = logging.getLogger("pgv25")
@@ -134,32 +137,32 @@ def build_cache(plan: DataPlan, data_cfg: dict, folder: Path, codec, conditioner
     for bucket in range(len(plan.sizes)):  # one bucket at a time: a batch shares one shape
         mine = positions[plan.bucket_of[positions] == bucket]
         for chunk in np.array_split(mine, max(1, -(-len(mine) // options["batch_size"]))):
-            pixels, time_ids, kept = [], [], []
+            pixels, time_ids, weights, kept = [], [], [], []
             for position in chunk.tolist():
-                row = int(plan.index.rows[position])
-                target = plan.sizes[bucket]
                 try:
-                    images = [(decode(plan.rows.open(row, loser), max_pixels, cover_size(*original, target)), original)
-                              for loser, original in _originals(plan, position)]
+                    sample = _encode_inputs(plan, position, plan.sizes[bucket], transform, flips, max_pixels, seed)
                 except ImageProblem as problem:
-                    problems.append((plan.rows.label(row), str(problem)))
+                    problems.append((plan.rows.label(int(plan.index.rows[position])), str(problem)))
                     continue
-                draw = random.Random(f"{seed}/cache/{position}")
-                crop = (draw.random(), draw.random()) if plan.rows.pairs else None  # one relative crop for a pair
-                for flip in flips:  # same crop (same seeded draw), mirrored or not
-                    for image, original in images:
-                        p, t = transform(image, target, random.Random(f"{seed}/cache/{position}"), original, flip=flip, crop=crop)
-                        pixels.append(p)
-                        time_ids.append(t)
+                pixels += sample[0]
+                time_ids += sample[1]
+                weights += sample[2]
                 kept.append(position)
             if not kept:
                 continue
             per_sample = (len(flips), 2) if plan.rows.pairs else (len(flips),)
             encoded = codec.encode_mean(torch.stack(pixels).to(device)).to(dtype).cpu()
+            stacked_weights = None
+            if weights:  # averaged over each latent pixel's patch: what the loss weighs the latent with
+                stacked_weights = F.interpolate(torch.stack(weights).float(), size=encoded.shape[-2:], mode="area")
+                stacked_weights = stacked_weights.to(torch.float16).view(len(kept), len(flips), 1, *encoded.shape[-2:])
             encoded = encoded.view(len(kept), *per_sample, *encoded.shape[1:])
             stacked_ids = torch.stack(time_ids).view(len(kept), *per_sample, 6)
             for i, position in enumerate(kept):
-                file_of[position] = latents.add({str(position): encoded[i], f"{position}.time_ids": stacked_ids[i]})
+                tensors = {str(position): encoded[i], f"{position}.time_ids": stacked_ids[i]}
+                if stacked_weights is not None:
+                    tensors[f"{position}.loss_weights"] = stacked_weights[i]
+                file_of[position] = latents.add(tensors)
     latents.flush()
 
     text = _ShardWriter(work, f"text-r{rank}")
@@ -181,6 +184,27 @@ def build_cache(plan: DataPlan, data_cfg: dict, folder: Path, codec, conditioner
                     "pairs" if plan.rows.pairs else "images", len(captions),
                     time.time() - start, folder)
     barrier()
+
+
+def _encode_inputs(plan: DataPlan, position: int, target: tuple[int, int], transform, flips, max_pixels: int, seed: int):
+    """Pixels, time_ids and (masked datasets) loss weights of one position, per flip: lists of tensors to encode."""
+    row = int(plan.index.rows[position])
+    images = [(decode(plan.rows.open(row, loser), max_pixels, cover_size(*original, target)), original)
+              for loser, original in _originals(plan, position)]
+    draw = random.Random(f"{seed}/cache/{position}")
+    crop = (draw.random(), draw.random()) if plan.rows.pairs else None  # one relative crop for a pair
+    pixels, time_ids, weights = [], [], []
+    for flip in flips:  # same crop (same seeded draw), mirrored or not
+        for image, original in images:
+            rng = random.Random(f"{seed}/cache/{position}")
+            if plan.rows.masked:
+                p, t, w = masked_sample(transform, plan.rows, row, image, target, rng, original, max_pixels, flip=flip)
+                weights.append(w)
+            else:
+                p, t = transform(image, target, rng, original, flip=flip, crop=crop)
+            pixels.append(p)
+            time_ids.append(t)
+    return pixels, time_ids, weights
 
 
 def _originals(plan: DataPlan, position: int) -> list[tuple[bool, tuple[int, int]]]:
@@ -258,8 +282,10 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         step, slot, position = key
         rng = random.Random(f"{self.seed}/{step}/{slot}")
         file_id = int(self.latent_file[position])
-        if file_id < 0:
-            return {"problem": "truncated or corrupt image", "label": self.plan.rows.label(int(self.plan.index.rows[position]))}
+        if file_id < 0:  # the reason the build gave (a truncated image, a bad mask)
+            label = self.plan.rows.label(int(self.plan.index.rows[position]))
+            reasons = dict(map(tuple, self.meta.get("unreadable", [])))
+            return {"problem": reasons.get(label, "truncated or corrupt image"), "label": label}
         latents = self._file(self.meta["latent_files"][file_id])
         variant = rng.randrange(self.meta["flips"])
         ids = self.caption_ids[self.caption_offsets[position] : self.caption_offsets[position + 1]]
@@ -271,8 +297,9 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         embeds, pooled = text.get_tensor(f"{caption_id}.embeds"), text.get_tensor(f"{caption_id}.pooled")
         if drop and self.meta["force_zeros_for_empty_prompt"]:
             embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        masked = {"loss_weights": latents.get_tensor(f"{position}.loss_weights")[variant]} if self.plan.rows.masked else {}
         return {"latents": latents.get_tensor(str(position))[variant], "time_ids": latents.get_tensor(f"{position}.time_ids")[variant],
-                "prompt_embeds": embeds, "pooled": pooled, **companion_flag(self.plan, position)}
+                "prompt_embeds": embeds, "pooled": pooled, **companion_flag(self.plan, position), **masked}
 
 
 def ensure_cache(plan: DataPlan, data_cfg: dict, model_name: str, seed: int, device, encoder_dtype=torch.float32,

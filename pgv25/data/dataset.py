@@ -19,6 +19,7 @@ from ..errors import UserError
 from .captions import CaptionOptions, caption_options
 from .buckets import bucket_sizes, merge_small, nearest_buckets
 from .index import DEFAULT_MAX_PIXELS, Index, describe_problems, scan
+from .masks import has_mask, masked_sample
 from .multi import ConcatRows, load_parts, positions_of_parts, prepare_rows, repeat_counts
 from .sources import Rows, load_rows
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
@@ -71,9 +72,18 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
         weighting = buckets.get("weighting", 1.0)
     else:  # every image a square crop of resolution²
         bucket_of, weighting = np.zeros(len(index), np.int64), 1.0
+    if rows.masked:
+        describe_masks(rows, index)
     used = np.bincount(bucket_of, minlength=len(sizes)) > 0  # keep only buckets that have images
     renumber = np.cumsum(used) - 1
     return DataPlan(rows, index, [s for s, u in zip(sizes, used) if u], renumber[bucket_of], weighting, parts, companion)
+
+
+def describe_masks(rows, index: Index) -> None:
+    """One line: how many usable images train with a mask (the others weigh 1 everywhere)."""
+    usable = np.unique(index.rows).tolist()
+    logger.info("masked loss: %d of %d usable images have a mask; the others weigh 1 everywhere",
+                sum(map(lambda row: has_mask(rows, row), usable)), len(usable))
 
 
 def repeat_parts(index: Index, rows: ConcatRows, parts: list[dict]) -> tuple[Index, list[dict], np.ndarray | None]:
@@ -123,18 +133,23 @@ class BucketedImageDataset(torch.utils.data.Dataset):
         plan = self.plan
         row = int(plan.index.rows[position])
         target = plan.sizes[plan.bucket_of[position]]
+        masked = {}
         try:
             if plan.rows.pairs:
                 pixels, time_ids = self._pair(row, position, target, rng)
             else:
                 original = (int(plan.index.widths[position]), int(plan.index.heights[position]))
                 image = decode(plan.rows.open(row), self.max_pixels, cover_size(*original, target))
-                pixels, time_ids = self.transform(image, target, rng, original)
+                if plan.rows.masked:  # the loss weights follow the image's resize, crop and flip (data/masks.py)
+                    pixels, time_ids, masked["loss_weights"] = masked_sample(self.transform, plan.rows, row, image, target, rng,
+                                                                             original, self.max_pixels)
+                else:
+                    pixels, time_ids = self.transform(image, target, rng, original)
         except ImageProblem as problem:
             return {"problem": str(problem), "label": plan.rows.label(row)}
         caption = self.captions(row)(rng.choice(plan.rows.captions[row]), rng)
         return {"pixels": pixels, "time_ids": time_ids, "caption": caption, "drop_caption": rng.random() < self.caption_dropout,
-                **companion_flag(plan, position)}
+                **companion_flag(plan, position), **masked}
 
     def _pair(self, row: int, position: int, target: tuple[int, int], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         """Winner and loser stacked ([2, C, H, W], [2, 6]): one bucket, the same relative crop and flip, and

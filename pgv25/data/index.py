@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .masks import probe_mask
 from .sources import Rows
 from .transforms import header_orientation
 
@@ -53,8 +54,10 @@ def probe(rows: Rows, i: int, max_pixels: int) -> tuple | str:
     if isinstance(caption, str):
         return caption
     first = probe_image(rows, i, max_pixels)
-    if not rows.pairs or isinstance(first, str):
+    if isinstance(first, str):
         return first
+    if not rows.pairs:  # a masked row is usable only with a usable mask (data/masks.py)
+        return (probe_mask(rows, i, first, max_pixels) if rows.masked else None) or first
     second = probe_image(rows, i, max_pixels, loser=True)
     return second if isinstance(second, str) else (first, second)
 

@@ -118,6 +118,18 @@ class ConcatRows:
         rows, j = self._local(i)
         return rows.open(j, loser)
 
+    @property
+    def masked(self) -> bool:
+        return any(p.masked for p in self.parts)
+
+    def mask_of(self, i: int) -> tuple:
+        rows, j = self._local(i)
+        return rows.mask_of(j)
+
+    def open_mask(self, i: int):
+        rows, j = self._local(i)
+        return rows.open_mask(j)
+
     def options_of(self, i: int) -> CaptionOptions:
         return self.options[self.part_of(i)]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..models.loading import hub_reachable, hub_unreachable_message
 from .filters import RowFilter, row_filter
+from .masks import MaskOptions, attach_masks, is_mask_file, mask_options
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class Rows:
     hub: object = None  # a datasets.Dataset whose image column is not decoded
     image_column: str = "image"
     losers: list | None = None  # None: not a pair dataset
+    mask: object = None  # masks.MaskOptions when the loss is masked
+    masks: list | None = None  # each row's mask: a path, a (row, column) hub cell, or None (data/masks.py)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -59,9 +62,22 @@ class Rows:
             return image
         return f"{self.name}[{image[0] if isinstance(image, tuple) else image}]"
 
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None
+
+    def mask_of(self, i: int) -> tuple:
+        """(mask options or None, row i's mask reference or None)."""
+        return self.mask, None if self.masks is None else self.masks[i]
+
+    def open_mask(self, i: int):
+        return self._open(self.masks[i])
+
     def open(self, i: int, loser: bool = False):
         """A file-like object or path for PIL.Image.open (of the pair's loser with `loser=True`)."""
-        image = (self.losers if loser else self.images)[i]
+        return self._open((self.losers if loser else self.images)[i])
+
+    def _open(self, image):
         if isinstance(image, str):
             return image
         row, column = image if isinstance(image, tuple) else (image, self.image_column)
@@ -82,6 +98,7 @@ def load_rows(cfg: dict, key: str = "train_dataloader.dataset") -> Rows:
     kind, path = cfg.get("type", "hub"), cfg.get("path")
     if not path:
         raise UserError(f"set {key}.path (a hub id or dataset folder for type='hub', an image folder, or a manifest file)")
+    masks = mask_options(cfg, key)  # refused with pairs
     if cfg.get("pairs"):
         from .pairs import pair_rows
 
@@ -94,11 +111,12 @@ def load_rows(cfg: dict, key: str = "train_dataloader.dataset") -> Rows:
     if kind == "hub":  # with one caption for all, the dataset needs no caption column (an image-only dataset)
         rows = hub_rows(path, cfg.get("split", "train"), image_column, None if fixed is not None else caption_column, key, keep)
     elif kind == "folder":
-        rows = folder_rows(Path(path).expanduser(), image_column, caption_column, key, keep)
+        rows = folder_rows(Path(path).expanduser(), image_column, caption_column, key, keep, masks)
     elif kind == "manifest":
         rows = manifest_rows(Path(path).expanduser(), image_column, caption_column, key, keep)
     else:
         raise UserError(f"{key}.type must be 'hub', 'folder' or 'manifest', got '{kind}'")
+    attach_masks(rows, masks, key, mask_column(rows, masks, kind, Path(path).expanduser(), key))
     if fixed is not None:  # e.g. DreamBooth's instance prompt: the images need no captions of their own
         # a row left out for another reason (a filter, an unreadable manifest line) stays out
         rows.captions = [[fixed] if isinstance(c, list) or c in CAPTION_PROBLEMS else c for c in rows.captions]
@@ -109,16 +127,17 @@ def load_rows(cfg: dict, key: str = "train_dataloader.dataset") -> Rows:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def folder_rows(folder: Path, image_column: str, caption_column: str, key: str, keep: RowFilter | None = None) -> Rows:
+def folder_rows(folder: Path, image_column: str, caption_column: str, key: str, keep: RowFilter | None = None,
+                masks: MaskOptions | None = None) -> Rows:
     """An image folder: `metadata.jsonl|csv|parquet` (column `file_name`, as 🤗 imagefolder) or a `.txt` beside each image."""
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist ({key}.path)")
-    for name in METADATA_FILES:
-        if (folder / name).is_file():
-            return manifest_rows(folder / name, "file_name" if image_column == "image" else image_column, caption_column, key, keep)
+    table = metadata_file(folder)
+    if table is not None:
+        return manifest_rows(table, "file_name" if image_column == "image" else image_column, caption_column, key, keep)
     if keep is not None:
         raise UserError(f"{key}.filters needs columns to filter on: image folder {folder} has no {' / '.join(METADATA_FILES)}")
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not is_mask_file(p, masks))
     if not images:
         raise UserError(f"image folder {folder} holds no images and no {' / '.join(METADATA_FILES)}")
     captions = [_sidecar_caption(p.with_suffix(".txt")) for p in images]
@@ -132,6 +151,36 @@ def _sidecar_caption(path: Path):
         return _captions(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         return NOT_UTF8
+
+
+def metadata_file(folder: Path) -> Path | None:
+    """An image folder's metadata table, if it has one."""
+    return next((folder / name for name in METADATA_FILES if (folder / name).is_file()), None)
+
+
+def mask_column(rows: Rows, masks: MaskOptions | None, kind: str, path: Path, key: str) -> list | None:
+    """Each row's cell of the mask column (source='column'): a path relative to the manifest, or a hub cell; None
+    when the rows have no table to read it from."""
+    if masks is None or masks.source != "column":
+        return None
+    column = masks.column
+    if rows.hub is not None:
+        import datasets
+
+        if column not in rows.hub.column_names:
+            raise UserError(f"dataset {rows.name} has no mask column {column!r}; its columns are {rows.hub.column_names} "
+                            f"(set {key}.mask.column)")
+        if isinstance(rows.hub.features[column], datasets.Image):
+            rows.hub = rows.hub.cast_column(column, datasets.Image(decode=False))
+        return [(i, column) for i in range(len(rows))]
+    manifest = path if kind == "manifest" else metadata_file(path)
+    if manifest is None:
+        return None
+    records, columns = read_manifest(manifest, key)
+    if column not in columns:
+        raise UserError(f"manifest {manifest} has no mask column {column!r}; its columns are {sorted(columns)} (set {key}.mask.column)")
+    values = [record.get(column) for record in records]
+    return [str(manifest.parent / v) if isinstance(v, str) and v.strip() else None for v in values]
 
 
 def manifest_rows(manifest: Path, image_column: str, caption_column: str, key: str, keep: RowFilter | None = None) -> Rows:

@@ -24,6 +24,7 @@ from ..errors import UserError
 from .buckets import bucket_sizes, nearest_buckets
 from .dataset import collate
 from .captions import caption_options
+from .masks import mask_options
 from .sources import EMPTY_CAPTION, NO_CAPTION, _captions, check_columns, open_hub_dataset
 from .index import DEFAULT_MAX_PIXELS, header_size
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
@@ -40,6 +41,7 @@ def check_streaming(cfg: dict, key: str = "train_dataloader.dataset") -> None:
         raise UserError(f"{key}.cache needs the whole dataset scanned first; set {key}.streaming=False to use it")
     if cfg.get("filters"):
         raise UserError(f"{key}.filters is applied by the scan of the whole dataset; set {key}.streaming=False to use it")
+    mask_options(cfg, key)  # masks are refused in streaming mode, in one line
 
 
 class StreamingBucketDataset(torch.utils.data.IterableDataset):

@@ -98,24 +98,36 @@ class BucketTransform:
         forces the flip decision (the cache stores both), drawn from `rng` when None; `crop` the
         random crop's (top, left) as fractions of the slack, so two images of different sizes (a
         preference pair) get the same relative crop, drawn from `rng` when None."""
+        pixels, time_ids, _ = self.with_mask(image, None, target, rng, original, flip, crop)
+        return pixels, time_ids
+
+    def with_mask(self, image: Image.Image, mask: Image.Image | None, target: tuple[int, int], rng: random.Random,
+                  original: tuple[int, int] | None = None, flip: bool | None = None,
+                  crop: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As `__call__`, and the loss mask (8-bit greyscale, any size of the image's aspect ratio) put through the
+        same resize, crop and flip: [1, H, W] in [0, 1], or None without a mask."""
         image = to_rgb(image)
         original_w, original_h = original or image.size
         width, height = target
         new_w, new_h = cover_size(image.width, image.height, target)
-        # Reduce in a cheap step first (box filter to ≥ 2× the size), then antialiased bicubic.
-        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=2.0)
         if self.center_crop:
             top, left = (new_h - height) // 2, (new_w - width) // 2
         elif crop is None:
             top, left = rng.randint(0, new_h - height), rng.randint(0, new_w - width)
         else:
             top, left = round(crop[0] * (new_h - height)), round(crop[1] * (new_w - width))
-        image = image.crop((left, top, left + width, top + height))
         if flip is None:
             flip = self.random_flip and rng.random() < 0.5
+        box = (left, top, left + width, top + height)
+        # Reduce in a cheap step first (box filter to ≥ 2× the size), then antialiased bicubic.
+        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=2.0).crop(box)
+        if mask is not None:  # bilinear: a weight is not sharpened past its range as bicubic would
+            mask = mask.resize((new_w, new_h), Image.BILINEAR, reducing_gap=2.0).crop(box)
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            mask = mask.transpose(Image.FLIP_LEFT_RIGHT) if mask is not None else None
             left = new_w - left - width
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
         time_ids = torch.tensor([original_h, original_w, top, left, height, width], dtype=torch.float32)
-        return pixels, time_ids
+        weights = None if mask is None else torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+        return pixels, time_ids, weights

@@ -30,7 +30,7 @@ def with_class_part(data_cfg: dict, options: ClassImages) -> dict:
     parts = list(data_cfg.get("parts") or [{k: v for k, v in data_cfg.items() if k not in SHARED}])
     shared = {k: v for k, v in data_cfg.items() if k in SHARED}
     class_part = {"type": "folder", "path": str(options.folder), "caption": options.prompt, "captions": {}, "filters": {},
-                  "keep_uncaptioned": False, "name": f"class images ({options.prompt})", "companion": True}
+                  "mask": {}, "keep_uncaptioned": False, "name": f"class images ({options.prompt})", "companion": True}
     return {**shared, "parts": [*parts, class_part]}
 
 

@@ -53,12 +53,28 @@ class EDMLoss(nn.Module):
         edm.loss_weight(torch.ones(1), denoiser.sigma_data, weighting)  # an unknown name fails here, not at step 1
         self.denoiser, self.weighting = denoiser, weighting
 
-    def forward(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return weighted_error(self.denoiser, x0, sigma, noise, cond, self.weighting)
+    def forward(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond: Conditioning,
+                loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return weighted_error(self.denoiser, x0, sigma, noise, cond, self.weighting, loss_weights)
 
 
 def weighted_error(denoiser: EDMDenoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond: Conditioning,
-                   weighting: str) -> torch.Tensor:
-    """Per sample λ(σ)·mean‖D(x0 + σn; σ) − x0‖² over (C, H, W): what every objective is built from."""
+                   weighting: str, loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample λ(σ)·mean‖D(x0 + σn; σ) − x0‖² over (C, H, W): what every objective is built from.
+
+    `loss_weights` ([B, 1, H, W] at pixel or latent resolution; masked loss, data/masks.py) weigh each latent
+    pixel: averaged over the patch it covers, then mean(w·‖D − x0‖²) over the same elements."""
     D = denoiser(edm.add_noise(x0, sigma, noise), sigma, cond)
-    return edm.loss_weight(sigma, denoiser.sigma_data, weighting) * ((D - x0) ** 2).flatten(1).mean(1)
+    error = (D - x0) ** 2
+    if loss_weights is not None:
+        error = error * latent_weights(loss_weights, x0.shape[-2:])
+    return edm.loss_weight(sigma, denoiser.sigma_data, weighting) * error.flatten(1).mean(1)
+
+
+def latent_weights(loss_weights: torch.Tensor, size) -> torch.Tensor:
+    """Per-pixel weights [B, 1, H, W] → the latent's [B, 1, h, w], each the mean over its patch (exact for buckets,
+    whose sides are multiples of the VAE's factor); a no-op for weights the latent cache stored at latent size."""
+    loss_weights = loss_weights.float()
+    if tuple(loss_weights.shape[-2:]) == tuple(size):
+        return loss_weights
+    return torch.nn.functional.interpolate(loss_weights, size=tuple(size), mode="area")

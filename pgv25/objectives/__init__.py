@@ -7,6 +7,7 @@ run) with the same small surface the runner relies on:
   metrics()                    → means since the last call, over all ranks (a collective);
   describe()                   → the objective in one line for the run's first log line;
   batch_inputs(batch, device)  → (optional) what else of the batch forward takes, as keyword arguments.
+A masked dataset's batches carry `loss_weights`, passed to forward as that keyword (denoising objectives).
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ def _dpo_options(cfg, options: dict) -> dict:
 def batch_inputs(objective, batch: dict, device) -> dict:
     """The keyword arguments an objective reads from the batch beside x0 and its conditioning (none for most)."""
     read = getattr(objective, "batch_inputs", None)
-    return read(batch, device) if read is not None else {}
+    extra = read(batch, device) if read is not None else {}
+    if "loss_weights" in batch:  # masked loss (data/masks.py)
+        extra["loss_weights"] = batch["loss_weights"].to(device, non_blocking=True)
+    return extra
 
 
 def build_objective(cfg, model, device):

@@ -21,11 +21,12 @@ class Denoising(nn.Module):
         self.loss = EDMLoss(schedule.denoiser(unet), schedule.weighting)
         self.by_sigma = SigmaBinnedLoss(device)
 
-    def forward(self, x0: torch.Tensor, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
-        """Per-sample losses of a batch of latents x0 and their conditioning."""
+    def forward(self, x0: torch.Tensor, cond: Conditioning, generator: torch.Generator,
+                loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample losses of a batch of latents x0 and their conditioning (weighted per pixel with a masked loss)."""
         sigma = self.schedule.sigma_sampler(len(x0), generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        per_sample = self.loss(x0, sigma, noise, cond)
+        per_sample = self.loss(x0, sigma, noise, cond, loss_weights)
         self.by_sigma.add(sigma, per_sample)
         return per_sample
 

@@ -63,9 +63,10 @@ class PriorPreservation(nn.Module):
         return {"prior": prior.to(device, non_blocking=True), "n_prior": int(prior.sum())}
 
     def forward(self, x0: torch.Tensor, cond: Conditioning, generator: torch.Generator, prior: torch.Tensor,
-                n_prior: int) -> torch.Tensor:
-        """Per-sample losses, weighted so that their mean is mean_instance + w · mean_class."""
-        per_sample = self.denoising(x0, cond, generator)
+                n_prior: int, loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample losses, weighted so that their mean is mean_instance + w · mean_class (instance images may be
+        masked; class images weigh 1 everywhere)."""
+        per_sample = self.denoising(x0, cond, generator, loss_weights)
         n = len(per_sample)
         n_instance = n - n_prior
         weights = torch.where(prior, self.prior_loss_weight * n / max(n_prior, 1), n / max(n_instance, 1))

@@ -57,3 +57,24 @@ def test_loss_is_differentiable_only_through_the_unet(tiny_pipeline):
     x0, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     loss_fn(x0, torch.tensor([1.0, 2.0]), noise, cond).mean().backward()
     assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
+
+
+def test_masked_loss_weighs_each_latent_pixel_by_its_patch_mean(tiny_pipeline):
+    """mean(w·‖D − x0‖²) with w the per-pixel weights averaged over each latent pixel's patch; weights of 1 change nothing."""
+    denoiser = EDMDenoiser(tiny_pipeline.unet.eval())
+    cond = conditioning(tiny_pipeline, 2)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 16, 16, generator=g) * 0.5, torch.randn(2, 4, 16, 16, generator=g)
+    sigma = torch.tensor([0.3, 5.0])
+    pixels = torch.zeros(2, 1, 64, 64)  # a VAE factor of 4: each latent pixel covers 4×4 pixels
+    pixels[:, :, :, :32] = 1.0  # the left half counts
+    pixels[:, :, :2, 32:36] = 1.0  # half of one latent pixel's patch on the right: weight 0.5 there
+    loss = EDMLoss(denoiser, "none")
+    with torch.no_grad():
+        D = denoiser(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, cond)
+        latent = torch.zeros(2, 1, 16, 16)
+        latent[..., :8], latent[..., 0, 8] = 1.0, 0.5
+        expected = (latent * (D - x0) ** 2).flatten(1).mean(1)
+        assert torch.allclose(loss(x0, sigma, noise, cond, pixels), expected, rtol=1e-5)
+        assert torch.allclose(loss(x0, sigma, noise, cond, latent.half()), expected, rtol=1e-3)  # as the latent cache stores them
+        assert torch.equal(loss(x0, sigma, noise, cond, torch.ones(2, 1, 64, 64)), loss(x0, sigma, noise, cond))

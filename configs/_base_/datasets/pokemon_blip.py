@@ -32,6 +32,11 @@ train_dataloader = dict(
         # prefix or template='a photo of TOK, {caption}' (applied once); shuffle_tags / tag_dropout on the comma-
         # separated tags after the first keep_tokens, drawn per (seed, step) so resumes stay exact (not with the cache).
         captions=dict(),
+        # Masked loss, e.g. dict(source='file', unmasked_weight=0.1): a weight per pixel from <name>_mask.png beside
+        # each image (white 1, black unmasked_weight), a mask column (source='column', column='mask') or the image's
+        # alpha channel (source='alpha'); normalize=True makes each image's weights average 1; missing='full' trains an
+        # image without a mask unmasked instead of skipping it. Cached with the latents.
+        mask=dict(),
         cache_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/data',
         cache=dict(
             enabled=False,  # train from VAE latents + caption embeddings on disk (see `pgv25 data cache`)

@@ -33,6 +33,7 @@ train_dataloader = dict(
         max_image_pixels=8192 * 8192,
         filters=dict(),  # e.g. dict(aesthetic=dict(min=6.0)): keep rows in a numeric range (as in pokemon_blip.py)
         captions=dict(),  # e.g. dict(prefix='TOK, ', shuffle_tags=True, keep_tokens=1) (as in pokemon_blip.py)
+        mask=dict(),  # masked loss, e.g. dict(source='file', unmasked_weight=0.1) (as in pokemon_blip.py)
         cache_dir='{{$PGV25_CACHE:~/.cache/pgv25}}/data',
         cache=dict(enabled=False, build='auto', dtype='fp16', batch_size=16),  # as in pokemon_blip.py
     ),
