@@ -104,6 +104,8 @@ def write_experiment(name: str, record: dict, work: Path, docs: Path) -> Path:
         lines += [f"Seconds per iteration, measured in the same run in alternating chunks: pgv25 "
                   f"{timing['pgv25']['seconds_per_iter']:.4f}, reference {timing['reference']['seconds_per_iter']:.4f} "
                   f"(ratio {timing['ratio_pgv25_over_reference']:.3f}; < 1 means pgv25 is faster).", ""]
+    if record.get("summary"):
+        lines += record["summary"] + [""]
     for arm, note in ((a, v.get("note", "")) for a, v in record["arms"].items()):
         lines.append(f"- **{arm}**: {note}")
     lines.append("")

@@ -12,6 +12,10 @@ For "a {colour} {shape} on a {background} background" an image is read back as:
   (1.0), a circle π/4 (0.79), a triangle half (0.5).
 No learned model is involved, so the evaluator itself can be checked: ≈100% on the dataset's own
 images, chance on noise (tests/test_eval).
+
+`extra_colours` adds colours the training set never had (a DreamBooth concept such as a new colour):
+they join the palette colours are named from, so an image that shows the new colour is read as it,
+and a prompt may name it by a trigger word (`words`).
 """
 
 from __future__ import annotations
@@ -46,11 +50,23 @@ class Reading:
     white_error: float = 0.0
 
 
-def nearest(rgb: np.ndarray, exclude: str | None = None) -> str:
-    distances = np.linalg.norm(PALETTE - rgb, axis=1)
+def palette(extra_colours: dict | None = None) -> tuple[list[str], np.ndarray]:
+    """(names, RGB rows) of the dataset's colours plus `extra_colours` (name → (r, g, b))."""
+    if not extra_colours:
+        return PALETTE_NAMES, PALETTE
+    clash = sorted(set(extra_colours) & set(PALETTE_NAMES))
+    if clash:
+        raise ValueError(f"extra colour {clash[0]!r} is already one of the dataset's colours")
+    names = PALETTE_NAMES + list(extra_colours)
+    return names, np.vstack([PALETTE, np.array(list(extra_colours.values()), dtype=np.float64)])
+
+
+def nearest(rgb: np.ndarray, exclude: str | None = None, colours: tuple[list[str], np.ndarray] | None = None) -> str:
+    names, rows = colours or (PALETTE_NAMES, PALETTE)
+    distances = np.linalg.norm(rows - rgb, axis=1)
     if exclude is not None:
-        distances[PALETTE_NAMES.index(exclude)] = np.inf
-    return PALETTE_NAMES[int(distances.argmin())]
+        distances[names.index(exclude)] = np.inf
+    return names[int(distances.argmin())]
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -79,22 +95,23 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return out.reshape(h, w)
 
 
-def read_image(image: Image.Image) -> Reading:
+def read_image(image: Image.Image, extra_colours: dict | None = None) -> Reading:
+    colours = palette(extra_colours)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     h, w, _ = pixels.shape
     b = max(1, round(BORDER * min(h, w)))
     border = np.concatenate([pixels[:b].reshape(-1, 3), pixels[-b:].reshape(-1, 3),
                              pixels[:, :b].reshape(-1, 3), pixels[:, -b:].reshape(-1, 3)])
     background_rgb = np.median(border, axis=0)
-    background = nearest(background_rgb)
-    error, black_error, white_error = (float(np.abs(border - PALETTE[PALETTE_NAMES.index(name)]).mean())
+    background = nearest(background_rgb, colours=colours)
+    error, black_error, white_error = (float(np.abs(border - colours[1][colours[0].index(name)]).mean())
                                        for name in (background, "black", "white"))
     to_background = np.linalg.norm(pixels - background_rgb, axis=2)
     candidates = to_background > FOREGROUND
     if candidates.sum() < 0.005 * h * w:  # nothing drawn
         return Reading(background, error, None, None, 0.0, False, black_error, white_error)
     shape_rgb = np.median(pixels[candidates], axis=0)
-    shape_colour = nearest(shape_rgb, exclude=background)
+    shape_colour = nearest(shape_rgb, exclude=background, colours=colours)
     mask = largest_component(candidates)
     ys, xs = np.nonzero(mask)
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
@@ -123,26 +140,29 @@ def score(readings: list[tuple[tuple[str, str, str], Reading]]) -> dict:
     return out
 
 
-def evaluate_images(items: list[tuple[tuple[str, str, str], Image.Image]]) -> tuple[dict, list]:
-    readings = [(expected, read_image(image)) for expected, image in items]
+def evaluate_images(items: list[tuple[tuple[str, str, str], Image.Image]], extra_colours: dict | None = None) -> tuple[dict, list]:
+    readings = [(expected, read_image(image, extra_colours)) for expected, image in items]
     return score(readings), readings
 
 
-def prompts_for(combinations: list[tuple[str, str, str]]) -> list[str]:
-    return [caption(*c) for c in combinations]
+def prompts_for(combinations: list[tuple[str, str, str]], words: dict | None = None) -> list[str]:
+    """The caption of each (colour, shape, background); `words` renames colours in the prompt (e.g. a trigger word)."""
+    words = words or {}
+    return [caption(words.get(c, c), s, words.get(b, b)) for c, s, b in combinations]
 
 
 def evaluate_pipeline(pipe, combinations: list[tuple[str, str, str]], per_prompt: int = 2, seed: int = 0, steps: int = 25,
-                      guidance_scale: float = 3.0, size: int | tuple[int, int] | None = None) -> tuple[dict, list]:
+                      guidance_scale: float = 3.0, size: int | tuple[int, int] | None = None, extra_colours: dict | None = None,
+                      words: dict | None = None) -> tuple[dict, list]:
     """Generate `per_prompt` images per combination (seeds seed, seed+1, ...) and read them back.
     `size`: side or (width, height); default the pipeline's own."""
     from ..generate import generate
 
     width, height = (size, size) if isinstance(size, int) or size is None else size
-    images = generate(pipe, prompts_for(combinations), seed=seed, steps=steps, guidance_scale=guidance_scale,
+    images = generate(pipe, prompts_for(combinations, words), seed=seed, steps=steps, guidance_scale=guidance_scale,
                       width=width, height=height, num_images=per_prompt)
     expected = [c for c in combinations for _ in range(per_prompt)]
-    scores, readings = evaluate_images(list(zip(expected, images)))
+    scores, readings = evaluate_images(list(zip(expected, images)), extra_colours)
     return scores, [(e, r, im) for (e, r), im in zip(readings, images)]
 
 
@@ -152,7 +172,7 @@ def native_size(pipe) -> int:
 
 
 def evaluate_model(pipe, aspects: tuple[str, ...] = ("1:1",), per_prompt: int = 2, seed: int = 0, steps: int = 25,
-                   guidance_scale: float = 3.0, limit: int | None = None) -> tuple[dict, list]:
+                   guidance_scale: float = 3.0, limit: int | None = None, extra_colours: dict | None = None) -> tuple[dict, list]:
     """Every aspect ratio × {seen, held-out} prompt group: {"aspect seen": scores, ...} and all results."""
     groups = {"seen": combinations(held_out=False), "held-out": combinations(held_out=True)}
     side = native_size(pipe)
@@ -162,7 +182,8 @@ def evaluate_model(pipe, aspects: tuple[str, ...] = ("1:1",), per_prompt: int = 
             combos = combos[:limit] if limit else combos
             if not combos:
                 continue
-            scores, found = evaluate_pipeline(pipe, combos, per_prompt, seed, steps, guidance_scale, aspect_size(side, aspect))
+            scores, found = evaluate_pipeline(pipe, combos, per_prompt, seed, steps, guidance_scale, aspect_size(side, aspect),
+                                              extra_colours)
             report[f"{aspect} {group}"] = scores
             results += found
     return report, results

@@ -1,9 +1,11 @@
-"""The tiny DreamBooth config's instance images: a few shapes images of one caption, copied from the tiny
-dataset into a folder of their own (no captions: the instance prompt is every image's caption)."""
+"""Instance images for DreamBooth at tiny size, in a folder of their own (no captions: the instance prompt is every
+image's caption): a few shapes images of one caption copied from the tiny dataset (the tiny config), or drawn in a
+colour the dataset never had (the toy experiment's new concept)."""
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -25,4 +27,21 @@ def ensure_instance_images(source: str, caption: str, count: int, folder: str) -
         shutil.copy(source / name, temp / Path(name).name)
     shutil.rmtree(folder, ignore_errors=True)
     temp.rename(folder)  # complete or absent, never half-copied
+    return folder
+
+
+def write_concept_images(folder: str | Path, rgb: tuple[int, int, int], shape: str, background: str, count: int,
+                         size: int = 64, seed: int = 0) -> Path:
+    """`count` images of a `shape` in the colour `rgb` on `background`, each at its own size and place; deterministic."""
+    from .shapes import draw
+
+    folder = Path(folder).expanduser()
+    temp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    rng = random.Random(seed)
+    for k in range(count):
+        draw(rgb, shape, background, size, rng).save(temp / f"concept_{k}.png")
+    shutil.rmtree(folder, ignore_errors=True)
+    temp.rename(folder)
     return folder

@@ -76,9 +76,10 @@ def _spread(rng: random.Random, low: float, high: float, spread: float) -> float
     return middle + spread * (rng.uniform(low, high) - middle)
 
 
-def draw(colour: str, shape: str, background: str, size: int | tuple[int, int], rng: random.Random,
+def draw(colour: str | tuple[int, int, int], shape: str, background: str, size: int | tuple[int, int], rng: random.Random,
          spread: float = 1.0) -> Image.Image:
     """One image (`size`: side, or (width, height)): the shape at a random size and position, wholly inside the frame.
+    `colour`: a palette name, or (r, g, b) for a colour the dataset does not have (a new concept).
 
     `spread` narrows the size (40–70% of the shorter side) and position ranges about their middles:
     1 uses all of them, 0 draws every shape centred at 55%.
@@ -93,12 +94,13 @@ def draw(colour: str, shape: str, background: str, size: int | tuple[int, int], 
     top = _spread(rng, margin, big_h - extent - margin, spread)
     box = (left, top, left + extent, top + extent)
     pen = ImageDraw.Draw(image)
+    fill = COLOURS[colour] if isinstance(colour, str) else tuple(colour)
     if shape == "circle":
-        pen.ellipse(box, fill=COLOURS[colour])
+        pen.ellipse(box, fill=fill)
     elif shape == "square":
-        pen.rectangle(box, fill=COLOURS[colour])
+        pen.rectangle(box, fill=fill)
     else:
-        pen.polygon([(left + extent / 2, top), (left + extent, top + extent), (left, top + extent)], fill=COLOURS[colour])
+        pen.polygon([(left + extent / 2, top), (left + extent, top + extent), (left, top + extent)], fill=fill)
     return image.resize((width, height), Image.LANCZOS)
 
 
