@@ -18,6 +18,7 @@ interrupted experiment continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -101,7 +102,7 @@ def build_cfg(options: dict, work_dir: Path, iters: int | None, cfg_options: dic
             "work_dir": str(work_dir)}
     if iters:
         base["train_cfg.max_iters"] = iters
-    cfg.merge_from_dict({**base, **options, **cfg_options})
+    cfg.merge_from_dict(copy.deepcopy({**base, **options, **cfg_options}))  # mmengine pops `_delete_` from what it merges
     return cfg
 
 
@@ -258,7 +259,8 @@ def dreambooth_arms(start: str, instance_dir: str, class_dir: str, args) -> list
     preservation; the start itself is the third arm ('nothing')."""
     common = {"model.pretrained_model_name_or_path": start, "train_dataloader.dataset.path": instance_dir,
               "train_dataloader.dataset.caption": INSTANCE_PROMPT, "model_card.instance_prompt": INSTANCE_PROMPT,
-              "optim_wrapper.optimizer.lr": args.lr}
+              "optim_wrapper.optimizer.lr": args.lr,
+              "tiny_dreambooth": dict(_delete_=True)}  # the config's own instance images are not used
     what = f"LoRA rank 8, {args.instance_images} instance images captioned '{INSTANCE_PROMPT}', 2 per step, lr {args.lr:g}"
     return [
         Arm("no_prior", {**common, "objective": dict(_delete_=True, type="denoising")}, f"{what}; instance loss only", DREAMBOOTH_CONFIG),

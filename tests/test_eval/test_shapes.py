@@ -106,3 +106,16 @@ def test_eval_command_writes_table_json_and_worst_cases(tiny_assets, tmp_path):
     held_out = [row["asked"] for row in report["images"][3:6]]
     assert [(a["colour"], a["shape"], a["background"]) for a in held_out] == list(HELD_OUT[:3])
     assert Image.open(tmp_path / "shapes_eval_worst.png").size[0] > 0
+
+
+def test_a_new_colour_is_read_as_itself_only_when_the_palette_has_it():
+    from pgv25.eval.shapes import prompts_for
+
+    magenta = draw((255, 0, 255), "circle", "white", 64, random.Random(0))
+    assert read_image(magenta).shape_colour != "magenta"  # without it, some dataset colour
+    reading = read_image(magenta, {"magenta": (255, 0, 255)})
+    assert (reading.shape_colour, reading.shape, reading.background) == ("magenta", "circle", "white")
+    assert read_image(draw("red", "square", "black", 64, random.Random(0)), {"magenta": (255, 0, 255)}).shape_colour == "red"
+    assert prompts_for([("magenta", "circle", "white")], {"magenta": "zwx"}) == ["a zwx circle on a white background"]
+    with pytest.raises(ValueError, match="already one of the dataset's colours"):
+        read_image(magenta, {"red": (250, 0, 0)})

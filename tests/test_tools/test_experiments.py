@@ -78,3 +78,20 @@ def test_matched_beta_weighs_the_median_sigma_alike():
 
     # lognormal σ, median e^−1.2 ≈ 0.30: 1/σ² ≈ 11.0 against 1/σ² + 4 ≈ 15.0
     assert 0.70 < experiments.matched_beta(1.0, {"type": "lognormal", "P_mean": -1.2, "P_std": 1.2}) < 0.76
+
+
+def test_dreambooth_experiment_teaches_a_start_a_new_colour_with_and_without_prior(tiny_assets, tmp_path):
+    import experiments
+
+    experiments.main(["dreambooth", "--work-dir", str(tmp_path), "--docs", str(tmp_path / "docs"), "--start",
+                      str(tiny_assets["model"]), "--instance-images", "4", "--class-images", "4", *SMALL])  # SMALL: batch 4
+    record = json.loads((tmp_path / "dreambooth" / "record.json").read_text())
+    assert set(record["arms"]) == {"nothing", "no_prior", "prior"}
+    assert len(list((tmp_path / "dreambooth" / "instance_images").glob("*.png"))) == 4
+    assert len(list((tmp_path / "dreambooth" / "class_images").glob("*.png"))) == 4  # drawn by the start for the prior arm
+    for arm in record["arms"].values():
+        assert {"1:1 seen", "1:1 held-out", "trigger, instance prompt", "trigger, other shape or background"} <= set(arm["scores"])
+        assert 0.0 <= arm["leak"] <= 1.0
+    assert record["arms"]["prior"]["options"]["objective.class_prompt"] == experiments.CLASS_PROMPT
+    text = (tmp_path / "docs" / "dreambooth.md").read_text()
+    assert "concept share, instance prompt" in text and "| no_prior |" in text
