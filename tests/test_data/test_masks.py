@@ -179,3 +179,37 @@ def test_a_changed_mask_rescans(tmp_path):
     Image.new("L", (10, 10)).save(buffer, "PNG")
     (root / "0_mask.png").write_bytes(buffer.getvalue())  # now the wrong size: the stored scan must not be reused
     assert len(plan_data(options).index) == 1
+
+
+def test_mask_column_of_a_saved_hub_dataset(tmp_path):
+    import datasets
+
+    for i in range(3):
+        half_image(tmp_path / f"{i}.png")
+        half_mask(tmp_path / f"{i}_m.png")
+    table = datasets.Dataset.from_dict({"image": [str(tmp_path / f"{i}.png") for i in range(3)], "text": ["a", "b", "c"],
+                                        "mask": [str(tmp_path / f"{i}_m.png") for i in range(2)] + [None]})
+    table = table.cast_column("image", datasets.Image()).cast_column("mask", datasets.Image())
+    table.save_to_disk(str(tmp_path / "saved"))
+    options = {"type": "hub", "path": str(tmp_path / "saved"), "resolution": 32, "mask": {"source": "column"}}
+    plan = plan_data(options)
+    assert len(plan.index) == 2 and [reason for _, reason in plan.index.problems] == [NO_MASK]  # the row without one
+    assert all(float(i["loss_weights"].float().mean()) == pytest.approx(0.5, abs=0.05) for i in items(options, plan, [0]))
+    with pytest.raises(UserError, match="a hub dataset's masks come from a column"):
+        plan_data({**options, "mask": {"source": "file"}})
+
+
+def test_masks_of_exif_rotated_photos_match_the_displayed_size(tmp_path):
+    from .files import jpeg
+
+    root = tmp_path / "d"
+    root.mkdir()
+    jpeg(root / "tall.jpg", size=(40, 30), orientation=6)  # stored 40×30, displayed 30×40
+    Image.new("L", (30, 40), 255).save(root / "tall_mask.png")
+    jpeg(root / "wrong.jpg", size=(40, 30), orientation=6)
+    Image.new("L", (40, 30), 255).save(root / "wrong_mask.png")  # the stored size, not the displayed one
+    for name in ("tall", "wrong"):
+        (root / f"{name}.txt").write_text(name)
+    plan = plan_data(cfg(root))
+    assert [plan.rows.label(int(r)) for r in plan.index.rows] == [str(root / "tall.jpg")]
+    assert [reason for _, reason in plan.index.problems] == [MASK_SIZE]
