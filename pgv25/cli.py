@@ -135,6 +135,10 @@ def _data_config(args):
         from .tiny import ensure_tiny_assets
 
         ensure_tiny_assets(**cfg.tiny_assets)
+    if cfg.get("tiny_dreambooth"):  # the tiny DreamBooth config's instance images, as training makes them
+        from .tiny.dreambooth import ensure_instance_images
+
+        ensure_instance_images(**cfg.tiny_dreambooth)
     if cfg.train_dataloader.dataset.get("streaming"):
         raise UserError(f"{args.config} streams its dataset: there is no scan to inspect or cache "
                         "(add --cfg-options train_dataloader.dataset.streaming=False to download and scan it)")
@@ -142,14 +146,36 @@ def _data_config(args):
     return cfg, int(cfg.train_dataloader.batch_size) * processes
 
 
-def cmd_data_inspect(args) -> int:
+def _planned_data(cfg, global_batch: int, config: str, cache: bool = False):
+    """The dataset config and plan training will use: with prior preservation, the class images too once they are drawn."""
     from .data.dataset import plan_data
-    from .data.index import problem_lines
     from .data.multi import dataset_config
+    from .objectives import objective_options
+
+    data_cfg = dataset_config(cfg.train_dataloader)
+    objective = objective_options(cfg)
+    if objective["type"] != "prior_preservation":
+        return data_cfg, plan_data(data_cfg, global_batch)
+    from .engine.prior_data import plan_with_class_images
+
+    planned = plan_with_class_images(data_cfg, objective, global_batch)
+    if not isinstance(planned, int):
+        return planned
+    where = objective["class_data_dir"]
+    if cache:  # a cache of the instance images alone would never be used: training caches both kinds together
+        raise UserError(f"{planned} of {objective['num_class_images']} class images are not drawn yet in {where}: "
+                        f"`pgv25 train {config}` draws them, then builds the cache of instance and class images")
+    print(f"prior preservation: {planned} of {objective['num_class_images']} class images are not drawn yet in {where} "
+          "(training draws them first); the instance data alone:")
+    return data_cfg, plan_data(data_cfg, global_batch)
+
+
+def cmd_data_inspect(args) -> int:
+    from .data.index import problem_lines
     from .data.inspect import plot, report
 
     cfg, global_batch = _data_config(args)
-    plan = plan_data(dataset_config(cfg.train_dataloader), global_batch)
+    _, plan = _planned_data(cfg, global_batch, args.config)
     print(report(plan))
     out = Path(args.out or Path(cfg.get("work_dir") or Path("work_dirs") / cfg.config_name) / "buckets.png")
     print(f"histogram: {plot(plan, out)}")
@@ -164,14 +190,11 @@ def cmd_data_cache(args) -> int:
     import torch
 
     from .data.cache import ensure_cache
-    from .data.dataset import plan_data
-    from .data.multi import dataset_config
     from .engine.export import DTYPES
 
     cfg, global_batch = _data_config(args)
-    data_cfg = dataset_config(cfg.train_dataloader)
+    data_cfg, plan = _planned_data(cfg, global_batch, args.config, cache=True)
     data_cfg.setdefault("cache", {})["build"] = "auto"
-    plan = plan_data(data_cfg, global_batch)
     on_gpu = torch.cuda.is_available()
     model = cfg.model
     folder = ensure_cache(plan, data_cfg, model.pretrained_model_name_or_path, int(cfg.randomness.seed),

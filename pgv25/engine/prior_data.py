@@ -63,3 +63,14 @@ def add_class_images(data_cfg: dict, plan: DataPlan, objective: dict, runtime, m
     logger.info("prior preservation: %d instance and %d class images (%s), each batch half and half, class loss × %g",
                 int((~plan.companion).sum()), int(plan.companion.sum()), options.folder, objective["prior_loss_weight"])
     return combined, plan
+
+
+def plan_with_class_images(data_cfg: dict, objective: dict, global_batch: int) -> tuple[dict, DataPlan] | int:
+    """For `pgv25 data inspect` and `data cache`: the instance + class plan training will use (the same cache key), when
+    every class image is drawn; else how many are still missing (training draws them first)."""
+    options = class_images_options(objective)
+    missing = options.count - len(present(options.folder))
+    if missing > 0:
+        return missing
+    combined = with_class_part(data_cfg, options)
+    return combined, plan_data(combined, global_batch)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import tiny_cfg
+from conftest import TINY_OPTIONS, tiny_cfg
 from pgv25.engine.runner import train
 from pgv25.errors import UserError
 
@@ -79,3 +79,26 @@ def test_an_instance_folder_without_images_is_one_line_before_any_generation(tin
     with pytest.raises(UserError, match="empty holds no images"):
         train(dreambooth_cfg(tmp_path / "w", *options))
     assert not (tmp_path / "class").exists()
+
+
+def test_data_commands_see_the_class_images_training_will_use(instance_dir, tmp_path, caplog):
+    from PIL import Image
+
+    from test_cli import call, one_line_error
+
+    class_dir = tmp_path / "class"
+    options = prior_options(instance_dir, class_dir, "train_cfg.max_iters=1", "train_dataloader.dataset.cache.enabled=True",
+                            f"work_dir={tmp_path / 'w'}", *TINY_OPTIONS)
+    inspected = call("data", "inspect", DREAMBOOTH, "--out", str(tmp_path / "b.png"), "--cfg-options", *options)
+    assert inspected.returncode == 0 and "4 of 4 class images are not drawn yet" in inspected.stdout
+    one_line_error(call("data", "cache", DREAMBOOTH, "--cfg-options", *options), "draws them, then builds the cache")
+    class_dir.mkdir()
+    for i in range(4):  # the user's own class images count
+        Image.new("RGB", (64, 64), (0, 0, 40 * i)).save(class_dir / f"mine_{i}.png")
+    inspected = call("data", "inspect", DREAMBOOTH, "--out", str(tmp_path / "b.png"), "--cfg-options", *options)
+    assert "class images (a circle on a white background)" in inspected.stdout and "6 usable" in inspected.stdout
+    cached = call("data", "cache", DREAMBOOTH, "--cfg-options", *options)
+    folder = cached.stdout.split("latent cache: ")[1].split()[0]
+    with caplog.at_level(logging.INFO, logger="pgv25"):
+        train(dreambooth_cfg(tmp_path / "w", *options))
+    assert any(f"training from the latent cache {folder}" in r.message for r in caplog.records)  # the one just built
