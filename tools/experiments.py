@@ -245,23 +245,28 @@ def run_preference(args, work: Path, record: dict, record_file: Path, cfg_option
 
 
 DREAMBOOTH_CONFIG = "playgroundv2_5_dreambooth_lora_tiny_shapes"
-CONCEPT, CONCEPT_RGB, TRIGGER = "magenta", (255, 0, 255), "zwx"  # a colour the shapes dataset never has, and its word
-INSTANCE = ("circle", "white")  # the instance images: magenta circles on white, each at its own size and place
-INSTANCE_PROMPT = f"a {TRIGGER} circle on a white background"
-CLASS_PROMPT = "a circle on a white background"  # the class without the instance (Ruiz et al.: "a [V] dog" / "a dog")
-DREAMBOOTH_SAMPLES = [INSTANCE_PROMPT, f"a {TRIGGER} square on a black background", f"a {TRIGGER} triangle on a blue background",
-                      CLASS_PROMPT, "a red circle on a white background", "a blue circle on a white background",
-                      "a green square on a yellow background", "a yellow triangle on a blue background"]
+# The concept: a ring (a circle with a hole), a shape the dataset never has, named by the trigger word "zwx" where a
+# caption names the shape: the tiny text encoders only know captions of that one form, so a longer prompt ("a red zwx
+# circle ...") draws noise before any training. Its class is the circle. (A new colour does not work at this size: the
+# tiny VAE, trained on the six colours alone, cannot reconstruct magenta or orange.)
+CONCEPT, TRIGGER = "ring", "zwx"
+INSTANCE = ("red", "white")  # the instance images: red rings on white, each at its own size and place
+INSTANCE_PROMPT = f"a red {TRIGGER} on a white background"
+CLASS_PROMPT = "a red circle on a white background"  # the class ("a [V] dog" / "a dog")
+DREAMBOOTH_SAMPLES = [INSTANCE_PROMPT, f"a blue {TRIGGER} on a yellow background", f"a white {TRIGGER} on a black background",
+                      CLASS_PROMPT, "a blue circle on a yellow background", "a green circle on a white background",
+                      "a red square on a white background", "a yellow triangle on a blue background"]
 
 
 def dreambooth_arms(start: str, instance_dir: str, class_dir: str, args) -> list[Arm]:
-    """From the trained tiny default, the same LoRA run on the same ≤ 10 instance images, without and with prior
-    preservation; the start itself is the third arm ('nothing')."""
-    common = {"model.pretrained_model_name_or_path": start, "train_dataloader.dataset.path": instance_dir,
-              "train_dataloader.dataset.caption": INSTANCE_PROMPT, "model_card.instance_prompt": INSTANCE_PROMPT,
-              "optim_wrapper.optimizer.lr": args.lr,
+    """From the trained tiny default, the same fine-tune on the same ≤ 10 instance images, without and with prior
+    preservation; the start itself is the third arm ('nothing'). A full fine-tune, as in the DreamBooth paper: at this
+    size a LoRA of the attention layers broke the model at lr 1e-3 and had not learned the ring at 2e-4 (see the doc)."""
+    common = {"model.pretrained_model_name_or_path": start, "model.lora.enabled": False,
+              "train_dataloader.dataset.path": instance_dir, "train_dataloader.dataset.caption": INSTANCE_PROMPT,
+              "model_card.instance_prompt": INSTANCE_PROMPT, "optim_wrapper.optimizer.lr": args.lr,
               "tiny_dreambooth": dict(_delete_=True)}  # the config's own instance images are not used
-    what = f"LoRA rank 8, {args.instance_images} instance images captioned '{INSTANCE_PROMPT}', 2 per step, lr {args.lr:g}"
+    what = f"full fine-tune, {args.instance_images} instance images captioned '{INSTANCE_PROMPT}', 2 per step, lr {args.lr:g}"
     return [
         Arm("no_prior", {**common, "objective": dict(_delete_=True, type="denoising")}, f"{what}; instance loss only", DREAMBOOTH_CONFIG),
         Arm("prior", {**common, "objective.class_prompt": CLASS_PROMPT, "objective.class_data_dir": class_dir,
@@ -271,29 +276,32 @@ def dreambooth_arms(start: str, instance_dir: str, class_dir: str, args) -> list
     ]
 
 
-def score_concept(start: str, lora: Path | None, out: Path, per_prompt: int, steps: int, limit: int | None) -> dict:
-    """The evaluator's seen/held-out scores (with the new colour in its palette, so a leak of it reads as wrong), the
-    concept's share on trigger prompts, and how often the new colour leaks into ordinary prompts."""
-    from pgv25.eval.shapes import SHAPES, evaluate_model, evaluate_pipeline, format_table, native_size, write_report
+def score_concept(start: str, trained: Path | None, out: Path, per_prompt: int, steps: int, limit: int | None) -> dict:
+    """The evaluator's seen/held-out scores (reading rings, so a ring drawn for an ordinary prompt counts as wrong), the
+    concept's share on trigger prompts, and how often rings leak into ordinary prompts."""
+    from pgv25.eval.shapes import evaluate_model, evaluate_pipeline, format_table, native_size, write_report
     from pgv25.generate import generate, labelled_grid, load_pipeline
     from pgv25.tiny.shapes import COLOURS
 
-    pipe = load_pipeline(start, "native", lora=lora)  # the LoRA export applied to its base, as a user loads it
-    began, extra, words = time.time(), {CONCEPT: CONCEPT_RGB}, {CONCEPT: TRIGGER}
-    report, results = evaluate_model(pipe, ("1:1",), per_prompt=per_prompt, steps=steps, limit=limit, extra_colours=extra)
+    if trained is None or (trained / "pytorch_lora_weights.safetensors").is_file():  # a LoRA export applied to its base
+        pipe = load_pipeline(start, "native", lora=trained)
+    else:
+        pipe = load_pipeline(trained, "native")
+    began, words = time.time(), {CONCEPT: TRIGGER}
+    report, results = evaluate_model(pipe, ("1:1",), per_prompt=per_prompt, steps=steps, limit=limit, rings=True)
     ordinary = [reading for _, reading, _ in results]
     side = native_size(pipe)
-    trigger_groups = {"trigger, instance prompt": ([(CONCEPT, *INSTANCE)], 8 * per_prompt),
-                      "trigger, other shape or background": ([(CONCEPT, s, b) for s in SHAPES for b in COLOURS if (s, b) != INSTANCE],
-                                                             per_prompt)}
+    others = [(c, CONCEPT, b) for c in COLOURS for b in COLOURS if c != b and (c, b) != INSTANCE]
+    trigger_groups = {"trigger, instance prompt": ([(INSTANCE[0], CONCEPT, INSTANCE[1])], 8 * per_prompt),
+                      "trigger, other colours": (others[:limit] if limit else others, per_prompt)}
     for group, (combos, n) in trigger_groups.items():
-        report[group], found = evaluate_pipeline(pipe, combos, n, 0, steps, 3.0, side, extra, words)
+        report[group], found = evaluate_pipeline(pipe, combos, n, 0, steps, 3.0, side, words=words, rings=True)
         results += found
     write_report(report, results, out / "eval")
     print(format_table(report), flush=True)
     images = generate(pipe, DREAMBOOTH_SAMPLES, seed=0, steps=steps, guidance_scale=3.0, width=side, height=side)
     labelled_grid(images, DREAMBOOTH_SAMPLES).save(out / "samples_1x1.png")
-    leak = sum(r.shape_colour == CONCEPT or r.background == CONCEPT for r in ordinary) / len(ordinary)
+    leak = sum(r.shape == CONCEPT for r in ordinary) / len(ordinary)
     return {"scores": report, "leak": leak, "eval_seconds": round(time.time() - began, 1)}
 
 
@@ -304,15 +312,15 @@ def dreambooth_summary(record: dict) -> list[str]:
         return []
     base = arms["nothing"]["scores"]
     keys = (("shape colour", "shape_colour_accuracy"), ("shape type", "shape_accuracy"), ("background", "background_accuracy"))
-    lines = ["| arm | concept share, instance prompt | concept share, other trigger prompts | new colour in ordinary prompts | "
+    lines = ["| arm | concept share, instance prompt | concept share, other colours | rings for ordinary prompts | "
              "drift seen (colour / type / bg, points) | drift held-out (colour / type / bg, points) |", "|---|---|---|---|---|---|"]
     for name, arm in arms.items():
         s = arm["scores"]
         drift = ["/".join(f"{100 * (s[g][k] - base[g][k]):+.1f}" for _, k in keys) for g in ("1:1 seen", "1:1 held-out")]
-        lines.append(f"| {name} | {s['trigger, instance prompt']['shape_colour_accuracy']:.1%} | "
-                     f"{s['trigger, other shape or background']['shape_colour_accuracy']:.1%} | {arm['leak']:.1%} | "
+        lines.append(f"| {name} | {s['trigger, instance prompt']['shape_accuracy']:.1%} | "
+                     f"{s['trigger, other colours']['shape_accuracy']:.1%} | {arm['leak']:.1%} | "
                      f"{drift[0]} | {drift[1]} |")
-    return ["Concept share: images for the trigger prompts whose shape is read as magenta. Drift: accuracy on the "
+    return ["Concept share: images for the trigger prompts whose shape is read as a ring. Drift: accuracy on the "
             "ordinary prompts minus the start's, in percentage points (0 is no drift).", ""] + lines
 
 
@@ -320,7 +328,7 @@ def run_dreambooth(args, work: Path, record: dict, record_file: Path, cfg_option
     """The start (the default config trained as shipped, or --start), the instance images, then each arm; score all."""
     from pgv25.tiny.dreambooth import write_concept_images
 
-    spec = dict(title="DreamBooth at toy scale: a new colour from a few images, with and without prior preservation",
+    spec = dict(title="DreamBooth at toy scale: a new shape from a few images, with and without prior preservation",
                 aspects=("1:1",), prompts=DREAMBOOTH_SAMPLES)
     if "start" not in record:
         record["start"] = ({"step_dir": str(Path(args.start).resolve()), "note": "given with --start"} if args.start else
@@ -330,17 +338,17 @@ def run_dreambooth(args, work: Path, record: dict, record_file: Path, cfg_option
     start = record["start"]["step_dir"]
     instance_dir = work / "instance_images"
     if not instance_dir.is_dir():
-        write_concept_images(instance_dir, CONCEPT_RGB, INSTANCE[0], INSTANCE[1], args.instance_images)
+        write_concept_images(instance_dir, INSTANCE[0], CONCEPT, INSTANCE[1], args.instance_images)
     arms = [Arm("nothing", note="the start: playgroundv2_5_tiny_shapes trained as shipped, no DreamBooth")]
     arms += dreambooth_arms(start, str(instance_dir), str(work / "class_images"), args)
     for arm in arms:
         if args.arms and arm.name not in args.arms or arm.name in record["arms"]:
             continue
-        trained, lora = {"step_dir": start}, None
+        trained, export = {"step_dir": start}, None
         if arm.name != "nothing":
-            trained = train_arm(build_cfg(arm.options, work / arm.name, args.iters or 200, cfg_options, arm.config))
-            lora = Path(trained["step_dir"])
-        scored = score_concept(start, lora, work / arm.name, args.per_prompt, args.eval_steps, args.eval_limit)
+            trained = train_arm(build_cfg(arm.options, work / arm.name, args.iters or 600, cfg_options, arm.config))
+            export = Path(trained["step_dir"])
+        scored = score_concept(start, export, work / arm.name, args.per_prompt, args.eval_steps, args.eval_limit)
         record["arms"][arm.name] = {"note": arm.note, "options": {k: str(v) for k, v in arm.options.items()}, **trained, **scored}
         record_file.write_text(json.dumps(record, indent=2))
     record["summary"] = dreambooth_summary(record)
@@ -359,14 +367,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", help="only these arms")
     parser.add_argument("--cfg-options", nargs="+", default=[], help="KEY=VALUE overrides for every arm")
     parser.add_argument("--start-iters", type=int, default=700, help="preference: steps of the under-trained start")
-    parser.add_argument("--lr", type=float, help="preference, dreambooth: learning rate of every arm (default 1e-4, 1e-3)")
+    parser.add_argument("--lr", type=float, help="preference, dreambooth: learning rate of every arm (default 1e-4, 5e-5)")
     parser.add_argument("--beta", type=float, default=500.0, help="preference: β of the ε-MSE DPO arm")
     parser.add_argument("--start", help="dreambooth: an export of the trained tiny default to start from (default: train it)")
     parser.add_argument("--instance-images", type=int, default=8, help="dreambooth: images of the new concept")
     parser.add_argument("--class-images", type=int, default=48, help="dreambooth: class images of the prior arm")
     args = parser.parse_args(argv)
     if args.lr is None:
-        args.lr = 1e-3 if args.experiment == "dreambooth" else 1e-4
+        args.lr = 5e-5 if args.experiment == "dreambooth" else 1e-4
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from pgv25.config import parse_cfg_options
     from plot_experiments import write_experiment

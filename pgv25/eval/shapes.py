@@ -13,9 +13,9 @@ For "a {colour} {shape} on a {background} background" an image is read back as:
 No learned model is involved, so the evaluator itself can be checked: ≈100% on the dataset's own
 images, chance on noise (tests/test_eval).
 
-`extra_colours` adds colours the training set never had (a DreamBooth concept such as a new colour):
-they join the palette colours are named from, so an image that shows the new colour is read as it,
-and a prompt may name it by a trigger word (`words`).
+`rings=True` adds a shape the training set never had (the toy DreamBooth experiment's concept): a shape
+whose region encloses background (a hole of at least RING_HOLE of its bounding box) is read as a ring;
+a prompt may name it by a trigger word (`words`). `extra_colours` likewise adds colours to the palette.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ PALETTE = np.array([COLOURS[n] for n in PALETTE_NAMES], dtype=np.float64)
 BORDER = 0.03  # share of the side read as background
 FOREGROUND = 90.0  # RGB distance from the background colour that counts as shape
 FILL_SQUARE, FILL_CIRCLE = 0.9, 0.64  # fill-ratio thresholds between triangle < circle < square
+RING_HOLE = 0.06  # enclosed background, as a share of the bounding box, that makes a ring (a drawn one: 0.24)
 
 
 @dataclass
@@ -95,7 +96,24 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return out.reshape(h, w)
 
 
-def read_image(image: Image.Image, extra_colours: dict | None = None) -> Reading:
+def enclosed(region: np.ndarray) -> int:
+    """Pixels of a region's bounding box outside the region that cannot reach the box's edge: its holes."""
+    outside = ~region
+    reached = np.zeros_like(region)
+    reached[0], reached[-1], reached[:, 0], reached[:, -1] = outside[0], outside[-1], outside[:, 0], outside[:, -1]
+    while True:  # grow through outside pixels, 4-connected, until nothing changes (a few dozen steps at these sizes)
+        grown = reached.copy()
+        grown[1:] |= reached[:-1]
+        grown[:-1] |= reached[1:]
+        grown[:, 1:] |= reached[:, :-1]
+        grown[:, :-1] |= reached[:, 1:]
+        grown &= outside
+        if (grown == reached).all():
+            return int((outside & ~reached).sum())
+        reached = grown
+
+
+def read_image(image: Image.Image, extra_colours: dict | None = None, rings: bool = False) -> Reading:
     colours = palette(extra_colours)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     h, w, _ = pixels.shape
@@ -117,6 +135,8 @@ def read_image(image: Image.Image, extra_colours: dict | None = None) -> Reading
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
     fill = float(mask.sum() / box)
     shape = "square" if fill >= FILL_SQUARE else "circle" if fill >= FILL_CIRCLE else "triangle"
+    if rings and enclosed(mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]) >= RING_HOLE * box:
+        shape = "ring"
     ring = np.ones_like(mask)
     ring[b:-b, b:-b] = False
     inside = bool(mask[ring].mean() < 0.01)  # a stray pixel is noise; a cut shape fills a stretch of the border
@@ -140,20 +160,22 @@ def score(readings: list[tuple[tuple[str, str, str], Reading]]) -> dict:
     return out
 
 
-def evaluate_images(items: list[tuple[tuple[str, str, str], Image.Image]], extra_colours: dict | None = None) -> tuple[dict, list]:
-    readings = [(expected, read_image(image, extra_colours)) for expected, image in items]
+def evaluate_images(items: list[tuple[tuple[str, str, str], Image.Image]], extra_colours: dict | None = None,
+                    rings: bool = False) -> tuple[dict, list]:
+    readings = [(expected, read_image(image, extra_colours, rings)) for expected, image in items]
     return score(readings), readings
 
 
 def prompts_for(combinations: list[tuple[str, str, str]], words: dict | None = None) -> list[str]:
-    """The caption of each (colour, shape, background); `words` renames colours in the prompt (e.g. a trigger word)."""
+    """The caption of each (colour, shape, background); `words` renames colours or shapes in the prompt (e.g. a trigger
+    word: {"ring": "zwx circle"})."""
     words = words or {}
-    return [caption(words.get(c, c), s, words.get(b, b)) for c, s, b in combinations]
+    return [caption(words.get(c, c), words.get(s, s), words.get(b, b)) for c, s, b in combinations]
 
 
 def evaluate_pipeline(pipe, combinations: list[tuple[str, str, str]], per_prompt: int = 2, seed: int = 0, steps: int = 25,
                       guidance_scale: float = 3.0, size: int | tuple[int, int] | None = None, extra_colours: dict | None = None,
-                      words: dict | None = None) -> tuple[dict, list]:
+                      words: dict | None = None, rings: bool = False) -> tuple[dict, list]:
     """Generate `per_prompt` images per combination (seeds seed, seed+1, ...) and read them back.
     `size`: side or (width, height); default the pipeline's own."""
     from ..generate import generate
@@ -162,7 +184,7 @@ def evaluate_pipeline(pipe, combinations: list[tuple[str, str, str]], per_prompt
     images = generate(pipe, prompts_for(combinations, words), seed=seed, steps=steps, guidance_scale=guidance_scale,
                       width=width, height=height, num_images=per_prompt)
     expected = [c for c in combinations for _ in range(per_prompt)]
-    scores, readings = evaluate_images(list(zip(expected, images)), extra_colours)
+    scores, readings = evaluate_images(list(zip(expected, images)), extra_colours, rings)
     return scores, [(e, r, im) for (e, r), im in zip(readings, images)]
 
 
@@ -172,7 +194,8 @@ def native_size(pipe) -> int:
 
 
 def evaluate_model(pipe, aspects: tuple[str, ...] = ("1:1",), per_prompt: int = 2, seed: int = 0, steps: int = 25,
-                   guidance_scale: float = 3.0, limit: int | None = None, extra_colours: dict | None = None) -> tuple[dict, list]:
+                   guidance_scale: float = 3.0, limit: int | None = None, extra_colours: dict | None = None,
+                   rings: bool = False) -> tuple[dict, list]:
     """Every aspect ratio × {seen, held-out} prompt group: {"aspect seen": scores, ...} and all results."""
     groups = {"seen": combinations(held_out=False), "held-out": combinations(held_out=True)}
     side = native_size(pipe)
@@ -183,7 +206,7 @@ def evaluate_model(pipe, aspects: tuple[str, ...] = ("1:1",), per_prompt: int = 
             if not combos:
                 continue
             scores, found = evaluate_pipeline(pipe, combos, per_prompt, seed, steps, guidance_scale, aspect_size(side, aspect),
-                                              extra_colours)
+                                              extra_colours, rings=rings)
             report[f"{aspect} {group}"] = scores
             results += found
     return report, results

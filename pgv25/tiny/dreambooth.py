@@ -1,6 +1,6 @@
 """Instance images for DreamBooth at tiny size, in a folder of their own (no captions: the instance prompt is every
-image's caption): a few shapes images of one caption copied from the tiny dataset (the tiny config), or drawn in a
-colour the dataset never had (the toy experiment's new concept)."""
+image's caption): a few shapes images of one caption copied from the tiny dataset (the tiny config), or drawn as a
+shape or colour the dataset never had (the toy experiment's new concept)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ def ensure_instance_images(source: str, caption: str, count: int, folder: str) -
     return folder
 
 
-def write_concept_images(folder: str | Path, rgb: tuple[int, int, int], shape: str, background: str, count: int,
+def write_concept_images(folder: str | Path, colour: str | tuple[int, int, int], shape: str, background: str, count: int,
                          size: int = 64, seed: int = 0) -> Path:
-    """`count` images of a `shape` in the colour `rgb` on `background`, each at its own size and place; deterministic."""
+    """`count` images of a `shape` ('ring' too) in `colour` (a name or (r, g, b)) on `background`, each at its own size
+    and place; deterministic."""
     from .shapes import draw
 
     folder = Path(folder).expanduser()
@@ -41,7 +42,7 @@ def write_concept_images(folder: str | Path, rgb: tuple[int, int, int], shape: s
     temp.mkdir(parents=True)
     rng = random.Random(seed)
     for k in range(count):
-        draw(rgb, shape, background, size, rng).save(temp / f"concept_{k}.png")
+        draw(colour, shape, background, size, rng).save(temp / f"concept_{k}.png")
     shutil.rmtree(folder, ignore_errors=True)
     temp.rename(folder)
     return folder

@@ -22,6 +22,7 @@ COLOURS = {
     "black": (0, 0, 0),
 }
 SHAPES = ("circle", "square", "triangle")
+RING_HOLE = 0.55  # a ring's hole, as a share of its outer diameter
 SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges like a real photo's
 
 
@@ -97,6 +98,10 @@ def draw(colour: str | tuple[int, int, int], shape: str, background: str, size: 
     fill = COLOURS[colour] if isinstance(colour, str) else tuple(colour)
     if shape == "circle":
         pen.ellipse(box, fill=fill)
+    elif shape == "ring":  # not in the dataset: the toy DreamBooth experiment's new concept, a circle with a hole
+        pen.ellipse(box, fill=fill)
+        inset = extent * (1 - RING_HOLE) / 2
+        pen.ellipse((left + inset, top + inset, left + extent - inset, top + extent - inset), fill=COLOURS[background])
     elif shape == "square":
         pen.rectangle(box, fill=fill)
     else:

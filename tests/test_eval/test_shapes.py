@@ -119,3 +119,17 @@ def test_a_new_colour_is_read_as_itself_only_when_the_palette_has_it():
     assert prompts_for([("magenta", "circle", "white")], {"magenta": "zwx"}) == ["a zwx circle on a white background"]
     with pytest.raises(ValueError, match="already one of the dataset's colours"):
         read_image(magenta, {"red": (250, 0, 0)})
+
+
+def test_rings_are_read_only_when_asked_and_every_old_shape_stays_itself():
+    from pgv25.eval.shapes import prompts_for
+
+    rng = random.Random(2)
+    for colour, background in (("red", "white"), ("blue", "yellow"), ("white", "black"), ("green", "red")):
+        ring = draw(colour, "ring", background, 64, rng)
+        assert read_image(ring).shape != "ring"  # the default evaluator knows three shapes
+        reading = read_image(ring, rings=True)
+        assert (reading.shape_colour, reading.shape, reading.background) == (colour, "ring", background)
+        for shape in ("circle", "square", "triangle"):
+            assert read_image(draw(colour, shape, background, 64, rng), rings=True).shape == shape
+    assert prompts_for([("red", "ring", "white")], {"ring": "zwx circle"}) == ["a red zwx circle on a white background"]

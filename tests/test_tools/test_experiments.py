@@ -90,7 +90,7 @@ def test_dreambooth_experiment_teaches_a_start_a_new_colour_with_and_without_pri
     assert len(list((tmp_path / "dreambooth" / "instance_images").glob("*.png"))) == 4
     assert len(list((tmp_path / "dreambooth" / "class_images").glob("*.png"))) == 4  # drawn by the start for the prior arm
     for arm in record["arms"].values():
-        assert {"1:1 seen", "1:1 held-out", "trigger, instance prompt", "trigger, other shape or background"} <= set(arm["scores"])
+        assert {"1:1 seen", "1:1 held-out", "trigger, instance prompt", "trigger, other colours"} <= set(arm["scores"])
         assert 0.0 <= arm["leak"] <= 1.0
     assert record["arms"]["prior"]["options"]["objective.class_prompt"] == experiments.CLASS_PROMPT
     text = (tmp_path / "docs" / "dreambooth.md").read_text()
