@@ -71,3 +71,14 @@ def test_bench_loader_runs(tmp_path):
 
     results = json.loads((tmp_path / "l.json").read_text())["results"]
     assert {r["source"] for r in results} == {"jpeg", "png", "cache"} and all(r["images_per_s"] > 0 for r in results)
+
+
+def test_bench_manifest_times_both_ways_and_cleans_up(tmp_path, capsys):
+    import json
+
+    import bench_manifest
+
+    bench_manifest.main(["--gib", "0.01", "--dir", str(tmp_path / "b"), "--repeats", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["whole_file_s"]) == len(result["blocks_s"]) == 1 and result["speedup"] > 0
+    assert not (tmp_path / "b").exists()
