@@ -80,7 +80,7 @@ def test_matched_beta_weighs_the_median_sigma_alike():
     assert 0.70 < experiments.matched_beta(1.0, {"type": "lognormal", "P_mean": -1.2, "P_std": 1.2}) < 0.76
 
 
-def test_dreambooth_experiment_teaches_a_start_a_new_colour_with_and_without_prior(tiny_assets, tmp_path):
+def test_dreambooth_experiment_teaches_a_start_a_new_shape_with_and_without_prior(tiny_assets, tmp_path):
     import experiments
 
     experiments.main(["dreambooth", "--work-dir", str(tmp_path), "--docs", str(tmp_path / "docs"), "--start",
