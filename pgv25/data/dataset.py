@@ -83,7 +83,7 @@ def describe_masks(rows, index: Index) -> None:
     """One line: how many usable images train with a mask (the others weigh 1 everywhere)."""
     usable = np.unique(index.rows).tolist()
     logger.info("masked loss: %d of %d usable images have a mask; the others weigh 1 everywhere",
-                sum(map(lambda row: has_mask(rows, row), usable)), len(usable))
+                sum(has_mask(rows, row) for row in usable), len(usable))
 
 
 def repeat_parts(index: Index, rows: ConcatRows, parts: list[dict]) -> tuple[Index, list[dict], np.ndarray | None]:
