@@ -13,13 +13,18 @@ Stages, each recorded in OUT/gpu_check.json as soon as it ends (a timeout keeps 
    30 with a loss logged every iteration; killed with SIGKILL once iteration 30 is logged (the save at 30
    is cut off: the checkpoint at 20 must stay intact, which `pgv25 ckpt verify` then checks).
 5. generate: one 1024² image, 50 steps with CFG, from the export with plain diffusers in a separate
-   process that never imports pgv25.
+   process that never imports pgv25; on a GPU then again with diffusers' own speed levers (fused QKV,
+   channels-last, cuDNN attention first, `compile_repeated_blocks`), with the compile's seconds.
 6. resume: `--resume` from the checkpoint at 20 to 30 in a new work dir: its losses at 21..30 against the
    uninterrupted run's, its own checkpoint and export at 30.
 7. bench: tools/bench_train.py at the same batch: the bare step (and the reference step), then the speed
    levers (channels-last, bf16 norms, cuDNN attention, regional compilation) each against it.
+8. runner variants (--runner-variants): short runs of the whole loop from the latent cache, with the VAE
+   in bf16, or without the GPU defaults (`eager`).
 
-Reported: the whole runner's images/s against the bare step's at the same batch size, peak GPU memory,
+Reported: each runner's images/s against the bare step's with the same levers at the same batch size
+(the default runner against DEFAULTS_VARIANT, `eager` against `full`), the iterations far slower than the
+median (a new bucket's compile), peak GPU memory,
 checkpoint size and save time, resume exactness, generation seconds, and every failure with its stage.
 Two full AdamW checkpoints (2 × 31 GB) do not fit beside the base on a 64 GB disk, so the checkpoint at
 20 moves to /dev/shm before the resume when that has room.
@@ -48,6 +53,9 @@ RATIOS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216)]
 # Cheap levers first: a budget cut-off then loses the compiled variants (a minute or more of compiling each).
 LEVER_VARIANTS = ["full", "full+cl", "full+bf16norm", "full+cudnn", "full+cl+bf16norm", "full+regional",
                   "full+cl+bf16norm+cudnn+regional"]
+# The bench variant with the levers the Playground configs turn on by default on a GPU (channels-last, cuDNN attention
+# first, regional compilation): the bare step the default runner is compared with.
+DEFAULTS_VARIANT = "full+cl+cudnn+regional"
 PGV25 = "import sys; from pgv25.cli import main; sys.exit(main())"
 # Runner variants to set beside the end-to-end run: what the whole loop costs over the bare step, part by part.
 RUNNER_VARIANTS = {
@@ -217,12 +225,17 @@ def tail(log: Path, lines: int = 15) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
 
 
-def rates(rows: dict[int, dict], first: int, last: int) -> dict:
+def rates(rows: dict[int, dict], first: int, last: int, batch: int) -> dict:
     """Median images/s of iterations first..last (each logged alone) and the peak memory."""
     values = [rows[i]["images_per_s"] for i in range(first, last + 1) if i in rows]
     peak = max((r.get("gpu_peak_memory_gib", 0.0) for r in rows.values()), default=0.0)
-    return {"images_per_s_median": round(statistics.median(values), 3) if values else None, "iterations": len(values),
-            "gpu_peak_gib": round(peak, 1)}
+    result = {"images_per_s_median": round(statistics.median(values), 3) if values else None, "iterations": len(values),
+              "gpu_peak_gib": round(peak, 1)}
+    if values:  # iterations far slower than the median: a new bucket's compile (or the loader catching up)
+        median = statistics.median(values)
+        slow = {i: rows[i]["images_per_s"] for i in range(1, last + 1) if i in rows and rows[i]["images_per_s"] < median / 2}
+        result["slow_iterations_s"] = {i: round(batch / v, 1) for i, v in slow.items()}
+    return result
 
 
 def save_seconds(log: Path) -> float | None:
@@ -245,8 +258,8 @@ def save_seconds(log: Path) -> float | None:
 GENERATE = r"""
 import json, sys, time, torch
 from diffusers import StableDiffusionXLPipeline
-folder, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-size, lora = int(sys.argv[4]), (sys.argv[5] if len(sys.argv) > 5 else None)
+folder, out, steps, size, levers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "levers"
+lora = sys.argv[6] if len(sys.argv) > 6 else None
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 start = time.time()
@@ -266,9 +279,25 @@ seconds = time.time() - start
 from PIL import Image
 import numpy as np
 Image.fromarray((np.nan_to_num(image) * 255).round().clip(0, 255).astype("uint8")).save(out)
-print(json.dumps({"scheduler": type(pipe.scheduler).__name__, "load_s": round(loaded, 1), "generate_s": round(seconds, 2),
-                  "steps": steps, "size": size, "finite": bool(np.isfinite(image).all()),
-                  "pgv25_imported": any(m.split(".")[0] == "pgv25" for m in sys.modules)}))
+result = {"scheduler": type(pipe.scheduler).__name__, "load_s": round(loaded, 1), "generate_s": round(seconds, 2),
+          "steps": steps, "size": size, "finite": bool(np.isfinite(image).all())}
+if levers:  # the speed levers a diffusers user can turn on: fused QKV, channels-last, cuDNN attention, regional compile
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    pipe.fuse_qkv_projections()
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.unet.compile_repeated_blocks(fullgraph=True)
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    timings = {}
+    with sdpa_kernel(order, set_priority=True):
+        for name, n in (("compile_s", 2), ("generate_levers_s", steps)):  # the first call compiles
+            start = time.time()
+            fast = pipe(prompt="a photo of a red fox", num_inference_steps=n, guidance_scale=3.0, height=size, width=size,
+                        generator=torch.Generator(device).manual_seed(0), output_type="np").images[0]
+            torch.cuda.synchronize()
+            timings[name] = round(time.time() - start, 2)
+    result.update(timings, levers_max_abs_difference=round(float(np.abs(fast - image).max()), 4))
+result["pgv25_imported"] = any(m.split(".")[0] == "pgv25" for m in sys.modules)
+print(json.dumps(result))
 """
 
 
@@ -276,7 +305,10 @@ def stage_generate(export: Path, out_png: Path, steps: int, size: int, timeout: 
     """Plain diffusers on the export (or, for a LoRA export, on `base` with the LoRA loaded)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # no repo on the path: plain diffusers only
     folders = [str(base), str(export)] if base is not None else [str(export)]
-    done = subprocess.run([sys.executable, "-c", GENERATE, folders[0], str(out_png), str(steps), str(size), *folders[1:]],
+    import torch
+
+    levers = "levers" if torch.cuda.is_available() else "eager"  # compiling needs the GPU it is measured on
+    done = subprocess.run([sys.executable, "-c", GENERATE, folders[0], str(out_png), str(steps), str(size), levers, *folders[1:]],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
     if done.returncode != 0:
         return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", "export": str(export)}
@@ -363,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                        timeout=max(60.0, report.left() - 60), kill_at=args.iters)
     rows = scalars(first)
     checkpoint = first / "checkpoints" / f"iter_{args.checkpoint_at:07d}"
-    result.update(optimizer=optimizer, logged_iterations=len(rows), **rates(rows, 2, args.checkpoint_at),
+    result.update(optimizer=optimizer, logged_iterations=len(rows), **rates(rows, 2, args.checkpoint_at, args.batch),
                   checkpoint_gib=round(folder_gib(checkpoint), 2), export_gib=round(folder_gib(first / f"step{args.checkpoint_at}"), 2),
                   save_s=save_seconds(out / "train.log"), losses=[rows[i]["loss"] for i in sorted(rows)])
     if args.iters not in rows and not result.get("error"):
@@ -401,13 +433,16 @@ def main(argv: list[str] | None = None) -> int:
         diffs = [abs(resumed[i]["loss"] - rows[i]["loss"]) / max(abs(rows[i]["loss"]), 1e-12) for i in compared]
         written = second / f"step{args.iters}" / ("pytorch_lora_weights.safetensors" if lora else "model_index.json")
         result.update(resumed_from=str(resume_from), compared_iterations=len(compared),
-                      max_relative_loss_difference=max(diffs) if diffs else None, **rates(resumed, args.checkpoint_at + 2, args.iters),
+                      max_relative_loss_difference=max(diffs) if diffs else None, **rates(resumed, args.checkpoint_at + 2, args.iters, args.batch),
                       export=str(second / f"step{args.iters}"), export_written=written.is_file(),
                       save_s=save_seconds(out / "resume.log"))
         if not result.get("error") and (len(compared) < args.iters - args.checkpoint_at or not result["export_written"]):
             result["error"] = f"{len(compared)} iterations compared; export written: {result['export_written']}"
         report.record("resume", result)
 
+    # The bare steps before the runner variants: every runner figure is read against them.
+    if "bench" not in args.skip and report.left() > 60:
+        report.record("bench", stage_bench(args, out / "bench.log", report.left() - 10 - 90 * len(args.runner_variants)))
     for name in args.runner_variants:
         if report.left() < 90:
             report.record(f"runner_{name}", {"error": "skipped: no time left"})
@@ -416,21 +451,26 @@ def main(argv: list[str] | None = None) -> int:
         folder = work / f"runner_{name}"
         result = run_train(args.config, train_options(args, base, images, work, iters, optimizer) + RUNNER_VARIANTS[name], folder,
                            work / f"runner_{name}.log", timeout=report.left() - 30, kill_at=iters)  # $OUT takes 8 files
-        result.update(rates(scalars(folder), 3, iters))
+        result.update(rates(scalars(folder), 3, iters, args.batch))
         shutil.rmtree(folder, ignore_errors=True)
         report.record(f"runner_{name}", result)
 
-    if "bench" not in args.skip and report.left() > 60:
-        report.record("bench", stage_bench(args, out / "bench.log", report.left() - 10))
     return finish(report)
 
 
 def finish(report: Report) -> int:
     data = report.data
-    train, bench = data["stages"].get("train", {}), data["stages"].get("bench", {})
-    bare = next((r for r in bench.get("rows", []) if r.get("variant") == "full" and "images_per_s" in r), None)
-    if bare and train.get("images_per_s_median"):
-        data["runner_vs_bare_step"] = round(train["images_per_s_median"] / bare["images_per_s"], 3)
+    bench = data["stages"].get("bench", {})
+    steps = {r["variant"]: r["images_per_s"] for r in bench.get("rows", []) if "images_per_s" in r}
+    # Like for like: each runner against the bare step with the same levers (the GPU defaults, or none for `eager`).
+    pairs = {"train": DEFAULTS_VARIANT, "runner_cache": DEFAULTS_VARIANT, "runner_vae_bf16": DEFAULTS_VARIANT, "runner_eager": "full"}
+    ratios = {}
+    for stage, variant in pairs.items():
+        rate = data["stages"].get(stage, {}).get("images_per_s_median")
+        if rate and variant in steps:
+            ratios[f"{stage} / {variant}"] = round(rate / steps[variant], 3)
+    if ratios:
+        data["runner_vs_bare_step"] = ratios
     report.record("summary", {"failures": data["failures"], "runner_vs_bare_step": data.get("runner_vs_bare_step")})
     return 1 if data["failures"] else 0
 
