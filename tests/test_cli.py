@@ -131,6 +131,11 @@ def test_generate_on_a_missing_model(tmp_path):
                    "does not exist")
 
 
+def test_generate_eager_and_compile_exclude_each_other(tmp_path):
+    one_line_error(call("generate", "--model", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o.png"), "--eager",
+                        "--compile"), "exclude each other")
+
+
 def test_list_cfg_and_copy_cfg(tmp_path, capsys):
     assert main(["list-cfg"]) == 0
     assert "playgroundv2_5_tiny_shapes" in capsys.readouterr().out

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import PLAYGROUND_UNET, PLAYGROUND_SCHEDULER, device_name, sync  # noqa: E402
 
-from pgv25.generate import configure_pipeline, generate  # noqa: E402
+from pgv25.generate import apply_speed_levers, configure_pipeline, generate  # noqa: E402
 
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
               max_position_embeddings=77, hidden_act="quick_gelu")
@@ -71,16 +71,20 @@ def build_pipeline(arch: str, device: str, dtype: torch.dtype):
                                      tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
 
 
-def seconds_per_image(run, images: int, device: str) -> float:
-    run()  # warm-up (and compilation)
+def seconds_per_image(run, images: int, device: str) -> tuple[float, float]:
+    """(the first call's seconds, compilation included; the median of the next `images`)."""
     times = []
-    for _ in range(images):
+    for _ in range(images + 1):
         sync(device)
         start = time.perf_counter()
         run()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times[0], statistics.median(times[1:])
+
+
+# Rows in this order: the levers change the pipeline in place, each variant adding to the one before.
+VARIANTS = ["diffusers", "pgv25", "levers", "levers+compile"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -90,34 +94,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--images", type=int, default=3, help="timed images per row (median)")
-    parser.add_argument("--compile", choices=["none", "default", "max-autotune"], nargs="+", default=["none", "max-autotune"])
+    parser.add_argument("--images", type=int, default=3, help="timed images per row (median), after one untimed")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS,
+                        help="diffusers: the pipeline as its docs call it; pgv25: `pgv25 generate --eager`; levers: fused QKV, "
+                             "channels-last, cuDNN attention first (`pgv25 generate` on a GPU); levers+compile: and "
+                             "the transformer blocks compiled (`--compile`)")
+    parser.add_argument("--compile-backend", default="inductor", help="'eager' to try the compiled path on a CPU quickly")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     # bf16 on a GPU: fp32's range, so the SDXL VAE decodes without the fp16 upcast round trip
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    pipe = build_pipeline(args.arch, args.device, dtype)
+    pipe = configure_pipeline(build_pipeline(args.arch, args.device, dtype), "dpmpp", args.device, dtype)
     prompt = "a cat wearing a space suit, studio photo"
-    rows = []
-    for mode in args.compile:
-        if mode != "none":
-            pipe.unet.compile(mode=None if mode == "default" else mode)
-        ours = configure_pipeline(pipe, "dpmpp", args.device, dtype)
+    rows, applied = [], []
 
-        def pgv25_path():
-            generate(ours, [prompt], seed=0, steps=args.steps, guidance_scale=args.guidance, width=args.size, height=args.size)
+    def diffusers_path():
+        pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, width=args.size, height=args.size,
+             generator=torch.Generator("cpu").manual_seed(0))
 
-        def diffusers_path():
-            pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, width=args.size, height=args.size,
-                 generator=torch.Generator("cpu").manual_seed(0))
+    def pgv25_path():
+        generate(pipe, [prompt], seed=0, steps=args.steps, guidance_scale=args.guidance, width=args.size, height=args.size)
 
-        for name, run in (("pgv25", pgv25_path), ("diffusers", diffusers_path)):
-            row = {"path": name, "compile": mode, "seconds_per_image": seconds_per_image(run, args.images, args.device)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for variant in sorted(args.variants, key=VARIANTS.index):
+        if variant.startswith("levers"):
+            wanted = ["fused_qkv", "channels_last", "cudnn_attention"] + (["compile"] if variant.endswith("compile") else [])
+            apply_speed_levers(pipe, [lever for lever in wanted if lever not in applied],
+                               compile_options={"backend": args.compile_backend})
+            applied = wanted
+        first, median = seconds_per_image(diffusers_path if variant == "diffusers" else pgv25_path, args.images, args.device)
+        row = {"variant": variant, "seconds_per_image": median, "first_image_s": first}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     print(f"\n{args.size}² × {args.steps} steps, CFG {args.guidance}, on {device_name(args.device)}")
     for row in rows:
-        print(f"  {row['path']:9s} compile={row['compile']:13s} {row['seconds_per_image']:.3f} s/image")
+        print(f"  {row['variant']:15s} {row['seconds_per_image']:.3f} s/image (first {row['first_image_s']:.1f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": device_name(args.device), "rows": rows}, indent=2))
     return rows

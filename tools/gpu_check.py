@@ -19,8 +19,9 @@ Stages, each recorded in OUT/gpu_check.json as soon as it ends (a timeout keeps 
    uninterrupted run's, its own checkpoint and export at 30.
 7. bench: tools/bench_train.py at the same batch: the bare step (and the reference step), then the speed
    levers (channels-last, bf16 norms, cuDNN attention, regional compilation) each against it.
-8. runner variants (--runner-variants): short runs of the whole loop from the latent cache, with the VAE
-   in bf16, or without the GPU defaults (`eager`).
+8. runner variants (--runner-variants): short runs of the whole loop with the latent cache on (`cache`) or off
+   (`nocache`: the VAE and text encoders every step; `vae_bf16`: and the VAE in bf16), without the GPU speed
+   defaults (`eager`), or with 8 loader workers (`workers8`).
 
 Reported: each runner's images/s against the bare step's with the same levers at the same batch size
 (the default runner against DEFAULTS_VARIANT, `eager` against `full`), the iterations far slower than the
@@ -60,8 +61,10 @@ PGV25 = "import sys; from pgv25.cli import main; sys.exit(main())"
 # Runner variants to set beside the end-to-end run: what the whole loop costs over the bare step, part by part.
 RUNNER_VARIANTS = {
     "cache": ["train_dataloader.dataset.cache.enabled=True", "train_dataloader.num_workers=0"],  # latents encoded once
-    "vae_bf16": ["model.vae_dtype=bf16"],
+    "nocache": ["train_dataloader.dataset.cache.enabled=False"],  # the VAE and text encoders every step
+    "vae_bf16": ["model.vae_dtype=bf16", "train_dataloader.dataset.cache.enabled=False"],
     "eager": ["model.compile.enabled=False", "model.channels_last=False", "model.attention_backend=None"],
+    "workers8": ["train_dataloader.num_workers=8", "train_dataloader.dataset.cache.enabled=False"],
 }
 
 
@@ -235,6 +238,9 @@ def rates(rows: dict[int, dict], first: int, last: int, batch: int) -> dict:
         median = statistics.median(values)
         slow = {i: rows[i]["images_per_s"] for i in range(1, last + 1) if i in rows and rows[i]["images_per_s"] < median / 2}
         result["slow_iterations_s"] = {i: round(batch / v, 1) for i, v in slow.items()}
+        waits = [rows[i]["loader_wait"] for i in range(first, last + 1) if "loader_wait" in rows.get(i, {})]
+        if waits:  # the share of each iteration spent waiting for the next batch
+            result["loader_wait_median"] = round(statistics.median(waits), 3)
     return result
 
 
@@ -463,7 +469,8 @@ def finish(report: Report) -> int:
     bench = data["stages"].get("bench", {})
     steps = {r["variant"]: r["images_per_s"] for r in bench.get("rows", []) if "images_per_s" in r}
     # Like for like: each runner against the bare step with the same levers (the GPU defaults, or none for `eager`).
-    pairs = {"train": DEFAULTS_VARIANT, "runner_cache": DEFAULTS_VARIANT, "runner_vae_bf16": DEFAULTS_VARIANT, "runner_eager": "full"}
+    pairs = {"train": DEFAULTS_VARIANT, "runner_cache": DEFAULTS_VARIANT, "runner_nocache": DEFAULTS_VARIANT,
+             "runner_vae_bf16": DEFAULTS_VARIANT, "runner_eager": "full", "runner_workers8": DEFAULTS_VARIANT}
     ratios = {}
     for stage, variant in pairs.items():
         rate = data["stages"].get(stage, {}).get("images_per_s_median")

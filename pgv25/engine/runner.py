@@ -240,6 +240,7 @@ class Trainer:
         self.skipped_saves = 0  # saves in a row skipped for want of disk space
         self.nonfinite_total = 0  # skipped updates so far
         self.nonfinite_run = 0  # consecutive skipped updates
+        self._loader_wait = 0.0  # seconds spent in next(batches) since the last log line
         self.fingerprint = fingerprint(cfg, self.world_size)
         position, rng = (0, 0), None
         self.stream_resume = None  # per loader worker (epoch, rows read) of a streaming dataset
@@ -407,7 +408,9 @@ class Trainer:
         """One optimizer update, skipped on every rank when any rank saw a non-finite loss or gradient."""
         losses, images, optim = [], 0, self.optim
         for micro in range(optim.accumulation):
+            asked = time.perf_counter()
             batch = next(self.batches)
+            self._loader_wait += time.perf_counter() - asked
             with self._gradient_sync(micro == optim.accumulation - 1):
                 losses.append(self.micro_step(batch))
             images += len(batch["time_ids"])  # images, not samples: a preference pair is two
@@ -576,7 +579,10 @@ class Trainer:
             f"  skipped updates {self.nonfinite_total}" if self.nonfinite_total else "")
         logger.info("iter %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %d:%02d:%02d%s", self.iteration, self.max_iters,
                     mean_loss, lr, rate, eta // 3600, eta // 60 % 60, eta % 60, extra)
-        metrics = {"loss": mean_loss, "lr": lr, "images_per_s": rate, "grad_norm": float(grad_norm), **self.objective.metrics()}
+        metrics = {"loss": mean_loss, "lr": lr, "images_per_s": rate, "grad_norm": float(grad_norm), **self.objective.metrics(),
+                   # the share of the window this rank sat waiting for the loader (near 0: the loader keeps up)
+                   "loader_wait": min(1.0, self._loader_wait / max(elapsed, 1e-9))}
+        self._loader_wait = 0.0
         if self.device.type == "cuda":
             metrics["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.accelerator.log(metrics, step=self.iteration)

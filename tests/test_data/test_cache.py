@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pgv25.data import cache as cache_module
-from pgv25.data.cache import CachedLatentDataset, ensure_cache
+from pgv25.data.cache import CachedLatentDataset, encode_in_slices, ensure_cache
 from pgv25.data.dataset import collate, plan_data
 from pgv25.data.transforms import BucketTransform, decode
 from pgv25.errors import UserError
@@ -124,3 +124,17 @@ def test_preference_pairs_cache_both_images_with_one_flip(tmp_path, tiny_assets,
     batch = collate(items[:3])
     assert batch["latents"].shape == (6, 4, 16, 16) and batch["prompt_embeds"].shape[0] == 6
     assert torch.equal(batch["latents"][3], items[0]["latents"][1])  # the losers follow the winners
+
+
+def test_large_stacks_are_encoded_in_slices(tiny_pipeline):
+    codec = LatentCodec(tiny_pipeline.vae)
+    calls = []
+    encode_mean = codec.encode_mean
+    codec.encode_mean = lambda pixels: calls.append(len(pixels)) or encode_mean(pixels)
+    pixels = torch.rand(7, 3, 64, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole = encode_in_slices(codec, pixels, "cpu")
+    assert calls == [7]
+    sliced = encode_in_slices(codec, pixels, "cpu", pixels_per_call=3 * 64 * 48 + 5)
+    assert calls[1:] == [3, 3, 1]  # three images per call, the rest in the last
+    # each image is encoded on its own either way: only the batch size of the convolutions differs
+    assert torch.allclose(sliced, whole, atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ SMALL = ["train_dataloader.batch_size=3", "sample_grid.prompts=[]", "optim_wrapp
 
 
 def scalars(work) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "loader_wait")}
             for line in (Path(work) / "scalars.jsonl").read_text().splitlines()]
 
 
