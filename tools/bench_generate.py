@@ -48,10 +48,12 @@ def tiny_folder() -> Path:
     return root / "playground-v2.5-tiny"
 
 
-def build_pipeline(arch: str, device: str, dtype: torch.dtype):
+def build_pipeline(arch: str, device: str, dtype: torch.dtype, model: str | None = None):
     from diffusers import AutoencoderKL, EDMDPMSolverMultistepScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if model is not None:  # a local pipeline folder: the real Playground v2.5, an export, the tiny model
+        return StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
     folder = tiny_folder()
     if arch == "tiny":
         return StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
@@ -90,6 +92,7 @@ VARIANTS = ["diffusers", "pgv25", "levers", "levers+compile"]
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=["playground", "tiny"], default="playground")
+    parser.add_argument("--model", help="a local pipeline folder to time instead (e.g. a downloaded Playground v2.5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=50)
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     # bf16 on a GPU: fp32's range, so the SDXL VAE decodes without the fp16 upcast round trip
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    pipe = configure_pipeline(build_pipeline(args.arch, args.device, dtype), "dpmpp", args.device, dtype)
+    pipe = configure_pipeline(build_pipeline(args.arch, args.device, dtype, args.model), "dpmpp", args.device, dtype)
     prompt = "a cat wearing a space suit, studio photo"
     rows, applied = [], []
 

@@ -16,7 +16,8 @@ the real shapes (latents 4 × h/8 × w/8, prompt embeddings 77 × 2048, pooled 1
   MSE to x0, torch.optim.AdamW with default settings, bf16 autocast, `loss.item()` each step for its
   progress bar.
 
-The two are timed in alternating rounds (each with a fresh optimizer) so drift hits both alike.
+The two are timed one after the other, and with `--rounds` every row again round after round (each with a
+fresh optimizer), so drift hits all rows alike; each row is the median over rounds with its spread.
 FLOPs per step are counted with torch.utils.flop_counter (forward + backward, matmul/conv/attention),
 MFU = FLOPs / step time / peak (`--peak-tflops`, 989 dense bf16 for H100/H200 SXM).
 """
@@ -272,19 +273,71 @@ def measure(variant: str, batch_size: int, size: tuple[int, int], args) -> dict:
     return row
 
 
+def interleaved(args) -> list[dict]:
+    """Every row measured once per round, all rows round after round, so a machine's drift between rounds (the same
+    step has measured 9.2 and 11.4 images/s ten minutes apart on one H200) hits every row alike. Each row is the median
+    over rounds, with `spread` = (slowest − fastest) / median step; a lever row is set against the reference step of
+    its plain variant's row, measured in the same rounds. With one round each row is printed as soon as it is timed."""
+    once = argparse.Namespace(**{**vars(args), "rounds": 1})
+    samples: dict[tuple, list[dict]] = {}
+    failed: dict[tuple, int] = {}  # (variant, size) -> the batch that failed: larger ones will not do better
+    for round_index in range(args.rounds):
+        for variant in args.variants:
+            for size in map(parse_size, args.size):
+                for batch_size in args.batch:
+                    if batch_size >= failed.get((variant, size), math.inf):
+                        break
+                    row = measure(variant, batch_size, size, once)
+                    samples.setdefault((variant, size, batch_size), []).append(row)
+                    print(json.dumps(row) if args.rounds == 1 else f"round {round_index + 1}: {json.dumps(row)}", flush=True)
+                    if "error" in row:
+                        failed[(variant, size)] = batch_size
+                        break
+    rows = [median_row(got, args) for got in samples.values()]
+    for row in rows:
+        plain = next((r for r in rows if "reference_images_per_s" in r and r["variant"] == parse_variant(row["variant"])[0]
+                      and (r["size"], r["batch"]) == (row["size"], row["batch"])), None)
+        if plain is not None and "images_per_s" in row and "reference_images_per_s" not in row:
+            row.update(reference_images_per_s=plain["reference_images_per_s"],
+                       speedup_vs_reference=row["images_per_s"] / plain["reference_images_per_s"])
+    if args.rounds > 1:
+        for row in rows:
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def median_row(got: list[dict], args) -> dict:
+    """One row from its rounds: median step times (an error in any round makes the row that error)."""
+    errors = [r for r in got if "error" in r]
+    if errors or len(got) == 1:
+        return errors[0] if errors else got[0]
+    batch, row = got[0]["batch"], dict(got[0])
+    ours = statistics.median(r["step_s"] for r in got)
+    row.update(images_per_s=batch / ours, step_s=ours, peak_gib=max(r["peak_gib"] for r in got), rounds=len(got),
+               spread=(max(r["step_s"] for r in got) - min(r["step_s"] for r in got)) / ours)
+    if "reference_images_per_s" in row:
+        ref = statistics.median(batch / r["reference_images_per_s"] for r in got)
+        row.update(reference_images_per_s=batch / ref, speedup_vs_reference=ref / ours,
+                   reference_peak_gib=max(r["reference_peak_gib"] for r in got))
+    if "mfu" in row:
+        row["mfu"] = row["tflop_per_step"] * 1e12 / ours / (args.peak_tflops * 1e12)
+    return row
+
+
 def markdown(rows: list[dict], args) -> str:
     lines = [f"`python tools/bench_train.py {' '.join(sys.argv[1:])}` on {device_name(args.device)}", "",
-             "| variant | size | batch | images/s | step s | TFLOP/step | MFU | peak GiB | reference images/s | ×reference |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| variant | size | batch | images/s | step s | spread | TFLOP/step | MFU | peak GiB | reference images/s | ×reference |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['size']} | {r['batch']} | {r['error']} | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['size']} | {r['batch']} | {r['error']} | | | | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "–"
         tflop = f"{r['tflop_per_step']:.4g}" if "tflop_per_step" in r else "–"
         ref = (f"{r['reference_images_per_s']:.2f} | {r['speedup_vs_reference']:.2f}" if "reference_images_per_s" in r
                else "– | –")
-        lines.append(f"| {r['variant']} | {r['size']} | {r['batch']} | {r['images_per_s']:.2f} | {r['step_s']:.3f} | {tflop} | {mfu} "
+        spread = f"{r['spread']:.0%}" if "spread" in r else "–"
+        lines.append(f"| {r['variant']} | {r['size']} | {r['batch']} | {r['images_per_s']:.2f} | {r['step_s']:.3f} | {spread} | {tflop} | {mfu} "
                      f"| {r['peak_gib']:.1f} | {ref} |")
     return "\n".join(lines)
 
@@ -309,7 +362,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating pgv25/reference rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all rows (each row the median over rounds)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile-mode", default=None)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -317,15 +370,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
     args.latent_factor = args.latent_factor or (4 if args.arch == "tiny" else 8)
-    rows = []
-    for variant in args.variants:
-        for size in map(parse_size, args.size):
-            for batch_size in args.batch:
-                row = measure(variant, batch_size, size, args)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if "error" in row:  # OOM or unavailable: larger batches will not do better
-                    break
+    rows = interleaved(args)
     table = markdown(rows, args)
     print(table)
     if args.json:

@@ -26,6 +26,22 @@ def test_bench_train_measures_pgv25_and_the_reference_step(tiny_assets, tmp_path
     assert "| lora64 | 48x80 | 2 |" in (tmp_path / "t.md").read_text()
 
 
+def test_bench_train_rounds_interleave_the_rows(tiny_assets, capsys):
+    import bench_train
+
+    rows = bench_train.main(["--arch", "tiny", "--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0",
+                             "--rounds", "2", "--size", "32x32", "--variants", "full", "full+cl"])
+    printed = capsys.readouterr().out
+    # every row once per round, the rounds one after the other
+    assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("round ")] == ["round 1"] * 2 + ["round 2"] * 2
+    full, levers = rows
+    assert (full["variant"], levers["variant"]) == ("full", "full+cl") and full["rounds"] == levers["rounds"] == 2
+    assert full["spread"] >= 0 and full["images_per_s"] == pytest.approx(2 / full["step_s"])
+    # the lever row is set against the plain row's reference, timed in the same rounds
+    assert levers["reference_images_per_s"] == full["reference_images_per_s"]
+    assert levers["speedup_vs_reference"] == pytest.approx(levers["images_per_s"] / full["reference_images_per_s"])
+
+
 def test_playground_unet_config_has_the_published_parameter_count():
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
@@ -40,7 +56,7 @@ def test_playground_unet_config_has_the_published_parameter_count():
 def test_bench_generate_times_both_paths(tiny_assets):
     import bench_generate
 
-    rows = bench_generate.main(["--arch", "tiny", "--device", "cpu", "--size", "64", "--steps", "2", "--images", "1",
+    rows = bench_generate.main(["--model", str(tiny_assets["model"]), "--device", "cpu", "--size", "64", "--steps", "2", "--images", "1",
                                 "--variants", "levers+compile", "diffusers", "--compile-backend", "eager"])
     assert [r["variant"] for r in rows] == ["diffusers", "levers+compile"]  # in the order the levers pile up
     assert all(r["seconds_per_image"] > 0 and r["first_image_s"] > 0 for r in rows)
