@@ -224,7 +224,7 @@ def prepare(text: str, args):
     return unet, "AdamW8bit" if variant == "adamw8bit" else "AdamW"
 
 
-def measure(variant: str, batch_size: int, size: tuple[int, int], args) -> dict:
+def measure(variant: str, batch_size: int, size: tuple[int, int], args, count: bool = True) -> dict:
     row = {"variant": variant, "batch": batch_size, "size": f"{size[1]}x{size[0]}"}
     _, levers = parse_variant(variant)
     backend = next((lever for lever in levers if lever in ("cudnn", "flash")), None)
@@ -246,7 +246,7 @@ def measure(variant: str, batch_size: int, size: tuple[int, int], args) -> dict:
                 step = cls(unet, optimizer_type, args.device, autocast)
                 if backend:
                     step = WithAttention(step, backend)
-                if flops is None and name == "pgv25" and not compiled:
+                if count and flops is None and name == "pgv25" and not compiled:
                     flops = count_flops(step, batch)
                 rounds[name].append(timed(step, batch, args.warmup, args.steps, args.device))
                 del step
@@ -287,7 +287,7 @@ def interleaved(args) -> list[dict]:
                 for batch_size in args.batch:
                     if batch_size >= failed.get((variant, size), math.inf):
                         break
-                    row = measure(variant, batch_size, size, once)
+                    row = measure(variant, batch_size, size, once, count=round_index == 0)  # FLOPs do not drift
                     samples.setdefault((variant, size, batch_size), []).append(row)
                     print(json.dumps(row) if args.rounds == 1 else f"round {round_index + 1}: {json.dumps(row)}", flush=True)
                     if "error" in row:

@@ -21,7 +21,8 @@ Stages, each recorded in OUT/gpu_check.json as soon as it ends (a timeout keeps 
    levers (channels-last, bf16 norms, cuDNN attention, regional compilation) each against it.
 8. runner variants (--runner-variants): short runs of the whole loop with the latent cache on (`cache`) or off
    (`nocache`: the VAE and text encoders every step; `vae_bf16`: and the VAE in bf16), without the GPU speed
-   defaults (`eager`), or with 8 loader workers (`workers8`).
+   defaults (`eager`), with 8 loader workers (`workers8`), or with 8-bit AdamW (`adamw8bit`: bitsandbytes,
+   from `tools/device_wheels.py`).
 
 Reported: each runner's images/s against the bare step's with the same levers at the same batch size
 (the default runner against DEFAULTS_VARIANT, `eager` against `full`), the iterations far slower than the
@@ -65,6 +66,7 @@ RUNNER_VARIANTS = {
     "vae_bf16": ["model.vae_dtype=bf16", "train_dataloader.dataset.cache.enabled=False"],
     "eager": ["model.compile.enabled=False", "model.channels_last=False", "model.attention_backend=None"],
     "workers8": ["train_dataloader.num_workers=8", "train_dataloader.dataset.cache.enabled=False"],
+    "adamw8bit": ["optim_wrapper.optimizer.type=AdamW8bit"],  # bitsandbytes' 8-bit moments: 15 GiB less than AdamW's
 }
 
 
@@ -470,7 +472,8 @@ def finish(report: Report) -> int:
     steps = {r["variant"]: r["images_per_s"] for r in bench.get("rows", []) if "images_per_s" in r}
     # Like for like: each runner against the bare step with the same levers (the GPU defaults, or none for `eager`).
     pairs = {"train": DEFAULTS_VARIANT, "runner_cache": DEFAULTS_VARIANT, "runner_nocache": DEFAULTS_VARIANT,
-             "runner_vae_bf16": DEFAULTS_VARIANT, "runner_eager": "full", "runner_workers8": DEFAULTS_VARIANT}
+             "runner_vae_bf16": DEFAULTS_VARIANT, "runner_eager": "full", "runner_workers8": DEFAULTS_VARIANT,
+             "runner_adamw8bit": DEFAULTS_VARIANT}
     ratios = {}
     for stage, variant in pairs.items():
         rate = data["stages"].get(stage, {}).get("images_per_s_median")

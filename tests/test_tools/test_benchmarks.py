@@ -36,7 +36,7 @@ def test_bench_train_rounds_interleave_the_rows(tiny_assets, capsys):
     assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("round ")] == ["round 1"] * 2 + ["round 2"] * 2
     full, levers = rows
     assert (full["variant"], levers["variant"]) == ("full", "full+cl") and full["rounds"] == levers["rounds"] == 2
-    assert full["spread"] >= 0 and full["images_per_s"] == pytest.approx(2 / full["step_s"])
+    assert full["spread"] >= 0 and full["images_per_s"] == pytest.approx(2 / full["step_s"]) and full["tflop_per_step"] > 0
     # the lever row is set against the plain row's reference, timed in the same rounds
     assert levers["reference_images_per_s"] == full["reference_images_per_s"]
     assert levers["speedup_vs_reference"] == pytest.approx(levers["images_per_s"] / full["reference_images_per_s"])
@@ -98,3 +98,26 @@ def test_bench_manifest_times_both_ways_and_cleans_up(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["whole_file_s"]) == len(result["blocks_s"]) == 1 and result["speedup"] > 0
     assert not (tmp_path / "b").exists()
+
+
+def test_device_wheels_keep_one_cuda_library_and_a_matching_record(tmp_path):
+    import zipfile
+
+    import device_wheels
+
+    wheel = tmp_path / "bitsandbytes-0.0-py3-none-manylinux_2_24_x86_64.whl"
+    names = ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda118.so",
+             "bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes/libbitsandbytes_rocm72.so"]
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name in names:
+            z.writestr(name, name * 100)
+        record = [f"{n},{device_wheels.record_hash((n * 100).encode())},{len(n) * 100}" for n in names]
+        z.writestr("bitsandbytes-0.0.dist-info/RECORD", "\n".join(record + ["bitsandbytes-0.0.dist-info/RECORD,,"]) + "\n")
+    before, after = device_wheels.slim(wheel, {"cpu", "cuda130"})
+    assert after < before
+    with zipfile.ZipFile(wheel) as z:
+        kept = sorted(n for n in z.namelist() if n.endswith(".so"))
+        listed = [line.split(",")[0] for line in z.read("bitsandbytes-0.0.dist-info/RECORD").decode().splitlines()]
+        assert kept == ["bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so"]
+        assert sorted(n for n in listed if n.endswith(".so")) == kept and "bitsandbytes/__init__.py" in listed
+        assert z.read("bitsandbytes/__init__.py") == b"bitsandbytes/__init__.py" * 100
