@@ -117,15 +117,22 @@ def cmd_generate(args) -> int:
         raise UserError("--eager and --compile exclude each other: --eager is the plain pipeline")
     pipe = load_pipeline(args.model, args.scheduler, lora=args.lora)
     levers = speed_levers(str(pipe.device), args.eager, args.compile, lora=args.lora is not None)
-    if levers:
+    if levers:  # on a GPU: fused QKV, channels-last, cuDNN attention first (see --help); --compile anywhere
         apply_speed_levers(pipe, levers)
-        print(f"speed levers: {', '.join(levers)} (--eager: none)", file=sys.stderr)
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[args.scheduler]
     prompts = args.prompt
-    images = generate(
-        pipe, prompts, seed=args.seed, steps=args.steps, guidance_scale=guidance, negative_prompt=args.negative_prompt,
-        width=args.width, height=args.height, num_images=args.num_images,
-    )
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    try:
+        images = generate(
+            pipe, prompts, seed=args.seed, steps=args.steps, guidance_scale=guidance, negative_prompt=args.negative_prompt,
+            width=args.width, height=args.height, num_images=args.num_images,
+        )
+    except (TorchDynamoException, InductorError) as error:  # e.g. no C++ compiler for inductor on this machine
+        if "compile" not in levers:
+            raise
+        raise UserError(f"--compile failed ({str(error).strip().splitlines()[0][:200]}); run without --compile") from None
     labels = [p for p in prompts for _ in range(args.num_images)]
     for path in write_outputs(images, labels, out):
         print(path)

@@ -35,3 +35,14 @@ def test_levers_draw_the_same_images(tiny_assets):
 def test_unknown_lever():
     with pytest.raises(ValueError, match="unknown speed levers"):
         apply_speed_levers(object(), ["fastest"])
+
+
+def test_a_failed_compile_is_one_line(tiny_assets, tmp_path, monkeypatch):
+    import torch._inductor.config as inductor
+
+    from test_cli import call, one_line_error
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/bin/false"))  # a machine whose C++ compiler does not work
+    result = call("generate", "--model", str(tiny_assets["model"]), "--prompt", "a red circle", "--steps", "1",
+                  "--out", str(tmp_path / "o.png"), "--compile")
+    one_line_error(result, "--compile failed", "run without --compile")
