@@ -85,8 +85,6 @@ def speed_levers(device: str, eager: bool = False, compile_blocks: bool = False,
 def apply_speed_levers(pipe, levers: list[str], compile_options: dict | None = None):
     """Turn on `levers` (names from `speed_levers`) in place, adding to any turned on before; the images stay the
     same up to rounding."""
-    from .models.speed import compile_regions
-
     unknown = set(levers) - {"fused_qkv", "channels_last", "cudnn_attention", "compile"}
     if unknown:
         raise ValueError(f"unknown speed levers {sorted(unknown)}")
@@ -94,12 +92,11 @@ def apply_speed_levers(pipe, levers: list[str], compile_options: dict | None = N
         pipe.fuse_qkv_projections()
     if "channels_last" in levers:
         pipe.unet.to(memory_format=torch.channels_last)
-    if "compile" in levers:
-        from torch import _dynamo
+    if "compile" in levers:  # training's regional compile; room for 8 image sizes' graphs before falling back to eager
+        from .engine.build import compile_unet
 
-        # one graph per image size and per block width: keep them rather than fall back to eager after the default 8
-        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-        compile_regions(pipe.unet, ("transformer",), fullgraph=True, **(compile_options or {}))
+        compile_unet(pipe.unet, {"enabled": True, "regions": ["transformer"], "fullgraph": True, **(compile_options or {})},
+                     buckets=8, device=pipe.unet.device)
     if "cudnn_attention" in levers:
         pipe._pgv25_attention = "cudnn"  # read by generate()
     return pipe

@@ -239,20 +239,18 @@ def measure(variant: str, batch_size: int, size: tuple[int, int], args, count: b
         batch["latents"] = batch["latents"].contiguous(memory_format=torch.channels_last)
     sides = (("pgv25", Pgv25Step),) if levers else (("pgv25", Pgv25Step), ("reference", ReferenceStep))
     try:
-        rounds = {name: [] for name, _ in sides}
-        flops = None
-        for _ in range(args.rounds):
-            for name, cls in sides:
-                step = cls(unet, optimizer_type, args.device, autocast)
-                if backend:
-                    step = WithAttention(step, backend)
-                if count and flops is None and name == "pgv25" and not compiled:
-                    flops = count_flops(step, batch)
-                rounds[name].append(timed(step, batch, args.warmup, args.steps, args.device))
-                del step
-                gc.collect()
-                if args.device == "cuda":
-                    torch.cuda.empty_cache()
+        timings, flops = {}, None
+        for name, cls in sides:  # one after the other; rounds over all rows are interleaved()'s
+            step = cls(unet, optimizer_type, args.device, autocast)
+            if backend:
+                step = WithAttention(step, backend)
+            if count and name == "pgv25" and not compiled:
+                flops = count_flops(step, batch)
+            timings[name] = timed(step, batch, args.warmup, args.steps, args.device)
+            del step
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
     except torch.OutOfMemoryError:
         return {**row, "error": "OOM"}
     finally:
@@ -260,12 +258,12 @@ def measure(variant: str, batch_size: int, size: tuple[int, int], args, count: b
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    ours = statistics.median(r["step_s"] for r in rounds["pgv25"])
-    row.update({"images_per_s": batch_size / ours, "step_s": ours, "peak_gib": max(r["peak_gib"] for r in rounds["pgv25"])})
-    if "reference" in rounds:
-        ref = statistics.median(r["step_s"] for r in rounds["reference"])
+    ours = timings["pgv25"]["step_s"]
+    row.update({"images_per_s": batch_size / ours, "step_s": ours, "peak_gib": timings["pgv25"]["peak_gib"]})
+    if "reference" in timings:
+        ref = timings["reference"]["step_s"]
         row.update({"reference_images_per_s": batch_size / ref, "speedup_vs_reference": ref / ours,
-                    "reference_peak_gib": max(r["peak_gib"] for r in rounds["reference"])})
+                    "reference_peak_gib": timings["reference"]["peak_gib"]})
     if flops:
         row["tflop_per_step"] = flops / 1e12
         if args.device == "cuda":  # against the GPU's dense bf16 peak; meaningless for a CPU
@@ -278,7 +276,6 @@ def interleaved(args) -> list[dict]:
     step has measured 9.2 and 11.4 images/s ten minutes apart on one H200) hits every row alike. Each row is the median
     over rounds, with `spread` = (slowest − fastest) / median step; a lever row is set against the reference step of
     its plain variant's row, measured in the same rounds. With one round each row is printed as soon as it is timed."""
-    once = argparse.Namespace(**{**vars(args), "rounds": 1})
     samples: dict[tuple, list[dict]] = {}
     failed: dict[tuple, int] = {}  # (variant, size) -> the batch that failed: larger ones will not do better
     for round_index in range(args.rounds):
@@ -287,7 +284,7 @@ def interleaved(args) -> list[dict]:
                 for batch_size in args.batch:
                     if batch_size >= failed.get((variant, size), math.inf):
                         break
-                    row = measure(variant, batch_size, size, once, count=round_index == 0)  # FLOPs do not drift
+                    row = measure(variant, batch_size, size, args, count=round_index == 0)  # FLOPs do not drift
                     samples.setdefault((variant, size, batch_size), []).append(row)
                     print(json.dumps(row) if args.rounds == 1 else f"round {round_index + 1}: {json.dumps(row)}", flush=True)
                     if "error" in row:

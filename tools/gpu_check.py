@@ -470,12 +470,10 @@ def finish(report: Report) -> int:
     data = report.data
     bench = data["stages"].get("bench", {})
     steps = {r["variant"]: r["images_per_s"] for r in bench.get("rows", []) if "images_per_s" in r}
-    # Like for like: each runner against the bare step with the same levers (the GPU defaults, or none for `eager`).
-    pairs = {"train": DEFAULTS_VARIANT, "runner_cache": DEFAULTS_VARIANT, "runner_nocache": DEFAULTS_VARIANT,
-             "runner_vae_bf16": DEFAULTS_VARIANT, "runner_eager": "full", "runner_workers8": DEFAULTS_VARIANT,
-             "runner_adamw8bit": DEFAULTS_VARIANT}
     ratios = {}
-    for stage, variant in pairs.items():
+    for stage in ["train", *(f"runner_{name}" for name in RUNNER_VARIANTS)]:
+        # like for like: each runner against the bare step with the same levers (the GPU defaults; none for `eager`)
+        variant = "full" if stage == "runner_eager" else DEFAULTS_VARIANT
         rate = data["stages"].get(stage, {}).get("images_per_s_median")
         if rate and variant in steps:
             ratios[f"{stage} / {variant}"] = round(rate / steps[variant], 3)
