@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import statistics
@@ -97,7 +98,7 @@ class Pgv25Step:
         self.objective = EDMLoss(EDMDenoiser(unet, 0.5, "epsilon"), "none")
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, {"type": optimizer_type, "lr": 1e-5, "weight_decay": 1e-2},
-                                         use_fused=device == "cuda")
+                                         on_cuda=device == "cuda")
         self.generator = torch.Generator(device).manual_seed(0)
         self.autocast, self.device = autocast, device
 
@@ -201,8 +202,8 @@ def prepare(text: str, args):
     from pgv25.models import speed
 
     variant, levers = parse_variant(text)
-    if variant == "adamw8bit" and args.device != "cuda":
-        raise RuntimeError("skip: 8-bit AdamW (bitsandbytes) needs CUDA")
+    if variant == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("skip: 8-bit AdamW needs bitsandbytes (pip install bitsandbytes)")
     if {"cudnn", "flash"} & set(levers) and args.device != "cuda":
         raise RuntimeError("skip: cuDNN/flash attention need CUDA")
     unet = build_unet(args.arch, args.device).train()

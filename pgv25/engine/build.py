@@ -82,7 +82,12 @@ def build_runtime(cfg, work_dir, trackers: list[str]) -> Runtime:
     model_cfg = cfg.model
     weight_dtype = DTYPES[model_cfg.get("weight_dtype", "fp32")] if on_gpu else torch.float32
     vae_dtype = DTYPES[model_cfg.get("vae_dtype", "fp32")] if on_gpu else torch.float32
-    return Runtime(accelerator, strategy, mixed_precision, weight_dtype, vae_dtype)
+    runtime = Runtime(accelerator, strategy, mixed_precision, weight_dtype, vae_dtype)
+    if runtime.sharded and cfg.optim_wrapper.optimizer.get("type") == "AdamW8bit":
+        # bitsandbytes' update kernels have no rule for FSDP's sharded (DTensor) parameters: said before any loading
+        raise UserError("optimizer AdamW8bit with strategy='fsdp' is not supported (bitsandbytes cannot update sharded "
+                        "parameters); use strategy='ddp' with AdamW8bit, or AdamW/Adafactor with fsdp")
+    return runtime
 
 
 @dataclass
@@ -271,7 +276,7 @@ def build_optimisation(cfg, runtime: Runtime, model: ModelParts, objective: torc
     trained_params = [p for p in model.trained.parameters() if p.requires_grad]
     unet_params = {id(p) for p in unet.parameters()}
     text_params = [p for p in trained_params if id(p) not in unet_params]
-    optimizer = build_optimizer(trained_params, optim_cfg.optimizer, use_fused=runtime.device.type == "cuda")
+    optimizer = build_optimizer(trained_params, optim_cfg.optimizer, on_cuda=runtime.device.type == "cuda")
     lr_scheduler = build_lr_scheduler(optimizer, cfg.get("param_scheduler", {}), max_iters)
     if runtime.sharded:
         step_module, optimizer = objective, runtime.accelerator.prepare(optimizer)

@@ -5,7 +5,7 @@
 - `Adafactor`: torch's factored second moments — optimizer state of about one extra row+column per
   matrix instead of two full copies of the weights.
 - `AdamW8bit`: bitsandbytes' block-wise 8-bit AdamW states (a quarter of AdamW's optimizer memory);
-  CUDA only.
+  on CUDA any bitsandbytes, elsewhere bitsandbytes >= 0.50 (the first with 8-bit optimizers on a CPU).
 """
 
 from __future__ import annotations
@@ -22,24 +22,29 @@ logger = logging.getLogger("pgv25")
 OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit")
 
 
-def _adamw8bit():
-    if not torch.cuda.is_available():
-        raise UserError("optimizer AdamW8bit needs a CUDA GPU (bitsandbytes' 8-bit states); use AdamW or Adafactor here")
+CPU_8BIT_SINCE = (0, 50)  # bitsandbytes before 0.50 runs its 8-bit optimizer step on CUDA tensors only
+
+
+def _adamw8bit(on_cuda: bool):
     try:
         import bitsandbytes
     except ImportError:
         raise UserError("optimizer AdamW8bit needs bitsandbytes: pip install bitsandbytes") from None
+    version = tuple(int(part) for part in bitsandbytes.__version__.split(".")[:2] if part.isdigit())
+    if not on_cuda and version < CPU_8BIT_SINCE:
+        raise UserError(f"optimizer AdamW8bit without a CUDA GPU needs bitsandbytes >= 0.50 (this is {bitsandbytes.__version__}): "
+                        "pip install -U bitsandbytes, or use AdamW or Adafactor")
     return bitsandbytes.optim.AdamW8bit
 
 
-def build_optimizer(params, cfg: dict, use_fused: bool):
+def build_optimizer(params, cfg: dict, on_cuda: bool):
     options = dict(cfg)
     kind = options.pop("type", "AdamW")
     for key in ("betas", "eps"):
         if isinstance(options.get(key), list):
             options[key] = tuple(options[key])
     if kind == "AdamW":
-        optimizer_class, options = torch.optim.AdamW, {"fused": use_fused or None, **options}
+        optimizer_class, options = torch.optim.AdamW, {"fused": on_cuda or None, **options}
     elif kind == "Adafactor":
         if not hasattr(torch.optim, "Adafactor"):
             raise UserError("optimizer Adafactor needs torch >= 2.5")
@@ -47,7 +52,7 @@ def build_optimizer(params, cfg: dict, use_fused: bool):
         if "eps" in options and not isinstance(options["eps"], tuple):  # AdamW's scalar eps, inherited
             logger.warning("optimizer Adafactor's eps is a pair (eps1, eps2); the scalar eps %s is ignored", options.pop("eps"))
     elif kind == "AdamW8bit":
-        optimizer_class = _adamw8bit()
+        optimizer_class = _adamw8bit(on_cuda)
     else:
         raise UserError(f"optim_wrapper.optimizer.type '{kind}' is not supported; choose one of {', '.join(OPTIMIZERS)}")
     # Switching `type` on the command line keeps the base config's AdamW keys (betas, eps, ...):
