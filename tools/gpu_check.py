@@ -379,10 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the generation subprocess runs in another folder
     out.mkdir(parents=True, exist_ok=True)
     candidates = [Path(c) for c in ("/tmp", "/root", ".") if Path(c).is_dir()]
-    work = Path(args.work) if args.work else max(candidates, key=free_gib) / "pgv25_gpu_check"
+    work = Path(args.work).resolve() if args.work else max(candidates, key=free_gib).resolve() / "pgv25_gpu_check"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     report = Report(out, args.budget)
