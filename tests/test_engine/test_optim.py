@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._pytree import tree_leaves
 
 from conftest import tiny_cfg
 from pgv25.engine.optim import build_optimizer
@@ -68,14 +69,7 @@ def test_trains_and_resumes_exactly(kind, tiny_assets, tmp_path):
     before = load_file(straight / "checkpoints" / "iter_0000002" / "model.safetensors")
     assert any(not torch.equal(a[k], before[k]) for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    moments = [t for t in tensors(torch.load(straight / "checkpoints" / "iter_0000002" / "optimizer.pt", weights_only=True))
-               if t.dim() > 0]
+    # every tensor of the nested state (bitsandbytes keeps its 8-bit moments one level down)
+    state = torch.load(straight / "checkpoints" / "iter_0000002" / "optimizer.pt", weights_only=True)
+    moments = [t for t in tree_leaves(state) if torch.is_tensor(t) and t.dim() > 0]
     assert moments and any(t.dtype == torch.uint8 for t in moments) == (kind == "AdamW8bit")
-
-
-def tensors(state) -> list[torch.Tensor]:
-    """Every tensor in a nested optimizer state dict (bitsandbytes keeps its 8-bit moments one level down)."""
-    if torch.is_tensor(state):
-        return [state]
-    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
-    return [t for value in values for t in tensors(value)]
