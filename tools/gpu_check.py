@@ -25,8 +25,8 @@ Stages, each recorded in OUT/gpu_check.json as soon as it ends (a timeout keeps 
    from `tools/device_wheels.py`).
 
 Reported: each runner's images/s against the bare step's with the same levers at the same batch size
-(the default runner against DEFAULTS_VARIANT, `eager` against `full`), the iterations far slower than the
-median (a new bucket's compile), peak GPU memory,
+(the default runner against DEFAULTS_VARIANT, `eager` against `full`, `adamw8bit` against DEFAULTS_VARIANT with
+8-bit AdamW), the iterations far slower than the median (a new bucket's compile), peak GPU memory,
 checkpoint size and save time, resume exactness, generation seconds, and every failure with its stage.
 Two full AdamW checkpoints (2 × 31 GB) do not fit beside the base on a 64 GB disk, so the checkpoint at
 20 moves to /dev/shm before the resume when that has room.
@@ -473,7 +473,9 @@ def finish(report: Report) -> int:
     ratios = {}
     for stage in ["train", *(f"runner_{name}" for name in RUNNER_VARIANTS)]:
         # like for like: each runner against the bare step with the same levers (the GPU defaults; none for `eager`)
-        variant = "full" if stage == "runner_eager" else DEFAULTS_VARIANT
+        # and the same optimizer (the bench's `adamw8bit` row for the 8-bit runner)
+        variant = {"runner_eager": "full", "runner_adamw8bit": DEFAULTS_VARIANT.replace("full", "adamw8bit", 1)}.get(
+            stage, DEFAULTS_VARIANT)
         rate = data["stages"].get(stage, {}).get("images_per_s_median")
         if rate and variant in steps:
             ratios[f"{stage} / {variant}"] = round(rate / steps[variant], 3)
