@@ -52,15 +52,42 @@ def finish(process: subprocess.Popen, timeout: int = 300) -> str:
     return out
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(command) -> list[str]:
+    """Run `command(env)` as two nodes of one process each on this machine (NNODES=2, NODE_RANK=0/1); their outputs."""
+    port, nodes = str(free_port()), []
+    for rank in (0, 1):
+        env = {**launch_env(), "NPROC_PER_NODE": "1", "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port}
+        nodes.append(subprocess.Popen(command(env), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return [finish(node) for node in nodes]
+
+
 @pytest.fixture(scope="module")
 def ddp_worker(tiny_assets, tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("ddp_worker"), "ddp")
+    """DDP over two launchers as two nodes of one process each, under the torchrun command that `pgv25 train` builds
+    from NNODES/NODE_RANK/MASTER_* (without its `-m pgv25.cli`). Its ranks are those of one node with two processes,
+    so this one run serves as the DDP reference of the tests below as well as the multi-node test."""
+    from pgv25.launch import torchrun_command
+
+    tmp_path = tmp_path_factory.mktemp("ddp_worker")
+    record, work = tmp_path / "ddp.json", tmp_path / "ddp"
+    two_nodes(lambda env: [*torchrun_command([], env)[:-2], str(HERE / "dist_worker.py"), str(record), str(work),
+                           "ddp", "2", *SMALL])
+    return json.loads(record.read_text()), work / "final.safetensors"
 
 
-def test_ddp_ranks_read_distinct_shards_and_hold_identical_weights(ddp_worker):
+def test_ddp_ranks_on_two_nodes_read_distinct_shards_and_hold_identical_weights(ddp_worker):
     record, _ = ddp_worker
     captions = record["captions"]
-    assert len(captions) == 2 and captions[0] != captions[1], "both ranks read the same samples"
+    assert len(captions) == 2 and captions[0] != captions[1], "both nodes read the same samples"
     for step in record["steps"]:
         assert step["local_loss"][0] != step["local_loss"][1]  # different data ...
         assert step["mean_loss"][0] == step["mean_loss"][1]  # ... one logged loss
@@ -134,41 +161,11 @@ def test_two_process_resume_is_exact(straight_run, tmp_path, strategy):
     assert set(ddp) == set(a) and max((ddp[k] - a[k]).abs().max().item() for k in a) < 1e-4
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def two_nodes(command) -> list[str]:
-    """Run `command(env)` as two nodes of one process each on this machine (NNODES=2, NODE_RANK=0/1); their outputs."""
-    port, nodes = str(free_port()), []
-    for rank in (0, 1):
-        env = {**launch_env(), "NPROC_PER_NODE": "1", "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port}
-        nodes.append(subprocess.Popen(command(env), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return [finish(node) for node in nodes]
-
-
-def test_two_nodes_train_checkpoint_and_resume_like_two_local_processes(straight_run, tmp_path):
-    """Two launchers as two nodes, over gloo: different data per node, one model, exact resume.
+def test_two_nodes_resume_like_two_local_processes(straight_run, tmp_path):
+    """Two launchers as two nodes, over gloo (their training is the `ddp_worker` fixture's): exact resume.
 
     The ranks are the same as in a one-node run of two processes, so the result must be that run's to the bit.
     """
-    from pgv25.launch import torchrun_command
-
-    # what each node trained on, and its weights after every step (dist_worker.py), under the torchrun command
-    # that `pgv25 train` builds from the same variables (without its `-m pgv25.cli`)
-    record = tmp_path / "record.json"
-    two_nodes(lambda env: [*torchrun_command([], env)[:-2], str(HERE / "dist_worker.py"), str(record), str(tmp_path / "worker"),
-                           "ddp", "2", *SMALL])
-    steps = json.loads(record.read_text())
-    assert steps["captions"][0] != steps["captions"][1], "both nodes read the same data"
-    for step in steps["steps"]:
-        assert step["local_loss"][0] != step["local_loss"][1] and step["weights"][0] == step["weights"][1]
-
     # `pgv25 train` on both nodes, resuming the one-node two-process run's checkpoint at 2: the same ranks, so the
     # same model at 4 to the bit (one run proves both the two-node training and its resume)
     one_node, _ = straight_run("ddp")
