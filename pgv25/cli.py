@@ -412,12 +412,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def quiet_libraries() -> None:
-    """Progress bars and INFO lines of the libraries underneath would drown our progress line."""
+    """Progress bars and INFO lines of the libraries underneath would drown our progress line.
+
+    Cheap: the loggers are set by name, and diffusers and transformers (seconds to import) are silenced
+    by `quiet_progress_bars` only in the processes that go on to use them.
+    """
     import warnings
 
     for noisy in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub", "httpx", "mmengine"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from mmengine.logging import MMLogger
+
+    MMLogger.get_instance("mmengine").setLevel(logging.ERROR)
+
+
+def quiet_progress_bars() -> None:
     try:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -426,9 +436,6 @@ def quiet_libraries() -> None:
         transformers_logging.disable_progress_bar()
     except ImportError:
         pass
-    from mmengine.logging import MMLogger
-
-    MMLogger.get_instance("mmengine").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,8 +450,10 @@ def main(argv: list[str] | None = None) -> int:
             from .launch import inside_distributed_launch, relaunch
 
             if not inside_distributed_launch():
+                # The launcher reads the config only: it never imports diffusers (seconds every rank waits for)
                 check_train_args(args)  # a typo fails here in one line, not in N processes
                 return relaunch(argv)
+        quiet_progress_bars()
         code = args.func(args)
     except UserError as error:
         # One write call: the ranks of a distributed run share stderr, and print() writes the text

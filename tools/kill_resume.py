@@ -98,11 +98,12 @@ def losses(work: Path) -> list:
 
 def ensure_assets() -> None:
     """Build the tiny config's cached assets first, so that no timed or killed start-up includes building them."""
-    from pgv25.cli import quiet_libraries
+    from pgv25.cli import quiet_libraries, quiet_progress_bars
     from pgv25.config import load_config
     from pgv25.tiny import ensure_tiny_assets
 
     quiet_libraries()
+    quiet_progress_bars()
     ensure_tiny_assets(**load_config(CONFIG).tiny_assets)
 
 
