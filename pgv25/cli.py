@@ -203,7 +203,7 @@ def cmd_data_cache(args) -> int:
     import torch
 
     from .data.cache import ensure_cache
-    from .engine.export import DTYPES
+    from .files import DTYPES
 
     cfg, global_batch = _data_config(args)
     data_cfg, plan = _planned_data(cfg, global_batch, args.config, cache=True)
@@ -266,7 +266,7 @@ def cmd_lora_kohya(args) -> int:
 
 
 def cmd_lora_merge(args) -> int:
-    from .engine.export import DTYPES
+    from .files import DTYPES
     from .models.lora_files import merge, read_lora, write_merged
 
     if len(args.files) < 2:

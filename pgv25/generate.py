@@ -37,7 +37,7 @@ def load_pipeline(model_dir: str | Path, scheduler: str = "dpmpp", device: str |
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=dtype, **components)
     if lora is not None:
         lora = Path(lora)
-        from .models.lora import LORA_FILE
+        from .models.lora_files import LORA_FILE
 
         if not (lora / LORA_FILE).is_file():
             raise UserError(f"{lora} holds no {LORA_FILE} (a LoRA export is work_dirs/<config>/step<N>)")
@@ -93,7 +93,7 @@ def apply_speed_levers(pipe, levers: list[str], compile_options: dict | None = N
     if "channels_last" in levers:
         pipe.unet.to(memory_format=torch.channels_last)
     if "compile" in levers:  # training's regional compile; room for 8 image sizes' graphs before falling back to eager
-        from .engine.build import compile_unet
+        from .models.speed import compile_unet
 
         compile_unet(pipe.unet, {"enabled": True, "regions": ["transformer"], "fullgraph": True, **(compile_options or {})},
                      buckets=8, device=pipe.unet.device)

@@ -36,7 +36,7 @@ from ..errors import UserError
 from .captions import caption_options
 from .multi import ConcatRows
 from .dataset import DataPlan, companion_flag
-from .index import DEFAULT_MAX_PIXELS
+from .transforms import DEFAULT_MAX_PIXELS
 from .masks import masked_sample
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .sources import IMAGE_SUFFIXES
+from .rows import IMAGE_SUFFIXES
 
 logger = logging.getLogger("pgv25")
 

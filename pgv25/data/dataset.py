@@ -18,11 +18,12 @@ import torch
 from ..errors import UserError
 from .captions import CaptionOptions, caption_options
 from .buckets import bucket_sizes, merge_small, nearest_buckets
-from .index import DEFAULT_MAX_PIXELS, Index, describe_problems, scan
+from .index import Index, describe_problems, scan
 from .masks import has_mask, masked_sample
 from .multi import ConcatRows, load_parts, positions_of_parts, prepare_rows, repeat_counts
-from .sources import Rows, load_rows
-from .transforms import BucketTransform, ImageProblem, cover_size, decode
+from .rows import Rows
+from .sources import load_rows
+from .transforms import DEFAULT_MAX_PIXELS, BucketTransform, ImageProblem, cover_size, decode
 
 logger = logging.getLogger("pgv25")
 

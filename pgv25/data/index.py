@@ -20,15 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .masks import probe_mask
-from .sources import Rows
-from .transforms import header_orientation
+from .rows import Rows
+from .transforms import DEFAULT_MAX_PIXELS, header_size
 
 logger = logging.getLogger("pgv25")
 VERSION = 1  # bump when what the scan checks changes
-DEFAULT_MAX_PIXELS = 8192 * 8192  # a decompression bomb is refused before it is decoded
 
 
 @dataclass
@@ -71,25 +70,6 @@ def probe_image(rows: Rows, i: int, max_pixels: int, loser: bool = False) -> tup
         except OSError:
             return "file not found"
     return header_size(target, max_pixels)
-
-
-def header_size(target, max_pixels: int) -> tuple[int, int] | str:
-    """(width, height) as displayed (EXIF rotation applied) from the header alone, or why not."""
-    try:
-        with Image.open(target) as image:
-            width, height = image.size
-            orientation = header_orientation(image)
-    except Image.DecompressionBombError:
-        return "too many pixels"
-    except UnidentifiedImageError:
-        return "not an image"
-    except (OSError, SyntaxError, ValueError, EOFError):
-        return "unreadable image"
-    if width * height > max_pixels:
-        return "too many pixels"
-    if width == 0 or height == 0:
-        return "unreadable image"
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # rotated by 90°: swap
 
 
 def scan(rows: Rows, cache_dir: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 16) -> Index:

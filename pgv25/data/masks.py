@@ -30,7 +30,8 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import UserError
-from .transforms import ImageProblem, decode, to_rgb
+from .rows import IMAGE_SUFFIXES
+from .transforms import ImageProblem, decode, header_size, to_rgb
 
 SOURCES = ("file", "column", "alpha")
 MISSING = ("skip", "full")
@@ -99,7 +100,6 @@ def is_mask_file(path: Path, options: MaskOptions | None) -> bool:
 
 def sibling_mask(image: str, suffix: str) -> str | None:
     """`<name><suffix>.<ext>` beside the image, PNG first; None when there is none."""
-    from .sources import IMAGE_SUFFIXES
 
     path = Path(image)
     for ext in (".png", *sorted(IMAGE_SUFFIXES - {".png"})):
@@ -151,7 +151,6 @@ def has_mask(rows, i: int) -> bool:
 
 def probe_mask(rows, i: int, size: tuple[int, int], max_pixels: int) -> str | None:
     """Why row i's mask cannot be used (header only), or None when it can (or the row needs none)."""
-    from .index import header_size
 
     options, ref = rows.mask_of(i)
     if options is None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError
 from .captions import CaptionOptions, caption_options
-from .sources import EMPTY_CAPTION, NO_CAPTION, Rows
+from .rows import EMPTY_CAPTION, NO_CAPTION, Rows
 
 KEY = "train_dataloader.datasets"
 SHARED = ("resolution", "buckets", "center_crop", "random_flip", "caption_dropout", "max_image_pixels", "cache", "cache_dir")

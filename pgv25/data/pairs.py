@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .filters import RowFilter, row_filter
-from .sources import BAD_LINE, METADATA_FILES, Rows, _captions, _fingerprint, filtered_out, open_hub_dataset, read_manifest
+from .rows import BAD_LINE, METADATA_FILES, Rows, parse_captions, rows_fingerprint
+from .tables import filtered_out, open_hub_dataset, read_manifest
 
 DEFAULTS = {"format": "auto", "chosen_column": "chosen", "rejected_column": "rejected",
             "image_columns": ["jpg_0", "jpg_1"], "label_column": "label_0", "keep_ties": False}
@@ -104,7 +105,7 @@ def _table_pairs(manifest: Path, caption_column: str, options: dict, key: str, k
             captions.append("unreadable manifest line")
             continue
         pair = [path_of(record, c) for c in needed[:2]]
-        caption = (keep and keep.reason(record.get)) or _captions(record.get(caption_column))
+        caption = (keep and keep.reason(record.get)) or parse_captions(record.get(caption_column))
         orders = _order(record.get(needed[2]), options["keep_ties"]) if form == "pickapic" else (0,)
         if isinstance(orders, str):  # a tie or no usable label: a row problem, counted by the scan
             orders, caption = (0,), orders
@@ -112,7 +113,7 @@ def _table_pairs(manifest: Path, caption_column: str, options: dict, key: str, k
             winners.append(pair[first])
             losers.append(pair[1 - first])
             captions.append(caption)
-    fingerprint = _fingerprint(winners + losers, captions + [form])
+    fingerprint = rows_fingerprint(winners + losers, captions + [form])
     return Rows(str(manifest), winners, captions, fingerprint, losers=losers)
 
 
@@ -131,7 +132,7 @@ def _hub_pairs(name: str, split: str, caption_column: str, options: dict, key: s
     excluded = filtered_out(dataset, keep, name, key)
     winners, losers, captions = [], [], []
     for row, (label, text, reason) in enumerate(zip(labels, dataset[caption_column], excluded)):
-        caption, orders = reason or _captions(text), _order(label, options["keep_ties"])
+        caption, orders = reason or parse_captions(text), _order(label, options["keep_ties"])
         if isinstance(orders, str):
             orders, caption = (0,), orders
         for first in orders:

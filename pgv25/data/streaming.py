@@ -25,8 +25,9 @@ from .buckets import bucket_sizes, nearest_buckets
 from .dataset import collate
 from .captions import caption_options
 from .masks import mask_options
-from .sources import EMPTY_CAPTION, NO_CAPTION, _captions, check_columns, open_hub_dataset
-from .index import DEFAULT_MAX_PIXELS, header_size
+from .rows import EMPTY_CAPTION, NO_CAPTION, parse_captions
+from .tables import check_columns, open_hub_dataset
+from .transforms import DEFAULT_MAX_PIXELS, header_size
 from .transforms import BucketTransform, ImageProblem, cover_size, decode
 
 logger = logging.getLogger("pgv25")
@@ -112,7 +113,7 @@ class StreamingBucketDataset(torch.utils.data.IterableDataset):
 
     def _item(self, row: dict, label: str, epoch: int, worker: int, read: int) -> dict:
         rng = random.Random(f"{self.seed}/stream/{worker}/{epoch}/{read}")
-        captions = _captions(row.get(self.caption_column))
+        captions = parse_captions(row.get(self.caption_column))
         if isinstance(captions, str):
             if not (self.keep_uncaptioned and captions in (NO_CAPTION, EMPTY_CAPTION)):
                 return {"problem": captions, "label": label}

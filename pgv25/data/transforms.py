@@ -8,9 +8,10 @@ import random
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 EXIF_ORIENTATION = 0x0112
+DEFAULT_MAX_PIXELS = 8192 * 8192  # a decompression bomb is refused before it is decoded
 
 
 class ImageProblem(Exception):
@@ -27,6 +28,25 @@ def header_orientation(image: Image.Image) -> int:
         exif.load(image.info["exif"])
         return exif.get(EXIF_ORIENTATION, 1)
     return 1
+
+
+def header_size(target, max_pixels: int) -> tuple[int, int] | str:
+    """(width, height) as displayed (EXIF rotation applied) from the header alone, or why not."""
+    try:
+        with Image.open(target) as image:
+            width, height = image.size
+            orientation = header_orientation(image)
+    except Image.DecompressionBombError:
+        return "too many pixels"
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return "unreadable image"
+    if width * height > max_pixels:
+        return "too many pixels"
+    if width == 0 or height == 0:
+        return "unreadable image"
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # rotated by 90°: swap
 
 
 def decode(source, max_pixels: int, cover: tuple[int, int] | None = None) -> Image.Image:

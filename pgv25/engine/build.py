@@ -24,11 +24,11 @@ from ..models.edm_denoiser import Conditioning
 from ..models.latent_codec import LatentCodec
 from ..models.loading import load_components, resolve_pretrained
 from ..models.lora import add_lora, add_text_lora, check_lora_fits, load_lora_weights, lora_init
-from ..models.speed import REPEATED_BLOCKS, compile_regions
+from ..models.speed import compile_unet, on_device
 from ..models.text_conditioner import TextConditioner
 from . import distributed
 from ..objectives import objective_options
-from .export import DTYPES
+from ..files import DTYPES
 from .optim import build_lr_scheduler, build_optimizer
 from .prior_data import add_class_images
 
@@ -214,43 +214,6 @@ def build_model(cfg, runtime: Runtime, cached: bool, buckets: int) -> ModelParts
     compile_unet(unet, model_cfg.get("compile") or {}, buckets, device, runtime.sharded)
     return ModelParts(unet, trained, conditioner, codec, parts.source, parts.scheduler_config, lora, text_lora,
                       runtime.weight_dtype)
-
-
-def on_device(setting, device: torch.device, key: str) -> bool:
-    """A speed switch's value: True (everywhere), False, or 'cuda' (on GPUs only: a CPU keeps the plain path)."""
-    if setting in (None, False, True):
-        return bool(setting)
-    if setting == "cuda":
-        return device.type == "cuda"
-    raise UserError(f"{key} must be True, False or 'cuda' (on GPUs only), got {setting!r}")
-
-
-def compile_unet(unet, options: dict, buckets: int, device: torch.device, sharded: bool = False) -> None:
-    """`torch.compile` the UNet in place (parameter names, and so checkpoints and exports, unchanged): the whole
-    UNet, or with `regions` each of its repeated blocks (regional compilation: seconds instead of minutes)."""
-    if not on_device(options.get("enabled"), device, "model.compile.enabled"):
-        return
-    if sharded and options.get("enabled") == "cuda":  # FSDP's hooks inside compiled blocks: not yet measured on GPUs
-        logger.info("model.compile: not applied by default with strategy='fsdp' (set model.compile.enabled=True to force it)")
-        return
-    import torch._dynamo
-
-    # One graph per bucket shape (and per train/eval and adapters on/off state, DPO's LoRA reference; per block
-    # width with regions): keep them all rather than fall back to eager after the default 8.
-    regions = options.get("regions")
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, (8 if regions else 4) * buckets)
-    kwargs = {k: options[k] for k in ("backend", "mode", "dynamic", "fullgraph") if options.get(k) is not None}
-    try:
-        if regions:
-            count = compile_regions(unet, [regions] if isinstance(regions, str) else list(regions), **kwargs)
-        else:
-            unet.compile(**kwargs)
-    except KeyError as error:
-        raise UserError(f"model.compile.regions: unknown block kind {error}; use {sorted(REPEATED_BLOCKS)}") from None
-    except (RuntimeError, ValueError) as error:
-        raise UserError(f"model.compile: {str(error).strip().splitlines()[0]}") from None
-    what = f"{count} blocks ({', '.join(regions) if not isinstance(regions, str) else regions})" if regions else "UNet"
-    logger.info("%s compiled with torch.compile(%s)", what, ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
 
 
 @dataclass

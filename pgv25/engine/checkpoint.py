@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -28,10 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from .integrity import finish_folder
+from .integrity import CHECKPOINT_DIR, STATE_FILE, finish_folder
 
-NAME = re.compile(r"^iter_(\d+)$")
-STATE_FILE = "trainer_state.json"
 TEMP_GLOB = ".iter_*.tmp*"
 PICKLED = ("optimizer", "lr_scheduler", "grad_scaler", "rng")  # saved as <name>.pt when present
 
@@ -110,7 +107,7 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints in `folder`, oldest first (temporary folders are never matched)."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
 
 

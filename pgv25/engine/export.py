@@ -15,16 +15,14 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from .integrity import UMASK, finish_folder
+from ..files import DTYPES
+from .integrity import finish_folder
 from .model_card import write_card
 
 FROZEN = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "scheduler")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -96,26 +94,6 @@ def export_options(cfg) -> dict:
 def single_file_name(out_dir: Path) -> str:
     """`<config>-step<N>.safetensors`: a name that still says what it is in ComfyUI's checkpoint folder."""
     return f"{out_dir.parent.name}-{out_dir.name}.safetensors"
-
-
-@contextlib.contextmanager
-def atomic_file(out: Path):
-    """Yield a temporary path beside `out` that replaces it once the block succeeds: `out` is never half-written.
-    An OSError (no such folder, no permission, full disk) is one UserError line."""
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"{out} is a folder; give a file name")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        os.chmod(tmp, 0o666 & ~UMASK)  # safetensors writes owner-only files
-        os.replace(tmp, out)
-    except (OSError, SafetensorError) as error:  # safetensors reports its own write failures (a full disk) in its type
-        raise UserError(f"cannot write {out}: {getattr(error, 'strerror', None) or error}") from None
-    finally:
-        with contextlib.suppress(OSError):  # gone after the rename; never created when the folder could not be
-            tmp.unlink(missing_ok=True)
 
 
 def export_pipeline(unet, base_folder: str | Path, out_dir: Path, dtype: str = "fp32", state: dict | None = None,

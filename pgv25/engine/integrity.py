@@ -18,24 +18,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
+from ..files import UMASK
+
 MANIFEST = "pgv25_manifest.json"
+# The names that say what a folder is (checkpoint.py writes them; `ckpt verify` finds folders by them)
+CHECKPOINT_DIR = re.compile(r"^iter_(\d+)$")  # checkpoints/iter_<N>
+STATE_FILE = "trainer_state.json"  # in every checkpoint
 VERSION = 2  # 1: one SHA-256 per file (still verified)
 INTACT, UNVERIFIED = "intact", "unverified"
 _CHUNK = 1 << 22
 BLOCK = 1 << 28  # 256 MiB: files larger than this are hashed block by block, the blocks in parallel
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-UMASK = _umask()  # read once at import: os.umask can only be read by setting it
 
 
 def sha256(path: Path, offset: int = 0, length: int | None = None) -> str:
@@ -151,8 +149,6 @@ def _recorded_hash(entry: dict) -> tuple[int, tuple[str, ...]]:
 
 def folders_to_check(target: Path) -> list[tuple[str, Path]]:
     """(kind, folder) of every checkpoint and export under a work dir, or the one checkpoint or export given."""
-    from .checkpoint import NAME, STATE_FILE
-
     if (target / STATE_FILE).is_file():
         return [("checkpoint", target)]
     if (target / "model_index.json").is_file() or (target / "pytorch_lora_weights.safetensors").is_file():
@@ -160,7 +156,7 @@ def folders_to_check(target: Path) -> list[tuple[str, Path]]:
     found = []
     checkpoints = target / "checkpoints"
     if checkpoints.is_dir():
-        numbered = sorted((int(m.group(1)), p) for p in checkpoints.iterdir() if (m := NAME.match(p.name)))
+        numbered = sorted((int(m.group(1)), p) for p in checkpoints.iterdir() if (m := CHECKPOINT_DIR.match(p.name)))
         found += [("checkpoint", p) for _, p in numbered]
     exports = [p for p in target.glob("step*") if p.is_dir() and p.name[4:].split("_")[0].isdigit()]
     found += [("export", p) for p in sorted(exports, key=lambda p: (int(p.name[4:].split("_")[0]), p.name))]
@@ -169,9 +165,6 @@ def folders_to_check(target: Path) -> list[tuple[str, Path]]:
 
 def report(target: Path) -> tuple[list[str], bool]:
     """Lines for `pgv25 ckpt verify`, and whether everything checked is intact or unverified."""
-    from ..errors import UserError
-    from .checkpoint import STATE_FILE
-
     if not target.is_dir():
         raise UserError(f"ckpt verify: {target} is not a folder (give a work dir, a checkpoint or an export)")
     folders = folders_to_check(target)

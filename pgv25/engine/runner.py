@@ -29,7 +29,8 @@ from ..data.index import describe_problems, problem_lines
 from ..data.sampler import BucketBatchSampler
 from ..errors import UserError
 from ..generate import generate_specs, labelled_grid, load_pipeline, prompt_specs
-from ..models.lora import LORA_FILE, fused_unet_state, lora_init, save_lora
+from ..models.lora import fused_unet_state, lora_init, save_lora
+from ..models.lora_files import LORA_FILE
 from ..models.lora_files import KOHYA_FILE, write_kohya
 from ..models.speed import ATTENTION_BACKENDS, attention_backend
 from ..objectives import batch_inputs, build_objective, objective_options

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
+from ..files import DTYPES, atomic_file
 from ..models import ldm_layout, loading
-from .export import DTYPES, atomic_file
 
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"  # the network; the EDM schedule travels in edm_mean/edm_std
 SDXL_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"

@@ -112,7 +112,7 @@ def _is_missing_repo(error: Exception) -> bool:
 
 def check_pipeline_folder(folder: Path) -> None:
     """A complete SDXL pipeline folder, or one line saying what is missing (or that it is a LoRA export)."""
-    from .lora import LORA_FILE
+    from .lora_files import LORA_FILE
 
     if (folder / LORA_FILE).is_file() and not (folder / "unet").is_dir():
         raise UserError(f"{folder} is a LoRA export, not a full pipeline: apply it to its base (--lora), or fold it in "

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .lora_files import LORA_FILE, adapter_configs, component, read_lora, target
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections
 FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]  # the GEGLU input and the output projection
 TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP self-attention projections
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def lora_config(cfg: dict):
@@ -140,8 +140,6 @@ def lora_init(cfg: dict) -> tuple[dict, object | None]:
     path = cfg.get("init_from")
     if not cfg.get("enabled") or not path:
         return cfg, None
-    from .lora_files import adapter_configs, component, read_lora, target
-
     lora = read_lora(path)
     if lora.layout != "diffusers":
         raise UserError(f"model.lora.init_from: {lora.path} is a kohya-layout file; start from the diffusers-layout "
@@ -176,8 +174,6 @@ def check_lora_fits(lora, unet_config: dict) -> None:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from .lora_files import component
-
     with init_empty_weights():
         modules = dict(UNet2DConditionModel.from_config(unet_config).named_modules())
     for name, layer in lora.layers.items():
@@ -194,8 +190,6 @@ def check_lora_fits(lora, unet_config: dict) -> None:
 def load_lora_weights(model, lora, part: str) -> None:
     """Copy the file's layers of `part` ('unet', 'text_encoder', 'text_encoder_2') into the model's 'default' adapter."""
     from peft.utils import set_peft_model_state_dict
-
-    from .lora_files import component
 
     state = {}
     for name, layer in lora.layers.items():

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .lora import LORA_FILE
+from ..files import atomic_file
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes and load_lora_weights reads
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps each adapter's LoraConfig
@@ -110,8 +111,6 @@ def kohya_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def write_kohya(lora_file: Path, out: Path) -> Path:
     from safetensors.torch import save_file
-
-    from ..engine.export import atomic_file
 
     state, metadata = kohya_state(lora_file)
     with atomic_file(out) as tmp:
@@ -282,8 +281,6 @@ def layers_state(layers: dict[str, Layer], layout: str, dtype: torch.dtype) -> d
 
 def write_merged(layers: dict[str, Layer], layout: str, out: Path, dtype: torch.dtype, sources: list[dict]) -> Path:
     from safetensors.torch import save_file
-
-    from ..engine.export import atomic_file
 
     metadata = {"format": "pt", "pgv25.merged_from": json.dumps(sources)}
     if layout == "kohya":

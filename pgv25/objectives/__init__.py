@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.export import DTYPES
+from ..files import DTYPES
 from ..errors import UserError
 from .denoising import Denoising
 from .dpo import DPO, Reference, frozen_copy

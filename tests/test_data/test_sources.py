@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from pgv25.data.sources import EMPTY_CAPTION, NO_CAPTION, NOT_UTF8, load_rows
+from pgv25.data.rows import EMPTY_CAPTION, NO_CAPTION, NOT_UTF8
+from pgv25.data.sources import load_rows
 from pgv25.errors import UserError
 
 from .files import png, write_folder

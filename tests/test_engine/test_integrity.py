@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from conftest import TINY_OPTIONS, tiny_cfg
 from pgv25.engine import runner
 from pgv25.engine.checkpoint import read_checkpoint
-from pgv25.engine.integrity import MANIFEST, UMASK, check_folder
+from pgv25.engine.integrity import MANIFEST, check_folder
+from pgv25.files import UMASK
 from pgv25.engine.runner import train
 from pgv25.errors import UserError
 

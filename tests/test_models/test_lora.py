@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_near, tiny_cfg
 from pgv25.engine.runner import Trainer, train
-from pgv25.models.lora import LORA_FILE
+from pgv25.models.lora_files import LORA_FILE
 
 OPTIONS = ["model.lora.enabled=True", "model.lora.rank=4", "model.lora.alpha=8",  # alpha ≠ rank: the scale must survive export
            "model.lora.feed_forward=True", "optim_wrapper.optimizer.lr=1e-2", "train_cfg.max_iters=4",

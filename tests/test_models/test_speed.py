@@ -4,7 +4,7 @@ trace without graph breaks and within the recompile limit over all SDXL buckets.
 import pytest
 import torch
 
-from pgv25.engine.build import compile_unet, on_device
+from pgv25.models.speed import compile_unet, on_device
 from pgv25.errors import UserError
 from pgv25.models.speed import ATTENTION_BACKENDS, attention_backend, compile_regions, low_precision_norms
 from pgv25.tiny.base_pipeline import build_unet
