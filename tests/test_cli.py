@@ -94,6 +94,7 @@ def test_dry_run_prints_resolved_config(capsys):
     assert "max_iters=3" in out and "playground-v2.5-1024px-aesthetic" in out
 
 
+@pytest.mark.slow
 def test_unreachable_hub_model_says_so_and_how_to_fix(tmp_path, tiny_assets):
     """The real recipe's hub id, on a machine without the hub (the dataset points at local files)."""
     result = run("train", "playgroundv2_5_pokemon_blip", "--work-dir", str(tmp_path / "w"), "--cfg-options",
@@ -102,6 +103,7 @@ def test_unreachable_hub_model_says_so_and_how_to_fix(tmp_path, tiny_assets):
                    "model.pretrained_model_name_or_path=DIR")
 
 
+@pytest.mark.slow
 def test_unreachable_hub_dataset_says_so(tmp_path):
     # Not offline by configuration: the Hub's host cannot be resolved, as on a machine without network.
     result = run("train", "playgroundv2_5_pokemon_blip", "--work-dir", str(tmp_path / "w"), HF_HUB_OFFLINE="0",

@@ -1,5 +1,6 @@
 """SDXL's DDPM schedule in EDM's terms (pgv25/ddpm.py) agrees with diffusers' own DDPM arithmetic."""
 
+import pytest
 import torch
 
 from pgv25 import ddpm, edm
@@ -59,6 +60,7 @@ def test_sampler_draws_the_grid_uniformly():
     assert abs(float((sigma <= grid[499]).float().mean()) - 0.5) < 0.02
 
 
+@pytest.mark.slow
 def test_ddpm_schedule_trains_and_exports_its_own_sampler(tiny_assets, tmp_path):
     import json
 

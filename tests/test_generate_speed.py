@@ -37,6 +37,7 @@ def test_unknown_lever():
         apply_speed_levers(object(), ["fastest"])
 
 
+@pytest.mark.slow
 def test_a_failed_compile_is_one_line(tiny_assets, tmp_path, monkeypatch):
     import torch._inductor.config as inductor
 

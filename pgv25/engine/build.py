@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..data.cache import CachedLatentDataset, cache_options, ensure_cache
+from ..data.cache import CachedLatentDataset, ensure_cache
 from ..data.dataset import DataPlan, build_dataset, plan_data
-from ..data.multi import dataset_config
 from ..data.streaming import StreamingBucketDataset, check_streaming
 from ..errors import UserError
 from ..models.edm_denoiser import Conditioning
 from ..models.latent_codec import LatentCodec
 from ..models.loading import load_components, resolve_pretrained
-from ..models.lora import add_lora, add_text_lora, check_lora_fits, load_lora_weights, lora_init
+from ..models.lora import add_lora, add_text_lora, check_lora_fits, load_lora_weights
 from ..models.speed import compile_unet, on_device
 from ..models.text_conditioner import TextConditioner
 from . import distributed
-from ..objectives import objective_options
 from ..files import DTYPES
 from .optim import build_lr_scheduler, build_optimizer
 from .prior_data import add_class_images
@@ -62,28 +59,28 @@ class Runtime:
         return self.strategy == "fsdp" and self.world_size > 1
 
 
-def build_runtime(cfg, work_dir, trackers: list[str]) -> Runtime:
+def build_runtime(options, work_dir, trackers: list[str] | None = None) -> Runtime:
+    """accelerate's Accelerator for `options` (engine.options.RunOptions); `trackers` default to the options'."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    strategy = distributed.check_strategy(cfg.get("strategy", "ddp"))
+    strategy = options.runtime.strategy
     on_gpu = torch.cuda.is_available()
-    mixed_precision = cfg.optim_wrapper.get("mixed_precision", "no") if on_gpu else "no"  # fp32 on a CPU
+    mixed_precision = options.runtime.mixed_precision if on_gpu else "no"  # fp32 on a CPU
     if strategy == "fsdp" and mixed_precision == "fp16":
         raise UserError("strategy 'fsdp' with fp16 is not supported (no sharded loss scaling); use mixed_precision='bf16'")
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         cpu=not on_gpu,  # under torchrun without CUDA this gives real gloo training, not N lone processes
-        log_with=trackers,
+        log_with=list(options.trackers if trackers is None else trackers),
         # TensorBoard under work_dir/tensorboard/pgv25; W&B project 'pgv25', run named after the config
         project_config=ProjectConfiguration(project_dir=str(work_dir), logging_dir=str(work_dir / "tensorboard")),
     )
-    set_seed(int(cfg.randomness.seed))
-    model_cfg = cfg.model
-    weight_dtype = DTYPES[model_cfg.get("weight_dtype", "fp32")] if on_gpu else torch.float32
-    vae_dtype = DTYPES[model_cfg.get("vae_dtype", "fp32")] if on_gpu else torch.float32
+    set_seed(options.train.seed)
+    weight_dtype = DTYPES[options.model.weight_dtype] if on_gpu else torch.float32
+    vae_dtype = DTYPES[options.model.vae_dtype] if on_gpu else torch.float32
     runtime = Runtime(accelerator, strategy, mixed_precision, weight_dtype, vae_dtype)
-    if runtime.sharded and cfg.optim_wrapper.optimizer.get("type") == "AdamW8bit":
+    if runtime.sharded and options.optim.type == "AdamW8bit":
         # bitsandbytes' update kernels have no rule for FSDP's sharded (DTensor) parameters: said before any loading
         raise UserError("optimizer AdamW8bit with strategy='fsdp' is not supported (bitsandbytes cannot update sharded "
                         "parameters); use strategy='ddp' with AdamW8bit, or AdamW/Adafactor with fsdp")
@@ -102,21 +99,20 @@ class DataParts:
         return self.plan is None
 
 
-def build_data(cfg, runtime: Runtime) -> DataParts:
+def build_data(options, runtime: Runtime) -> DataParts:
     """The dataset (scanned, bucketed, cached when configured); the base pipeline resolved on the way."""
-    accelerator, seed = runtime.accelerator, int(cfg.randomness.seed)
-    data_cfg, model_name = dataset_config(cfg.train_dataloader), cfg.model.pretrained_model_name_or_path
-    batch_size = int(cfg.train_dataloader.batch_size)
+    accelerator, seed, data = runtime.accelerator, options.train.seed, options.data
+    data_cfg, model_name, batch_size = data.dataset, options.model.pretrained, data.batch_size
     # One process per machine downloads / builds / caches; the others then read its copy.
     with accelerator.local_main_process_first():
-        if cfg.get("tiny_assets"):
+        if data.tiny_assets:
             from ..tiny import ensure_tiny_assets
 
-            ensure_tiny_assets(**cfg.tiny_assets)
-        if cfg.get("tiny_dreambooth"):  # the tiny DreamBooth config's instance images, from the shapes above
+            ensure_tiny_assets(**data.tiny_assets)
+        if data.tiny_dreambooth:  # the tiny DreamBooth config's instance images, from the shapes above
             from ..tiny.dreambooth import ensure_instance_images
 
-            ensure_instance_images(**cfg.tiny_dreambooth)
+            ensure_instance_images(**data.tiny_dreambooth)
         plan = None
         if data_cfg.get("streaming"):  # no scan: rows are bucketed as they arrive (data/streaming.py)
             check_streaming(data_cfg)
@@ -124,14 +120,14 @@ def build_data(cfg, runtime: Runtime) -> DataParts:
         else:
             plan = plan_data(data_cfg, batch_size * runtime.world_size)
         resolve_pretrained(model_name)  # one download per machine
-    objective = objective_options(cfg)
+    objective = options.objective
     if objective["type"] == "prior_preservation":  # DreamBooth: class images drawn by the base model, then planned with
         data_cfg, plan = add_class_images(data_cfg, plan, objective, runtime, model_name, batch_size * runtime.world_size)
-    cached = cache_options(data_cfg)["enabled"]
+    cached = data.cached
     if cached:  # built here first if missing; then neither the VAE nor the text encoders are loaded
         folder = ensure_cache(plan, data_cfg, model_name, seed, runtime.device, runtime.weight_dtype, runtime.vae_dtype,
                               runtime.rank, runtime.world_size, accelerator.wait_for_everyone,
-                              distributed.broadcast_object, cfg.config_name)
+                              distributed.broadcast_object, options.train.config_name)
         dataset = CachedLatentDataset(folder, plan, data_cfg.get("caption_dropout", 0.0), seed)
     elif plan is not None:
         dataset = build_dataset(data_cfg, plan, seed)
@@ -165,15 +161,15 @@ class ModelParts:
         return x0, Conditioning(prompt_embeds, pooled, batch["time_ids"].to(device, prompt_embeds.dtype))
 
 
-def build_model(cfg, runtime: Runtime, cached: bool, buckets: int) -> ModelParts:
+def build_model(options, runtime: Runtime, cached: bool, buckets: int) -> ModelParts:
     """Load the pipeline's parts; add LoRA, gradient checkpointing, channels-last and compile as configured."""
-    model_cfg, device = cfg.model, runtime.device
-    lora, init = lora_init(dict(model_cfg.get("lora") or {}))  # rank, alpha, targets from an init_from file
+    model_options, device = options.model, runtime.device
+    lora, init = options.lora.settings, options.lora.init  # rank, alpha, targets filled in from an init_from file
     with runtime.accelerator.local_main_process_first():
         if init is not None:  # a LoRA of another architecture fails here, before gigabytes of weights load
-            folder = resolve_pretrained(model_cfg.pretrained_model_name_or_path)
+            folder = resolve_pretrained(model_options.pretrained)
             check_lora_fits(init, json.loads((folder / "unet" / "config.json").read_text()))
-        parts = load_components(model_cfg.pretrained_model_name_or_path, runtime.weight_dtype, encoders=not cached)
+        parts = load_components(model_options.pretrained, runtime.weight_dtype, encoders=not cached)
     conditioner = codec = None
     if not cached:
         conditioner = TextConditioner(
@@ -181,8 +177,8 @@ def build_model(cfg, runtime: Runtime, cached: bool, buckets: int) -> ModelParts
         ).to(device)
         codec = LatentCodec(parts.vae.to(device, runtime.vae_dtype)).to(device)
     unet = parts.unet.train()
-    if not lora.get("enabled"):
-        lora = None
+    if lora is None:
+        pass
     elif runtime.sharded:
         raise UserError("model.lora with strategy='fsdp' is not supported; LoRA weights are small: use strategy='ddp'")
     else:
@@ -207,11 +203,11 @@ def build_model(cfg, runtime: Runtime, cached: bool, buckets: int) -> ModelParts
                 load_lora_weights(encoder, init, name)
         logger.info("LoRA on both text encoders: %.2fM trainable parameters", count / 1e6)
         trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": encoders[0], "text_encoder_2": encoders[1]})
-    if model_cfg.get("gradient_checkpointing"):
+    if model_options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if on_device(model_cfg.get("channels_last"), device, "model.channels_last"):  # NHWC convolutions for tensor cores
+    if on_device(model_options.channels_last, device, "model.channels_last"):  # NHWC convolutions for tensor cores
         unet.to(memory_format=torch.channels_last)
-    compile_unet(unet, model_cfg.get("compile") or {}, buckets, device, runtime.sharded)
+    compile_unet(unet, model_options.compile, buckets, device, runtime.sharded)
     return ModelParts(unet, trained, conditioner, codec, parts.source, parts.scheduler_config, lora, text_lora,
                       runtime.weight_dtype)
 
@@ -227,24 +223,19 @@ class Optimisation:
     accumulation: int  # micro-batches per update
 
 
-def build_optimisation(cfg, runtime: Runtime, model: ModelParts, objective: torch.nn.Module, max_iters: int) -> Optimisation:
-    optim_cfg = cfg.optim_wrapper
-    unet = model.unet
+def build_optimisation(options, runtime: Runtime, model: ModelParts, objective: torch.nn.Module) -> Optimisation:
+    optim, unet = options.optim, model.unet
     if runtime.sharded:  # shard first: the optimizer must see the sharded parameters
         unet.to(runtime.device)
-        fsdp_cfg = cfg.get("fsdp") or {}
-        distributed.shard_unet(unet, {"bf16": torch.bfloat16}.get(runtime.mixed_precision),
-                               bool(fsdp_cfg.get("reshard_after_forward", True)))
+        distributed.shard_unet(unet, {"bf16": torch.bfloat16}.get(runtime.mixed_precision), options.runtime.reshard_after_forward)
     # after sharding: FSDP replaces the parameters with sharded ones, which the optimizer must hold
     trained_params = [p for p in model.trained.parameters() if p.requires_grad]
     unet_params = {id(p) for p in unet.parameters()}
     text_params = [p for p in trained_params if id(p) not in unet_params]
-    optimizer = build_optimizer(trained_params, optim_cfg.optimizer, on_cuda=runtime.device.type == "cuda")
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.get("param_scheduler", {}), max_iters)
+    optimizer = build_optimizer(trained_params, optim.optimizer, on_cuda=runtime.device.type == "cuda")
+    lr_scheduler = build_lr_scheduler(optimizer, optim.scheduler, options.train.max_iters)
     if runtime.sharded:
         step_module, optimizer = objective, runtime.accelerator.prepare(optimizer)
     else:
         step_module, optimizer = runtime.accelerator.prepare(objective, optimizer)
-    clip_norm = (optim_cfg.get("clip_grad") or {}).get("max_norm") or math.inf
-    return Optimisation(step_module, optimizer, lr_scheduler, trained_params, text_params, clip_norm,
-                        int(optim_cfg.get("accumulative_counts", 1)))
+    return Optimisation(step_module, optimizer, lr_scheduler, trained_params, text_params, optim.clip_norm, optim.accumulation)

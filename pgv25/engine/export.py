@@ -75,22 +75,6 @@ def atomic_folder(out_dir: Path):
         raise UserError(f"cannot write export {out_dir}: {error.strerror or error}; earlier exports are intact") from None
 
 
-def export_options(cfg) -> dict:
-    """`export` and the LoRA export switches, checked before anything loads."""
-    options = dict(cfg.get("export") or {})
-    for key in ("dtype", "single_file_dtype"):
-        if options.get(key, "fp32") not in DTYPES:
-            raise UserError(f"export.{key} must be one of {', '.join(DTYPES)}, got '{options[key]}'")
-    lora = dict(cfg.model.get("lora") or {})
-    if lora.get("enabled") and options.get("single_file") and not lora.get("fuse_export"):
-        raise UserError("export.single_file writes a whole model: with LoRA set model.lora.fuse_export=True too "
-                        "(the file goes into step<N>_fused/), or use lora.kohya_export for ComfyUI's LoRA loader")
-    if lora.get("enabled") and lora.get("kohya_export") and (lora.get("use_dora") or lora.get("use_rslora")):
-        raise UserError("model.lora.kohya_export: diffusers cannot read DoRA or rsLoRA back from a kohya file; "
-                        "turn kohya_export off (the diffusers-format file carries them)")
-    return options
-
-
 def single_file_name(out_dir: Path) -> str:
     """`<config>-step<N>.safetensors`: a name that still says what it is in ComfyUI's checkpoint folder."""
     return f"{out_dir.parent.name}-{out_dir.name}.safetensors"

@@ -103,22 +103,22 @@ def write_card(folder: Path, card: Card, images: list | None = None) -> None:
 def card_of_run(trainer, kind: str, files: list[str] = ()) -> dict:
     """The card of an export a Trainer makes at its current iteration, with that iteration's validation images when
     there are some: {'card': Card, 'images': [...]}, the keyword arguments of write_card."""
-    from ..data.captions import caption_options
     from .single_file import edm_latent_stats
 
-    cfg, data = trainer.cfg, trainer.cfg.train_dataloader
-    card_cfg = dict(cfg.get("model_card") or {})
-    captions = caption_options(data.dataset)
+    options = trainer.options
+    train, data = options.train, options.data
+    card_cfg = options.card
+    captions = data.captions
     triggers = list(card_cfg.get("trigger_words") or [])
     if not triggers and captions.template != "{caption}":  # the fixed words every caption was given
         fixed = captions.template.replace("{caption}", "").strip(" ,;")
         triggers = [fixed] if fixed else []
-    optimizer, per_update = cfg.optim_wrapper.optimizer, data.batch_size * trainer.optim.accumulation * trainer.world_size
-    settings = {"objective": trainer.objective.describe(), "optimizer": f"{optimizer.get('type', 'AdamW')}, lr {optimizer.get('lr')}",
+    per_update = data.batch_size * trainer.optim.accumulation * trainer.world_size
+    settings = {"objective": trainer.objective.describe(), "optimizer": f"{options.optim.type}, lr {options.optim.lr}",
                 "batch": f"{data.batch_size} per process × {trainer.optim.accumulation} accumulation × {trainer.world_size} "
                          f"process(es) = {per_update} images per update",
-                "iterations": f"{trainer.iteration} of {trainer.max_iters}", "resolution": str(data.dataset.get("resolution")),
-                "mixed precision": str(cfg.optim_wrapper.get("mixed_precision", "no")), "seed": str(trainer.seed),
+                "iterations": f"{trainer.iteration} of {train.max_iters}", "resolution": str(data.resolution),
+                "mixed precision": options.runtime.mixed_precision, "seed": str(train.seed),
                 "dataset": f"{data.dataset.get('type')} {data.dataset.get('path')}"}
     lora = trainer.lora
     if lora is not None:
@@ -126,15 +126,15 @@ def card_of_run(trainer, kind: str, files: list[str] = ()) -> dict:
                             f"{', DoRA' if lora.get('use_dora') else ''}, targets "
                             f"{', '.join(sorted(trainer.unet.peft_config['default'].target_modules))}")
     if trainer.ema is not None:
-        settings["EMA"] = f"decay {cfg.ema.get('decay')}, exported: {trainer.export_ema}"
+        settings["EMA"] = f"decay {options.ema.settings.get('decay')}, exported: {options.ema.export}"
     if not captions.default:
         settings["captions"] = (f"template '{captions.template}', shuffle {captions.shuffle_tags}, keep_tokens "
                                 f"{captions.keep_tokens}, tag dropout {captions.tag_dropout}")
     last = trainer.validation.last
     images = last[2] if last is not None and last[0] == trainer.iteration else []
     samples = [(spec.prompt, f"images/sample_{i}.png") for i, spec in enumerate(last[1])] if images else []
-    card = Card(title=card_cfg.get("title") or f"{cfg.config_name} step {trainer.iteration}",
-                base_model=str(cfg.model.pretrained_model_name_or_path),
+    card = Card(title=card_cfg.get("title") or f"{train.config_name} step {trainer.iteration}",
+                base_model=str(options.model.pretrained),
                 playground=edm_latent_stats(Path(trainer.base_folder)) is not None, kind=kind, iteration=trainer.iteration,
                 settings=settings, trigger_words=triggers, instance_prompt=card_cfg.get("instance_prompt"),
                 tags=list(card_cfg.get("tags") or []), license=card_cfg.get("license"), samples=samples, files=list(files))

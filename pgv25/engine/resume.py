@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 
 from ..errors import UserError
-from .checkpoint import complete_checkpoints, read_trainer_state
+from . import distributed
+from .checkpoint import complete_checkpoints, read_checkpoint, read_trainer_state
 from .integrity import check_folder
 
 logger = logging.getLogger("pgv25")
@@ -110,3 +111,61 @@ def check_same_run(checkpoint: Path, current: dict, allow_change: bool) -> dict:
     for change in changes:
         logger.warning("resuming with a changed config (--allow-config-change): %s", change)
     return state
+
+
+def chosen_checkpoint(accelerator, resume, work_dir: Path) -> Path | None:
+    """Rank 0 picks (and verifies: hashing is I/O best done once) the checkpoint; every rank gets its choice or its error."""
+    choice = None
+    if accelerator.is_main_process:
+        try:
+            choice = checkpoint_to_resume(resume, work_dir)
+        except UserError as error:
+            choice = error
+    choice = distributed.broadcast_object(choice)
+    if isinstance(choice, UserError):
+        raise UserError(str(choice))
+    return choice
+
+
+def restore(trainer, checkpoint: Path, allow_config_change: bool) -> tuple[tuple[int, int], dict | None, dict | None]:
+    """Load a checkpoint into the trainer's built parts; returns this rank's data position (batches consumed,
+    images skipped), RNG state (None: fresh streams) and streaming position."""
+    state = check_same_run(checkpoint, trainer.fingerprint, allow_config_change)
+    rank, world_size = trainer.rank, trainer.world_size
+    try:
+        model_state, parts = read_checkpoint(checkpoint, weights=rank == 0 or world_size == 1)
+        error = None
+    except UserError as failure:
+        error = str(failure)
+    failed = [e for e in distributed.gather_objects(error) if e]
+    if failed:  # every rank raises, none waits in a broadcast
+        raise UserError(failed[0])
+    optim, scaler = trainer.optim, trainer.accelerator.scaler
+    try:
+        distributed.load_full_state(trainer.trained, optim.optimizer.optimizer, model_state, parts["optimizer"],
+                                    trainable_only=trainer.lora is not None)
+        optim.lr_scheduler.load_state_dict(parts["lr_scheduler"])
+        if scaler is not None and "grad_scaler" in parts:
+            scaler.load_state_dict(parts["grad_scaler"])
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise UserError(f"cannot resume from {checkpoint}: {str(error).strip().splitlines()[0]}") from None
+    if trainer.ema is not None:
+        if "ema" in parts:
+            try:
+                trainer.ema.load_state(parts["ema"], int(state.get("ema_updates", 0)))
+            except ValueError as error:
+                raise UserError(f"cannot resume from {checkpoint}: {error}") from None
+        else:
+            logger.warning("%s holds no EMA weights: the EMA starts from the resumed weights", checkpoint)
+    trainer.iteration = int(state["iteration"])
+    trainer.nonfinite_total = int(state.get("nonfinite_skipped", 0))
+    ranks = state["ranks"]
+    if len(ranks) == world_size:
+        mine = ranks[rank]
+        position, rng, stream = (mine["consumed"], mine["skipped"]), parts["rng"]["ranks"][rank], mine.get("stream")
+    else:  # allowed change of process count: same number of samples seen in total, fresh RNG streams
+        position, rng, stream = (sum(r["consumed"] for r in ranks) // world_size, 0), None, None
+        logger.warning("resuming %d-process checkpoint with %d processes: data order and RNG streams differ from an uninterrupted run",
+                       len(ranks), world_size)
+    logger.info("resumed from %s at iteration %d", checkpoint, trainer.iteration)
+    return position, rng, stream

@@ -16,24 +16,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..generate import generate_specs, labelled_grid, load_pipeline, prompt_specs
+from ..generate import generate_specs, labelled_grid, load_pipeline
 
 logger = logging.getLogger("pgv25")
 
 
 class ValidationSampler:
-    def __init__(self, cfg: dict, base_folder: str, unet, ema, device: torch.device, dtype: torch.dtype,
-                 autocast, work_dir: Path, resolution: int, text_encoders=None, scheduler=None):
-        self.interval = int(cfg.get("interval", 0) or 0)
-        defaults = {"seed": int(cfg.get("seed", 0)), "steps": int(cfg.get("steps", 25)),
-                    "guidance_scale": float(cfg.get("guidance_scale", 3.0)), "negative_prompt": cfg.get("negative_prompt"),
-                    "width": cfg.get("width") or resolution, "height": cfg.get("height") or resolution}
-        self.specs = prompt_specs(cfg.get("prompts"), defaults, "validation.prompts")
+    def __init__(self, options, base_folder: str, unet, ema, device: torch.device, dtype: torch.dtype,
+                 autocast, work_dir: Path, text_encoders=None, scheduler=None):
+        """`options`: engine.options.ValidationOptions (interval, prompt specs, sampler, raw_and_ema)."""
+        self.interval = options.interval
+        self.specs = list(options.specs)
         self.prompts = [spec.label for spec in self.specs]
-        self.scheduler = cfg.get("scheduler", "dpmpp")
+        self.scheduler = options.scheduler
         self.own_scheduler = scheduler  # a DDPM-schedule run samples on its own schedule
         self.last: tuple[int, list, list] | None = None  # (iteration, specs, images of the exported weights)
-        self.show_raw = bool(cfg.get("raw_and_ema", True))
+        self.show_raw = options.raw_and_ema
         self.base_folder, self.unet, self.ema = base_folder, unet, ema
         self.text_encoders = text_encoders  # the trained ones (text-encoder LoRA), else the base model's
         self.device, self.dtype, self.autocast = device, dtype, autocast

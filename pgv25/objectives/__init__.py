@@ -97,10 +97,10 @@ def batch_inputs(objective, batch: dict, device) -> dict:
     return extra
 
 
-def build_objective(cfg, model, device):
-    """The objective module around `model.unet` (engine.build.ModelParts), built before any resume."""
-    options = objective_options(cfg)
-    schedule = build_noise_schedule(cfg.model, model.scheduler_config, lora=model.lora is not None)
+def build_objective(options: dict, model_cfg: dict, model, device):
+    """The objective module around `model.unet` (engine.build.ModelParts), built before any resume; `options` from
+    `objective_options`, `model_cfg` the model section (its σ sampling and loss weighting, or the DDPM schedule)."""
+    schedule = build_noise_schedule(model_cfg, model.scheduler_config, lora=model.lora is not None)
     if options["type"] == "denoising":
         return Denoising(model.unet, schedule, device)
     if options["type"] == "prior_preservation":

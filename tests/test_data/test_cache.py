@@ -91,6 +91,7 @@ def test_missing_cache_with_build_never_is_one_line(tmp_path, tiny_assets):
                       "train_dataloader.dataset.center_crop=True", "randomness.seed=99"))
 
 
+@pytest.mark.slow
 def test_preference_pairs_cache_both_images_with_one_flip(tmp_path, tiny_assets, tiny_pipeline):
     cfg = tiny_cfg(tmp_path / "w", "train_dataloader.dataset.cache.enabled=True", config="playgroundv2_5_dpo_tiny_shapes")
     from pgv25.tiny import ensure_tiny_assets

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import TINY_OPTIONS, wait_for_logged_iterations
 
+pytestmark = pytest.mark.slow  # launches processes or builds venvs: the full suite only (pytest -m 'not slow' skips it)
+
 HERE = Path(__file__).resolve().parent
 SMALL = TINY_OPTIONS + ["train_dataloader.batch_size=4", "default_hooks.logger.interval=1", "sample_grid.prompts=[]",
                         "validation.interval=0"]

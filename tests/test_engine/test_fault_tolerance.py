@@ -45,6 +45,7 @@ def copy_run(source: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_rotation_keeps_the_newest_checkpoints_and_every_export(tiny_assets, tmp_path):
     train(tiny_cfg(tmp_path, "train_cfg.max_iters=5", "default_hooks.checkpoint.interval=1",
                    "default_hooks.checkpoint.max_keep_ckpts=2", NO_GRID))
@@ -76,6 +77,7 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tiny_assets, tmp
     assert json.loads((checkpoints["iter_0000006"] / "trainer_state.json").read_text())["nonfinite_skipped"] == 3
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_is_one_clear_error_and_the_previous_checkpoint_survives(two_iterations, tmp_path, monkeypatch):
     work = copy_run(two_iterations, tmp_path)
 
@@ -108,6 +110,7 @@ def test_a_save_killed_midway_is_never_picked_and_is_cleaned_up(two_iterations, 
     assert not stale.exists()
 
 
+@pytest.mark.slow
 def test_a_changed_config_is_refused_on_resume_unless_allowed(two_iterations, tmp_path):
     work = copy_run(two_iterations, tmp_path)
     changed = tiny_cfg(work, "train_cfg.max_iters=3", "train_dataloader.batch_size=2", NO_GRID)
@@ -138,6 +141,7 @@ def test_graceful_stop_first_signal_requests_a_second_ctrl_c_aborts():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tiny_assets, tmp_path):
     work = tmp_path / "run"
     options = TINY_OPTIONS + ["train_dataloader.batch_size=4", "default_hooks.logger.interval=1", NO_GRID, "validation.interval=0",

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_OPTIONS, tiny_cfg
-from pgv25.engine import runner
+from pgv25.engine import runner, saving
 from pgv25.engine.checkpoint import read_checkpoint
 from pgv25.engine.integrity import MANIFEST, check_folder
 from pgv25.files import UMASK
@@ -91,6 +91,7 @@ def test_a_changed_byte_in_any_part_is_found_and_named(six_iterations, tmp_path,
             train(tiny_cfg(tmp_path, *SIX), resume=str(checkpoint))
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one_exactly(six_iterations, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="pgv25")
     work = damaged_copy(six_iterations, tmp_path)
@@ -212,7 +213,7 @@ def test_out_of_memory_is_one_line_with_what_helps_and_the_checkpoint_untouched(
 
 def test_no_room_skips_a_save_then_stops_at_the_second(tiny_assets, tmp_path, monkeypatch, caplog):
     free = {"bytes": 10**12}
-    monkeypatch.setattr(runner, "free_bytes", lambda folder: free["bytes"])
+    monkeypatch.setattr(saving, "free_bytes", lambda folder: free["bytes"])
     cfg = tiny_cfg(tmp_path, "train_cfg.max_iters=8", "default_hooks.checkpoint.interval=2", NO_GRID)
     trainer = runner.Trainer(cfg)
     for _ in range(2):

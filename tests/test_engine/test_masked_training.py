@@ -1,6 +1,7 @@
 """Masked loss through `pgv25 train`: white masks train exactly as no masks; real masks train from pixels and from the
 latent cache, which stores the weights at the latent's size."""
 
+import pytest
 import json
 import shutil
 from pathlib import Path
@@ -31,6 +32,7 @@ def losses(work):
     return [json.loads(line)["loss"] for line in (work / "scalars.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_white_masks_change_nothing_and_real_masks_train_with_and_without_cache(tiny_assets, tmp_path):
     white = masked_copy(tiny_assets["shapes"], tmp_path / "white", value=255)
     common = ["train_cfg.max_iters=3", "sample_grid.prompts=[]", f"train_dataloader.dataset.path={white}"]

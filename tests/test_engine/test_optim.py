@@ -47,13 +47,15 @@ def test_adamw8bit_needs_bitsandbytes_and_off_cuda_a_recent_one(monkeypatch):
 def test_adamw8bit_with_fsdp_over_processes_is_refused_before_loading(monkeypatch, tmp_path):
     """bitsandbytes' kernels cannot update FSDP's sharded parameters: one line at start-up, not a traceback at step 1."""
     from pgv25.engine import build
+    from pgv25.engine.options import read_options
 
     monkeypatch.setattr(build.Runtime, "world_size", property(lambda self: 2))
     with pytest.raises(UserError, match="optimizer AdamW8bit with strategy='fsdp' is not supported"):
-        build.build_runtime(tiny_cfg(tmp_path, "strategy=fsdp", "optim_wrapper.optimizer.type=AdamW8bit"), tmp_path, [])
-    assert build.build_runtime(tiny_cfg(tmp_path, "strategy=ddp", "optim_wrapper.optimizer.type=AdamW8bit"), tmp_path, [])
+        build.build_runtime(read_options(tiny_cfg(tmp_path, "strategy=fsdp", "optim_wrapper.optimizer.type=AdamW8bit")), tmp_path, [])
+    assert build.build_runtime(read_options(tiny_cfg(tmp_path, "strategy=ddp", "optim_wrapper.optimizer.type=AdamW8bit")), tmp_path, [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["Adafactor", "AdamW8bit"])
 def test_trains_and_resumes_exactly(kind, tiny_assets, tmp_path):
     if kind == "AdamW8bit":

@@ -35,6 +35,7 @@ def dreambooth_cfg(work, *options):
     return tiny_cfg(work, *options, config=DREAMBOOTH)
 
 
+@pytest.mark.slow
 def test_prior_preservation_trains_both_halves_and_resumes_exactly(instance_dir, tmp_path, caplog):
     class_dir = tmp_path / "class"
     options = prior_options(instance_dir, class_dir, "train_cfg.max_iters=4", "default_hooks.checkpoint.interval=2",

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_cfg
-from pgv25.engine.runner import TRAIN_LOG_ONLY, train
+from pgv25.engine.progress import TRAIN_LOG_ONLY
+from pgv25.engine.runner import train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,6 +100,7 @@ def test_checkpoints_refuse_pickled_objects(straight_run, tmp_path):
         train(tiny_cfg(tmp_path, "train_cfg.max_iters=4", "sample_grid.prompts=[]"), resume=str(ckpt))
 
 
+@pytest.mark.slow
 def test_plain_diffusers_loads_the_export(straight_run, tiny_assets, tmp_path):
     work, step_dir, _ = straight_run
     result = subprocess.run(
@@ -154,6 +156,7 @@ def test_training_from_the_latent_cache_resumes_exactly_without_loading_encoders
     assert scalars(tmp_path / "b") == scalars(tmp_path / "a")[2:]
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_listed_and_summarised_per_epoch(tiny_assets, tmp_path, caplog):
     import logging
     import shutil
@@ -232,6 +235,7 @@ def test_streaming_a_local_parquet_dataset_trains_and_resumes(tiny_assets, tmp_p
     assert result.iteration == 4 and result.step_dir == tmp_path / "w" / "step4"
 
 
+@pytest.mark.slow
 def test_speed_switches_train_like_eager(tiny_assets, tmp_path, caplog):
     """The speed switches are numerically the same model: same losses (to float tolerance) as the eager run; their
     GPU-only defaults ('cuda') leave a CPU on the plain path."""

@@ -1,5 +1,6 @@
 """Validation grids: made before the first iteration and every N, logged, and invisible to the training RNG."""
 
+import pytest
 import json
 
 import torch
@@ -17,6 +18,7 @@ def losses(work):
     return [json.loads(line)["loss"] for line in (work / "scalars.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_validation_grids_do_not_change_training(tiny_assets, tmp_path):
     cfg = tiny_cfg(tmp_path / "a", *OPTIONS, "validation.interval=2")
     cfg.train_dataloader.dataset.captions = dict(prefix="TOK, ")

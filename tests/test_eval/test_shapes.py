@@ -93,6 +93,7 @@ def test_a_shape_cut_by_the_frame_is_not_whole():
     assert scores["whole_shape_accuracy"] == 0.0
 
 
+@pytest.mark.slow
 def test_eval_command_writes_table_json_and_worst_cases(tiny_assets, tmp_path):
     result = subprocess.run([sys.executable, "-m", "pgv25.cli", "eval", "shapes", "--model", str(tiny_assets["model"]),
                              "--per-prompt", "1", "--steps", "2", "--limit", "3", "--aspect", "1:1", "2:1",

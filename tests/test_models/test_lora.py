@@ -90,6 +90,7 @@ def test_lora_with_a_target_that_matches_nothing(tiny_assets, tmp_path):
         Trainer(tiny_cfg(tmp_path, "model.lora.enabled=True", "model.lora.target_modules=[no_such_layer]"))
 
 
+@pytest.mark.slow
 def test_text_encoder_lora_exports_loads_and_resumes(tiny_assets, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

@@ -83,6 +83,7 @@ def test_compile_unet_regions_and_whole(caplog):
         compile_regions(torch.nn.Linear(2, 2), ["resnet"])
 
 
+@pytest.mark.slow
 def test_regional_compile_over_the_sdxl_buckets_without_graph_breaks():
     """Compile readiness: every SDXL bucket at 1024 (17 shapes) through forward and backward of the compiled
     blocks, fullgraph (a graph break is an error), with the recompile limit compile_unet sets and a hit of it

@@ -1,3 +1,4 @@
+import pytest
 import json
 
 import torch
@@ -111,6 +112,7 @@ def test_mixed_aspect_dataset(tmp_path):
     assert sizes.count((64, 64)) == 84 * 3 and sizes.count((96, 48)) == 84 and sizes.count((48, 96)) == 84
 
 
+@pytest.mark.slow
 def test_text_encoder_pretraining_separates_captions(tiny_pipeline):
     from pgv25.tiny.base_pipeline import build_text_encoders, pretrain_text_encoders
     from pgv25.tiny.shapes import caption

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import TINY_OPTIONS
 
+pytestmark = pytest.mark.slow  # launches processes or builds venvs: the full suite only (pytest -m 'not slow' skips it)
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 SMALL = ["--iters", "2", "--per-prompt", "1", "--eval-steps", "2", "--eval-limit", "1",
          "--cfg-options", *TINY_OPTIONS, "train_dataloader.batch_size=4"]
