@@ -415,16 +415,37 @@ def quiet_libraries() -> None:
     """Progress bars and INFO lines of the libraries underneath would drown our progress line.
 
     Cheap: the loggers are set by name, and diffusers and transformers (seconds to import) are silenced
-    by `quiet_progress_bars` only in the processes that go on to use them.
+    by `quiet_progress_bars` only in the processes that go on to use them. `bitsandbytes.backends` and
+    `kernels`: diffusers imports bitsandbytes whenever it is installed (its quantizer registry), and on a CPU
+    with AVX512-BF16 bitsandbytes then tries to fetch a 4-bit inference kernel from the Hub through `kernels`,
+    warning twice when it cannot; pgv25 never uses that kernel (8-bit AdamW does not need it).
     """
     import warnings
 
-    for noisy in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub", "httpx", "mmengine"):
+    for noisy in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub", "httpx", "mmengine",
+                  "bitsandbytes.backends", "kernels"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     from mmengine.logging import MMLogger
 
     MMLogger.get_instance("mmengine").setLevel(logging.ERROR)
+
+
+def ours_or_a_warning(record: logging.LogRecord) -> bool:
+    """The terminal's filter: pgv25's own lines, and other libraries' warnings and errors; not their INFO chatter."""
+    return record.name == "pgv25" or record.name.startswith("pgv25.") or record.levelno >= logging.WARNING
+
+
+def configure_logging() -> None:
+    """Progress to stdout, as `HH:MM:SS message`; stderr carries only problems, so an error is the one line there."""
+    root = logging.getLogger()
+    if not root.handlers:  # what logging.basicConfig does, with the filter on the terminal's handler
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler.addFilter(ours_or_a_warning)
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    quiet_libraries()
 
 
 def quiet_progress_bars() -> None:
@@ -442,9 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     args.argv = argv
-    # Progress goes to stdout; stderr carries only problems, so an error is the one line there.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    quiet_libraries()
+    configure_logging()
     try:
         if args.command == "train" and os.environ.get("NPROC_PER_NODE") and not args.dry_run:
             from .launch import inside_distributed_launch, relaunch

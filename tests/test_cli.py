@@ -178,3 +178,26 @@ def test_data_inspect_prints_buckets_and_writes_the_histogram(tmp_path, tiny_ass
 def test_data_commands_refuse_a_streaming_config():
     result = call("data", "inspect", "playgroundv2_5_pokemon_blip", "--cfg-options", "train_dataloader.dataset.streaming=True")
     one_line_error(result, "streams its dataset: there is no scan to inspect or cache")
+
+
+@pytest.mark.slow
+def test_the_terminal_carries_our_lines_and_real_warnings_not_library_chatter():
+    """As a plain `pgv25` process configures it: other libraries' INFO lines stay out of the terminal, their warnings
+    reach it, and importing diffusers' models (which imports bitsandbytes, which with `kernels` installed reaches for
+    the Hub) adds nothing."""
+    script = (
+        "import logging\n"
+        "from pgv25.cli import configure_logging\n"
+        "configure_logging()\n"
+        "from diffusers import UNet2DConditionModel\n"  # imports bitsandbytes when installed (diffusers' quantizer registry)
+        "logging.getLogger('pgv25').info('ours: progress')\n"
+        "logging.getLogger('pgv25.engine').info('ours: a module of ours')\n"
+        "logging.getLogger('somelib').info('chatter')\n"
+        "logging.getLogger('somelib.sub').warning('a real warning')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = [line.split(" ", 1)[1] for line in result.stdout.splitlines()]
+    assert lines == ["ours: progress", "ours: a module of ours", "a real warning"], result.stdout + result.stderr
+    assert "kernels" not in result.stderr and "gemm_4bit" not in result.stderr

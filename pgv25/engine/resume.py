@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 from . import distributed
 from .checkpoint import complete_checkpoints, read_checkpoint, read_trainer_state
-from .integrity import check_folder
+from .integrity import MANIFEST, UNVERIFIED, check_folder
 
 logger = logging.getLogger("pgv25")
 
@@ -73,8 +73,15 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 
 
 def checkpoint_to_resume(resume, work_dir: Path) -> Path | None:
-    """`--resume` alone: the newest intact checkpoint of the work dir (None: start fresh), passing over damaged
-    ones with a line each; a path: that one, refused in one line if it is damaged."""
+    """`--resume` alone: the newest verified checkpoint of the work dir (None: start fresh), passing over damaged
+    ones, and ones whose manifest was lost, with a line each; a path: that one, refused in one line if it is damaged.
+
+    A checkpoint is written with its manifest inside the folder that is renamed into place, so a pgv25 that writes
+    manifests never leaves one without: when an older checkpoint of the same work dir has one, a newer one without it
+    lost it later (a partial copy, a cleanup) and nothing vouches for its files. It is passed over like a damaged one;
+    named explicitly (`--resume PATH`) it is used, with the same line. When no checkpoint has a manifest (written
+    before manifests existed), the newest is used, with a line saying its files cannot be checked.
+    """
     if not resume:
         return None
     if resume is True:
@@ -82,21 +89,40 @@ def checkpoint_to_resume(resume, work_dir: Path) -> Path | None:
         if not found:
             logger.info("--resume: no checkpoint in %s yet; starting from the beginning", work_dir / "checkpoints")
             return None
-        damaged = []
-        for candidate in reversed(found):
+        recorded = [(c / MANIFEST).is_file() for c in found]
+        lost, damaged = [], []  # passed over, newest first
+        for i in reversed(range(len(found))):
+            candidate = found[i]
             check = check_folder(candidate)
+            if check.state == UNVERIFIED:
+                if any(recorded[:i]):  # an older one has a manifest: this one's was lost
+                    lost.append(candidate)
+                    continue
+                logger.warning("checkpoint %s was written without a manifest (an older pgv25): its files cannot be "
+                               "checked; resuming from it", candidate)
+                return candidate
             if not check.damaged:
+                for name in lost:
+                    logger.warning("checkpoint %s has lost its %s (older checkpoints have theirs): its files cannot be "
+                                   "checked, so it is passed over for the newest verified one, %s (--resume %s uses it anyway)",
+                                   name, MANIFEST, candidate.name, name)
                 return candidate
             damaged.append(f"{candidate.name}: {check.state}")
             logger.warning("checkpoint %s is damaged (%s); trying the one before it", candidate, check.state)
-        raise UserError(f"--resume: every checkpoint in {work_dir / 'checkpoints'} is damaged ({'; '.join(damaged)}); "
-                        "move them away to start from the beginning")
+        if not lost:
+            raise UserError(f"--resume: every checkpoint in {work_dir / 'checkpoints'} is damaged ({'; '.join(damaged)}); "
+                            "move them away to start from the beginning")
+        raise UserError(f"--resume: no verified checkpoint in {work_dir / 'checkpoints'} "
+                        f"({'; '.join([f'{c.name}: {MANIFEST} lost' for c in lost] + damaged)}); "
+                        f"give one with --resume PATH to use it anyway, or move them away to start from the beginning")
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"--resume: checkpoint {path} does not exist")
     check = check_folder(path)
     if check.damaged:
         raise UserError(f"--resume: checkpoint {path} is damaged: {check.state}")
+    if check.state == UNVERIFIED:
+        logger.warning("checkpoint %s has no %s: its files cannot be checked; resuming from it as asked", path, MANIFEST)
     return path
 
 

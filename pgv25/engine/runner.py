@@ -149,7 +149,10 @@ class Trainer:
         cfg, accelerator, options, progress = self.cfg, self.accelerator, self.options, self.progress
         if accelerator.is_main_process:
             cfg.dump(str(self.work_dir / f"{cfg.config_name}.py"))
-        accelerator.init_trackers("pgv25", config=flat_config(cfg), init_kwargs=options.tracker_init)
+        # TensorBoard hides what an interrupted attempt logged past this start (the validation grid at 0 included), so
+        # its dashboards show one curve; scalars.jsonl was cut the same way in _build.
+        purge = {"tensorboard": {"purge_step": self.iteration + 1 if self.iteration else 0}}
+        accelerator.init_trackers("pgv25", config=flat_config(cfg), init_kwargs={**options.tracker_init, **purge})
         log_every, save_every = options.train.log_every, options.train.save_every
         logger.info(
             "training %s: %d iterations; %d process(es) (%s) × batch %d × %d accumulation = %d samples per update at lr %.2e; "

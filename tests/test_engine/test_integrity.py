@@ -17,6 +17,7 @@ from conftest import TINY_OPTIONS, tiny_cfg
 from pgv25.engine import runner, saving
 from pgv25.engine.checkpoint import read_checkpoint
 from pgv25.engine.integrity import MANIFEST, check_folder
+from pgv25.engine.resume import checkpoint_to_resume
 from pgv25.files import UMASK
 from pgv25.engine.runner import train
 from pgv25.errors import UserError
@@ -234,3 +235,42 @@ def test_no_room_skips_a_save_then_stops_at_the_second(tiny_assets, tmp_path, mo
     trainer.skipped_saves = 0
     assert trainer.save()[0].name == "iter_0000004"  # room again: saves resume
     trainer.release()
+
+
+def test_a_checkpoint_whose_manifest_was_lost_is_passed_over_in_one_line(six_iterations, tmp_path, caplog):
+    """Checkpoints 2 and 4 have manifests: 6 was written by the same pgv25, so its missing manifest was lost later and
+    nothing vouches for its files. --resume takes 4 and says why in one line; named explicitly, 6 is used, with the line."""
+    caplog.set_level(logging.INFO, logger="pgv25")
+    work = damaged_copy(six_iterations, tmp_path)
+    (work / "checkpoints" / "iter_0000006" / MANIFEST).unlink()
+    assert checkpoint_to_resume(True, work) == work / "checkpoints" / "iter_0000004"
+    lines = [r.getMessage() for r in caplog.records if "iter_0000006" in r.getMessage()]
+    assert len(lines) == 1 and "manifest" in lines[0] and "cannot be checked" in lines[0] and "iter_0000004" in lines[0]
+    assert "\n" not in lines[0]
+    caplog.clear()
+    named = work / "checkpoints" / "iter_0000006"
+    assert checkpoint_to_resume(str(named), work) == named
+    assert [r.levelname for r in caplog.records if "cannot be checked" in r.getMessage()] == ["WARNING"]
+
+
+def test_legacy_checkpoints_without_manifests_resume_from_the_newest_with_a_line(six_iterations, tmp_path, caplog):
+    """No checkpoint has a manifest (written before manifests existed): the newest is used, and the line says so."""
+    caplog.set_level(logging.INFO, logger="pgv25")
+    work = damaged_copy(six_iterations, tmp_path)
+    for checkpoint in (work / "checkpoints").iterdir():
+        (checkpoint / MANIFEST).unlink()
+    assert checkpoint_to_resume(True, work) == work / "checkpoints" / "iter_0000006"
+    lines = [r.getMessage() for r in caplog.records if "manifest" in r.getMessage()]
+    assert len(lines) == 1 and "iter_0000006" in lines[0] and "written without a manifest" in lines[0]
+
+
+def test_only_lost_manifests_and_damage_is_one_line(six_iterations, tmp_path):
+    """The newest without its manifest and the older ones damaged: nothing verified is left, so the error names both."""
+    work = damaged_copy(six_iterations, tmp_path)
+    (work / "checkpoints" / "iter_0000006" / MANIFEST).unlink()
+    for name in ("iter_0000002", "iter_0000004"):
+        (work / "checkpoints" / name / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(UserError) as error:
+        checkpoint_to_resume(True, work)
+    message = str(error.value)
+    assert "\n" not in message and "iter_0000006" in message and "iter_0000002" in message and "--resume" in message

@@ -73,6 +73,30 @@ def scalars(work) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "loader_wait")} for line in lines]
 
 
+def test_a_start_from_scratch_drops_what_an_earlier_attempt_logged(tiny_assets, tmp_path):
+    """An attempt killed before its first checkpoint left scalars and TensorBoard events; the next start from iteration 0
+    (here `--resume` with no checkpoint yet) logs one curve, not the old one and the new one."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    old = 99.0  # a loss no real step of the tiny model gives
+    (tmp_path / "scalars.jsonl").write_text("".join(json.dumps({"iteration": i, "loss": old}) + "\n" for i in (1, 2, 3)))
+    writer = SummaryWriter(tmp_path / "tensorboard" / "pgv25")
+    for i in (1, 2, 3):
+        writer.add_scalar("loss", old, i)
+    writer.close()
+    train(tiny_cfg(tmp_path, "train_cfg.max_iters=2", "sample_grid.prompts=[]"), resume=True)
+    rows = scalars(tmp_path)
+    assert [r["iteration"] for r in rows] == [1, 2] and old not in [r["loss"] for r in rows]
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "pgv25"))
+    events.Reload()
+    assert [(e.step, e.value == old) for e in events.Scalars("loss")] == [(1, False), (2, False)]
+    # A resume purges only what came after its checkpoint: iterations 1-2 stay, 3-4 are logged once.
+    train(tiny_cfg(tmp_path, "train_cfg.max_iters=4", "sample_grid.prompts=[]"), resume=True)
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4] and [r["iteration"] for r in scalars(tmp_path)] == [1, 2, 3, 4]
+
+
 def test_resume_latest_at_the_end_only_re_exports(straight_run, tmp_path):
     import shutil
 
