@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from ..engine.integrity import share_permissions
 from ..errors import UserError
-from .captions import caption_options
 from .multi import ConcatRows
 from .dataset import DataPlan, companion_flag
 from .transforms import DEFAULT_MAX_PIXELS
@@ -64,7 +63,7 @@ def cache_key(plan: DataPlan, data_cfg: dict, encoders_identity: str, force_zero
     if isinstance(plan.rows, ConcatRows):  # several datasets: each one's template
         inputs["caption_templates"] = [options.template for options in plan.rows.options]
     else:
-        template = caption_options(data_cfg).template
+        template = plan.captions.template
         if template != "{caption}":  # only then: caches built before caption templates existed keep their key
             inputs["caption_template"] = template
     return hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20], inputs

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .captions import CaptionOptions, caption_options
+from .captions import CaptionOptions
 from .buckets import bucket_sizes, merge_small, nearest_buckets
 from .index import Index, describe_problems, scan
 from .masks import has_mask, masked_sample
@@ -39,6 +39,7 @@ class DataPlan:
     weighting: float | str
     parts: list[dict] | None = None  # several datasets (data/multi.py): name, usable images, repeats of each
     companion: np.ndarray | None = None  # per position: a class image, only drawn beside a batch (prior preservation)
+    captions: CaptionOptions | None = None  # the source's caption settings, parsed once (several datasets: rows.options)
 
     def histogram(self) -> list[tuple[tuple[int, int], int]]:
         counts = np.bincount(self.bucket_of, minlength=len(self.sizes))
@@ -47,11 +48,11 @@ class DataPlan:
 
 def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dataset") -> DataPlan:
     """Read and scan the source and assign buckets; every whole-dataset mistake raises here, before any model loads."""
-    parts = None
+    parts = captions = None
     if cfg.get("parts"):  # several datasets: their rows as one, each with its own captions (data/multi.py)
         rows, parts = load_parts(cfg, key, load_rows)
     else:
-        rows, _ = prepare_rows(cfg, key, load_rows)
+        rows, captions = prepare_rows(cfg, key, load_rows)
     index = scan(rows, cfg.get("cache_dir"), int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)))
     if len(index) == 0:
         raise UserError(f"no usable images in {rows.name}{describe_problems(index.reasons(), ': excluded')}")
@@ -77,7 +78,7 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
         describe_masks(rows, index)
     used = np.bincount(bucket_of, minlength=len(sizes)) > 0  # keep only buckets that have images
     renumber = np.cumsum(used) - 1
-    return DataPlan(rows, index, [s for s, u in zip(sizes, used) if u], renumber[bucket_of], weighting, parts, companion)
+    return DataPlan(rows, index, [s for s, u in zip(sizes, used) if u], renumber[bucket_of], weighting, parts, companion, captions)
 
 
 def describe_masks(rows, index: Index) -> None:
@@ -204,6 +205,6 @@ def collate(items: list[dict]) -> dict:
 def build_dataset(cfg: dict, plan: DataPlan, seed: int) -> BucketedImageDataset:
     """From the `train_dataloader.dataset` config dict and its plan."""
     transform = BucketTransform(cfg.get("center_crop", False), cfg.get("random_flip", True))
-    captions = plan.rows.options_of if isinstance(plan.rows, ConcatRows) else SameCaptions(caption_options(cfg))
+    captions = plan.rows.options_of if isinstance(plan.rows, ConcatRows) else SameCaptions(plan.captions)
     return BucketedImageDataset(plan, transform, cfg.get("caption_dropout", 0.0), seed,
                                 int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)), captions)
