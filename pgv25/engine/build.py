@@ -232,7 +232,7 @@ def build_optimisation(options, runtime: Runtime, model: ModelParts, objective: 
     trained_params = [p for p in model.trained.parameters() if p.requires_grad]
     unet_params = {id(p) for p in unet.parameters()}
     text_params = [p for p in trained_params if id(p) not in unet_params]
-    optimizer = build_optimizer(trained_params, optim.optimizer, on_cuda=runtime.device.type == "cuda")
+    optimizer = build_optimizer(trained_params, optim.optimizer, on_cuda=runtime.device.type == "cuda", sharded=runtime.sharded)
     lr_scheduler = build_lr_scheduler(optimizer, optim.scheduler, options.train.max_iters)
     if runtime.sharded:
         step_module, optimizer = objective, runtime.accelerator.prepare(optimizer)

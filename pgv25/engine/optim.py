@@ -6,10 +6,16 @@
   matrix instead of two full copies of the weights.
 - `AdamW8bit`: bitsandbytes' block-wise 8-bit AdamW states (a quarter of AdamW's optimizer memory);
   on CUDA any bitsandbytes, elsewhere bitsandbytes >= 0.50 (the first with 8-bit optimizers on a CPU).
+- `Prodigy` (prodigyopt), `Lion` (lion-pytorch), `CAME` (came-pytorch), `AdamWScheduleFree` (schedulefree):
+  what fine-tuners pick, each from its own package, installed with its extra (`pip install "pgv25[prodigy]"`).
+  A schedule-free optimizer trains one sequence of weights and means another (their running average):
+  `eval_weights` swaps the latter in around validation samples and exports.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
 import logging
 
@@ -19,7 +25,12 @@ from ..errors import UserError
 
 logger = logging.getLogger("pgv25")
 
-OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit")
+# name → (module, class, the package to pip install, pgv25's extra)
+PACKAGED = {"Prodigy": ("prodigyopt", "Prodigy", "prodigyopt", "prodigy"),
+            "Lion": ("lion_pytorch", "Lion", "lion-pytorch", "lion"),
+            "CAME": ("came_pytorch", "CAME", "came-pytorch", "came"),
+            "AdamWScheduleFree": ("schedulefree", "AdamWScheduleFree", "schedulefree", "schedulefree")}
+OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit", *PACKAGED)
 
 
 CPU_8BIT_SINCE = (0, 50)  # bitsandbytes before 0.50 runs its 8-bit optimizer step on CUDA tensors only
@@ -37,7 +48,28 @@ def _adamw8bit(on_cuda: bool):
     return bitsandbytes.optim.AdamW8bit
 
 
-def build_optimizer(params, cfg: dict, on_cuda: bool):
+def _packaged(kind: str):
+    module, name, package, extra = PACKAGED[kind]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        raise UserError(f"optimizer {kind} needs {package}: pip install \"pgv25[{extra}]\" (or pip install {package})") from None
+
+
+def _adapt_inherited(kind: str, options: dict) -> dict:
+    """A base config's AdamW keys that mean something else to this optimizer: dropped with a warning, not an error."""
+    if kind == "CAME":  # three betas and two eps: AdamW's pair and scalar do not fit
+        for key, size in (("betas", 3), ("eps", 2)):
+            value = options.get(key)
+            if value is not None and (not isinstance(value, tuple) or len(value) != size):
+                logger.warning("optimizer CAME's %s has %d values; the inherited %s %s is ignored", key, size, key, options.pop(key))
+    if kind == "Prodigy" and options.get("lr", 1.0) < 0.1:  # Prodigy estimates the step size; lr scales it
+        logger.warning("optimizer Prodigy estimates its own step size: its lr is a multiplier, usually 1.0 (got %s)",
+                       options["lr"])
+    return options
+
+
+def build_optimizer(params, cfg: dict, on_cuda: bool, sharded: bool = False):
     options = dict(cfg)
     kind = options.pop("type", "AdamW")
     for key in ("betas", "eps"):
@@ -53,6 +85,10 @@ def build_optimizer(params, cfg: dict, on_cuda: bool):
             logger.warning("optimizer Adafactor's eps is a pair (eps1, eps2); the scalar eps %s is ignored", options.pop("eps"))
     elif kind == "AdamW8bit":
         optimizer_class = _adamw8bit(on_cuda)
+    elif kind in PACKAGED:
+        optimizer_class, options = _packaged(kind), _adapt_inherited(kind, options)
+        if kind == "Prodigy" and sharded:  # its step-size estimate sums over all parameters: over every shard
+            options["fsdp_in_use"] = True
     else:
         raise UserError(f"optim_wrapper.optimizer.type '{kind}' is not supported; choose one of {', '.join(OPTIMIZERS)}")
     # Switching `type` on the command line keeps the base config's AdamW keys (betas, eps, ...):
@@ -64,9 +100,38 @@ def build_optimizer(params, cfg: dict, on_cuda: bool):
             logger.warning("optimizer %s takes no %s: ignored", kind, ", ".join(ignored))
         options = {k: v for k, v in options.items() if k in accepted}
     try:
-        return optimizer_class(params, **options)
-    except (TypeError, ValueError) as error:
-        raise UserError(f"optim_wrapper.optimizer ({kind}): {error}") from None
+        optimizer = optimizer_class(params, **options)
+    except (TypeError, ValueError, AssertionError) as error:  # lion-pytorch and came-pytorch check with assert
+        raise UserError(f"optim_wrapper.optimizer ({kind}): {error or 'invalid settings ' + repr(options)}") from None
+    if schedule_free(optimizer):
+        optimizer.train()  # it refuses to step in eval mode, the mode it starts in
+    return optimizer
+
+
+def schedule_free(optimizer) -> bool:
+    """A schedule-free optimizer (schedulefree): its parameters hold training weights, eval() swaps in the mean."""
+    groups = getattr(optimizer, "param_groups", [])
+    return bool(groups) and "train_mode" in groups[0] and callable(getattr(optimizer, "eval", None))
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer, params):
+    """Inside: the weights a schedule-free optimizer means you to use (its average); after: the training weights
+    again, bit for bit. Its train() after eval() is a lerp each way, not exactly the identity in floating point, so
+    the training weights are copied before and put back: a run that exports trains on like one that does not.
+    Any other optimizer: nothing happens."""
+    if optimizer is None or not schedule_free(optimizer):
+        yield
+        return
+    kept = [p.detach().clone() for p in params]
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
+        with torch.no_grad():
+            for p, value in zip(params, kept):
+                p.copy_(value)
 
 
 def build_lr_scheduler(optimizer, cfg: dict, max_iters: int):
@@ -79,3 +144,30 @@ def build_lr_scheduler(optimizer, cfg: dict, max_iters: int):
         return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max_iters, **options)
     except (ValueError, TypeError) as error:
         raise UserError(f"param_scheduler: {error}") from None
+
+
+# Packages whose optimizers make no state (schedulefree) or lack param-group keys (prodigyopt's d_denom) after the
+# zero-lr step with which torch's distributed state-dict loader fills an empty optimizer before loading into it.
+REAL_STEP_TO_INIT = ("prodigyopt", "schedulefree")
+
+
+@torch.no_grad()
+def prepare_for_loading(optimizer) -> None:
+    """Give an optimizer of REAL_STEP_TO_INIT its full state before a checkpoint is loaded into it: one step on unit
+    gradients at a positive lr, then the parameters put back bit for bit; loading replaces every value the step made."""
+    if any(optimizer.state.values()) or type(optimizer).__module__.split(".")[0] not in REAL_STEP_TO_INIT:
+        return  # (schedulefree's train() leaves an empty dict per parameter: keys alone are no state)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    kept = [p.detach().clone() for p in params]
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] or 1e-3  # a warm-up schedule starts at 0, and a zero lr makes no state
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with torch.enable_grad():
+        optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    for p, value in zip(params, kept):
+        p.copy_(value)
+    optimizer.zero_grad(set_to_none=True)

@@ -16,6 +16,7 @@ from ..errors import UserError
 from . import distributed
 from .checkpoint import complete_checkpoints, read_checkpoint, read_trainer_state
 from .integrity import MANIFEST, UNVERIFIED, check_folder
+from .optim import prepare_for_loading
 
 logger = logging.getLogger("pgv25")
 
@@ -167,6 +168,7 @@ def restore(trainer, checkpoint: Path, allow_config_change: bool) -> tuple[tuple
     if failed:  # every rank raises, none waits in a broadcast
         raise UserError(failed[0])
     optim, scaler = trainer.optim, trainer.accelerator.scaler
+    prepare_for_loading(optim.optimizer.optimizer)
     try:
         distributed.load_full_state(trainer.trained, optim.optimizer.optimizer, model_state, parts["optimizer"],
                                     trainable_only=trainer.lora is not None)

@@ -31,6 +31,7 @@ from .build import build_data, build_model, build_optimisation, build_runtime
 from .checkpoint import latest_checkpoint, set_rng_state
 from .ema import build_ema
 from .locks import WorkDirLock
+from .optim import eval_weights
 from .options import read_options
 from .progress import SKIPPED_FILES, Progress, flat_config, out_of_memory_message
 from .resume import chosen_checkpoint, fingerprint, restore
@@ -208,8 +209,9 @@ class Trainer:
 
     def _validate(self) -> None:
         """Validation samples on rank 0 (the others wait for it at the next step's all-reduce)."""
-        if self.validation.enabled and self.accelerator.is_main_process:
-            self.validation.run(self.iteration, self.accelerator.trackers, exported=self.export_ema)
+        if self.validation.enabled and self.accelerator.is_main_process:  # with the weights an export would hold
+            with eval_weights(self.optim.optimizer.optimizer, self.optim.trained_params):
+                self.validation.run(self.iteration, self.accelerator.trackers, exported=self.export_ema)
 
     def _out_of_memory(self, checkpoint) -> UserError:
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None

@@ -21,6 +21,7 @@ from . import distributed
 from .checkpoint import rng_state, save_checkpoint
 from .export import atomic_folder, export_pipeline, single_file_name
 from .model_card import card_of_run, write_card
+from .optim import eval_weights, schedule_free
 
 logger = logging.getLogger("pgv25")
 BYTES_PER_DTYPE = {"fp32": 1.0, "fp16": 0.5, "bf16": 0.5}  # of an fp32 tensor
@@ -50,6 +51,11 @@ def save(trainer, export: bool = True) -> tuple[Path | None, Path | None]:
     """
     model_state = distributed.full_model_state(trainer.trained, trainable_only=trainer.lora is not None)
     optimizer_state = distributed.full_optimizer_state(trainer.trained, trainer.optim.optimizer.optimizer)
+    export_state = None  # the weights an export holds, when they are not the trained ones
+    if export and schedule_free(trainer.optim.optimizer.optimizer):  # its average, gathered like the rest (a collective)
+        with eval_weights(trainer.optim.optimizer.optimizer, trainer.optim.trained_params):
+            export_state = {k: v.clone() for k, v in
+                            distributed.full_model_state(trainer.trained, trainable_only=trainer.lora is not None).items()}
     main = trainer.accelerator.is_main_process
     no_room = distributed.broadcast_object(no_room_for(trainer, model_state, optimizer_state, export) if main else None)
     if no_room:
@@ -68,7 +74,7 @@ def save(trainer, export: bool = True) -> tuple[Path | None, Path | None]:
     error = None
     if main:
         try:
-            checkpoint = _write(trainer, checkpoint, step_dir, model_state, optimizer_state, ranks)
+            checkpoint = _write(trainer, checkpoint, step_dir, model_state, optimizer_state, ranks, export_state)
         except UserError as failure:
             error = str(failure)
     error = distributed.broadcast_object(error)
@@ -77,8 +83,10 @@ def save(trainer, export: bool = True) -> tuple[Path | None, Path | None]:
     return checkpoint, step_dir
 
 
-def _write(trainer, checkpoint: Path, step_dir: Path | None, model_state: dict, optimizer_state: dict, ranks: list) -> Path:
-    """Rank 0: the checkpoint folder, then the export made from the same weights."""
+def _write(trainer, checkpoint: Path, step_dir: Path | None, model_state: dict, optimizer_state: dict, ranks: list,
+           export_state: dict | None = None) -> Path:
+    """Rank 0: the checkpoint folder, then the export made from the same weights (a schedule-free optimizer's average:
+    `export_state`; the EMA's when it is exported)."""
     bad = [name for name, value in model_state.items() if not torch.isfinite(value).all()]
     if bad:  # cannot happen past the non-finite guard; never write such weights if it does
         raise UserError(f"iteration {trainer.iteration}: refusing to save non-finite weights ({bad[0]}, ...)")
@@ -100,7 +108,8 @@ def _write(trainer, checkpoint: Path, step_dir: Path | None, model_state: dict, 
     if step_dir is not None:
         dtype = trainer.options.export.dtype
         use_ema = ema is not None and trainer.options.ema.export == "ema"
-        weights = {**model_state, **parts["ema"]} if use_ema else model_state  # EMA values for trained parameters
+        exported_state = export_state or model_state
+        weights = {**exported_state, **parts["ema"]} if use_ema else exported_state  # EMA values for trained parameters
         if trainer.lora is not None:
             exported = _export_lora(trainer, step_dir, weights, dtype)
         else:

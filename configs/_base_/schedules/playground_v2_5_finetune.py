@@ -1,7 +1,8 @@
 # Full fine-tune of the Playground v2.5 UNet, in line with sdxlengine's recipe.
 # One iteration = one optimizer update (of `accumulative_counts` micro-batches).
 optim_wrapper = dict(
-    # type: 'AdamW' (fused on CUDA) | 'Adafactor' (factored state, torch) | 'AdamW8bit' (bitsandbytes; not with fsdp).
+    # type: 'AdamW' (fused on CUDA) | 'Adafactor' (factored state, torch) | 'AdamW8bit' (bitsandbytes; not with fsdp)
+    # | 'Prodigy' (lr=1.0) | 'Lion' | 'CAME' | 'AdamWScheduleFree' (each its own package: pip install "pgv25[prodigy]" ...).
     # Keys the chosen optimizer does not take (e.g. betas for Adafactor) are ignored with a warning.
     optimizer=dict(type='AdamW', lr=1e-5, weight_decay=1e-2, betas=(0.9, 0.999), eps=1e-8),
     clip_grad=dict(max_norm=1.0),  # gradient-norm clipping; None to disable
