@@ -165,10 +165,12 @@ def _planned_data(cfg, global_batch: int, config: str, cache: bool = False):
     from .data.multi import dataset_config
     from .objectives import objective_options
 
+    from .engine.options import validation_loss_options
+
     data_cfg = dataset_config(cfg.train_dataloader)
     objective = objective_options(cfg)
-    if objective["type"] != "prior_preservation":
-        return data_cfg, plan_data(data_cfg, global_batch)
+    if objective["type"] != "prior_preservation":  # without the images validation.loss.split holds out, as training
+        return data_cfg, plan_data(data_cfg, global_batch, holdout=validation_loss_options(cfg).holdout)
     from .engine.prior_data import plan_with_class_images
 
     planned = plan_with_class_images(data_cfg, objective, global_batch)

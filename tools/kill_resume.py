@@ -93,7 +93,8 @@ def unet(work: Path, iters: int) -> dict:
 
 
 def losses(work: Path) -> list:
-    return [(r["iteration"], r["loss"], r["grad_norm"]) for r in map(json.loads, (work / "scalars.jsonl").read_text().splitlines())]
+    rows = map(json.loads, (work / "scalars.jsonl").read_text().splitlines())
+    return [(r["iteration"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]  # not validation.loss's lines
 
 
 def ensure_assets() -> None:

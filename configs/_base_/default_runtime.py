@@ -74,6 +74,18 @@ validation = dict(
     width=None,  # None: the training resolution
     height=None,
     raw_and_ema=True,  # with EMA enabled, a row from the raw weights under the EMA row
+    # The loss on held-out images, to see a run start to overfit: at a fixed grid of σ with fixed noise per image,
+    # so it moves only when the model does. Logged per σ and overall (val_loss/*: TensorBoard, W&B, scalars.jsonl),
+    # drawn in work_dir/validation_loss.png at the end; identical after a resume.
+    loss=dict(
+        interval=0,  # iterations between measurements (0: off); also before the first iteration and at the end
+        split=0.0,  # the fraction of the training images held out (never trained on), chosen by a hash of the name
+        dataset=dict(),  # or a held-out dataset of its own: dict(type='folder', path='/data/val'), over the shared keys
+        sigmas=None,  # None: 8 σ from 0.02 to 80, about ×3 apart
+        batch_size=8,  # per process
+        max_images=256,  # at most this many held-out images
+        seed=0,  # of the fixed noise
+    ),
 )
 # Trackers beside TensorBoard (always on): ['wandb'] needs `pip install 'pgv25[wandb]'`. W&B runs offline
 # (files under work_dir/wandb, `wandb sync` later) unless WANDB_API_KEY is set or WANDB_MODE says otherwise.

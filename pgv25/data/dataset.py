@@ -8,6 +8,7 @@ the collate drops it and the runner counts and logs it, so one broken file never
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -40,14 +41,18 @@ class DataPlan:
     parts: list[dict] | None = None  # several datasets (data/multi.py): name, usable images, repeats of each
     companion: np.ndarray | None = None  # per position: a class image, only drawn beside a batch (prior preservation)
     captions: CaptionOptions | None = None  # the source's caption settings, parsed once (several datasets: rows.options)
+    held_out: DataPlan | None = None  # rows split off for the validation loss (never trained on), in the same buckets
 
     def histogram(self) -> list[tuple[tuple[int, int], int]]:
         counts = np.bincount(self.bucket_of, minlength=len(self.sizes))
         return [(size, int(n)) for size, n in zip(self.sizes, counts)]
 
 
-def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dataset") -> DataPlan:
-    """Read and scan the source and assign buckets; every whole-dataset mistake raises here, before any model loads."""
+def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dataset", holdout: float = 0.0) -> DataPlan:
+    """Read and scan the source and assign buckets; every whole-dataset mistake raises here, before any model loads.
+
+    `holdout`: the fraction of usable images split off for the validation loss (`plan.held_out`), chosen by a hash of
+    each image's name, so the same images stay out whatever the seed, the process count or a resume."""
     parts = captions = None
     if cfg.get("parts"):  # several datasets: their rows as one, each with its own captions (data/multi.py)
         rows, parts = load_parts(cfg, key, load_rows)
@@ -56,6 +61,13 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
     index = scan(rows, cfg.get("cache_dir"), int(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)))
     if len(index) == 0:
         raise UserError(f"no usable images in {rows.name}{describe_problems(index.reasons(), ': excluded')}")
+    held_index = None
+    if holdout:
+        out = np.array([held_out(rows.label(int(row)), holdout) for row in index.rows], bool)
+        index, held_index = index.subset(~out), index.subset(out)
+        if len(index) == 0 or len(held_index) == 0:
+            raise UserError(f"validation.loss.split={holdout} leaves {len(index)} images to train on and {len(held_index)} to "
+                            f"validate with, of {len(out)}; both need some (change the split, or give validation.loss.dataset)")
     companion = None
     if parts is not None:
         index, parts, companion = repeat_parts(index, rows, parts)
@@ -78,7 +90,19 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
         describe_masks(rows, index)
     used = np.bincount(bucket_of, minlength=len(sizes)) > 0  # keep only buckets that have images
     renumber = np.cumsum(used) - 1
-    return DataPlan(rows, index, [s for s, u in zip(sizes, used) if u], renumber[bucket_of], weighting, parts, companion, captions)
+    sizes = [s for s, u in zip(sizes, used) if u]
+    held = None
+    if held_index is not None:  # each held-out image in the training bucket nearest its aspect ratio
+        held_buckets = nearest_buckets(held_index.widths, held_index.heights, sizes) if len(sizes) > 1 else np.zeros(len(held_index), np.int64)
+        held = DataPlan(rows, held_index, sizes, held_buckets, 1.0, captions=captions)
+    return DataPlan(rows, index, sizes, renumber[bucket_of], weighting, parts, companion, captions, held)
+
+
+def held_out(label: str, fraction: float) -> bool:
+    """Whether the image named `label` is in the held-out `fraction`: a hash of its file name and folder (or its hub
+    row), so that moving the dataset keeps the split."""
+    name = "/".join(label.replace("\\", "/").split("/")[-2:])
+    return int(hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:12], 16) < fraction * 16**12
 
 
 def describe_masks(rows, index: Index) -> None:

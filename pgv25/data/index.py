@@ -45,6 +45,11 @@ class Index:
     def reasons(self) -> Counter:
         return Counter(reason for _, reason in self.problems)
 
+    def subset(self, keep: np.ndarray) -> Index:
+        """The positions where `keep` is True (the problems stay: they describe the scan)."""
+        pick = lambda a: None if a is None else a[keep]  # noqa: E731
+        return Index(self.rows[keep], self.widths[keep], self.heights[keep], self.problems, pick(self.widths_2), pick(self.heights_2))
+
 
 def probe(rows: Rows, i: int, max_pixels: int) -> tuple | str:
     """(width, height) of row i's image as displayed, or the reason the row cannot be used; for a pair,

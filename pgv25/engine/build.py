@@ -16,6 +16,7 @@ import torch
 
 from ..data.cache import CachedLatentDataset, ensure_cache
 from ..data.dataset import DataPlan, build_dataset, plan_data
+from ..data.multi import SHARED
 from ..data.streaming import StreamingBucketDataset, check_streaming
 from ..errors import UserError
 from ..models.edm_denoiser import Conditioning
@@ -93,6 +94,8 @@ class DataParts:
     plan: DataPlan | None  # None when streaming: rows are bucketed as they arrive
     batch_size: int  # per process
     cached: bool  # samples are latents and text embeddings from the cache
+    held_out: torch.utils.data.Dataset | None = None  # the validation loss's images (engine/validation_loss.py)
+    held_out_plan: DataPlan | None = None
 
     @property
     def streaming(self) -> bool:
@@ -118,7 +121,8 @@ def build_data(options, runtime: Runtime) -> DataParts:
             check_streaming(data_cfg)
             dataset = StreamingBucketDataset(data_cfg, batch_size, seed, runtime.rank, runtime.world_size)
         else:
-            plan = plan_data(data_cfg, batch_size * runtime.world_size)
+            plan = plan_data(data_cfg, batch_size * runtime.world_size, holdout=options.validation.loss.holdout)
+        held_plan = held_out_plan(options, data_cfg, plan)
         resolve_pretrained(model_name)  # one download per machine
     objective = options.objective
     if objective["type"] == "prior_preservation":  # DreamBooth: class images drawn by the base model, then planned with
@@ -131,7 +135,27 @@ def build_data(options, runtime: Runtime) -> DataParts:
         dataset = CachedLatentDataset(folder, plan, data_cfg.get("caption_dropout", 0.0), seed)
     elif plan is not None:
         dataset = build_dataset(data_cfg, plan, seed)
-    return DataParts(dataset, plan, batch_size, cached)
+    held = None
+    if held_plan is not None:  # fixed samples: no caption dropout, no random crop or flip (a cache stores its one crop)
+        fixed = {**data_cfg, "caption_dropout": 0.0, "center_crop": True, "random_flip": False}
+        if cached:
+            folder = ensure_cache(held_plan, fixed, model_name, seed, runtime.device, runtime.weight_dtype, runtime.vae_dtype,
+                                  runtime.rank, runtime.world_size, accelerator.wait_for_everyone,
+                                  distributed.broadcast_object, options.train.config_name)
+            held = CachedLatentDataset(folder, held_plan, 0.0, seed)
+        else:
+            held = build_dataset(fixed, held_plan, seed)
+    return DataParts(dataset, plan, batch_size, cached, held, held_plan)
+
+
+def held_out_plan(options, data_cfg: dict, plan: DataPlan | None) -> DataPlan | None:
+    """The validation loss's images: split off the training plan, or a dataset of its own over the shared settings."""
+    loss = options.validation.loss
+    if not loss.enabled:
+        return None
+    if not loss.dataset:
+        return plan.held_out
+    return plan_data({**{k: data_cfg[k] for k in SHARED if k in data_cfg}, **loss.dataset}, 1, "validation.loss.dataset")
 
 
 @dataclass

@@ -137,13 +137,36 @@ class EmaOptions:
 
 
 @dataclass(frozen=True)
+class ValidationLossOptions:
+    """`validation.loss`: the loss on held-out images at a fixed σ grid with fixed noise, every `interval` iterations."""
+
+    interval: int  # 0: off
+    split: float  # the fraction of the training images held out (by a hash of each image's name)
+    dataset: dict | None  # or a dataset of its own, over train_dataloader.dataset's shared settings
+    sigmas: tuple[float, ...]
+    batch_size: int
+    max_images: int
+    seed: int  # of the fixed noise
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval > 0
+
+    @property
+    def holdout(self) -> float:
+        """The fraction the training plan leaves out (0 when off or when a dataset of its own is given)."""
+        return self.split if self.enabled and not self.dataset else 0.0
+
+
+@dataclass(frozen=True)
 class ValidationOptions:
-    """`validation`: grids from the model being trained, every `interval` iterations."""
+    """`validation`: grids from the model being trained, every `interval` iterations, and the held-out loss."""
 
     interval: int
     specs: tuple[PromptSpec, ...]
     scheduler: str
     raw_and_ema: bool
+    loss: ValidationLossOptions = None
 
 
 @dataclass(frozen=True)
@@ -275,7 +298,51 @@ def validation_options(cfg, resolution) -> ValidationOptions:
                 "width": options.get("width") or resolution, "height": options.get("height") or resolution}
     specs = prompt_specs(options.get("prompts"), defaults, "validation.prompts")
     return ValidationOptions(int(options.get("interval", 0) or 0), tuple(specs), options.get("scheduler", "dpmpp"),
-                             bool(options.get("raw_and_ema", True)))
+                             bool(options.get("raw_and_ema", True)), validation_loss_options(cfg))
+
+
+SIGMA_GRID = (0.02, 0.06, 0.17, 0.5, 1.4, 4.0, 11.0, 80.0)  # 8 σ from near-clean to Playground's σ_max, about ×3 apart
+
+
+def validation_loss_options(cfg) -> ValidationLossOptions:
+    key = "validation.loss"
+    options = dict((cfg.get("validation") or {}).get("loss") or {})
+    unknown = sorted(set(options) - {"interval", "split", "dataset", "sigmas", "batch_size", "max_images", "seed"})
+    if unknown:
+        raise UserError(f"{key}: unknown key {unknown[0]!r} (interval, split, dataset, sigmas, batch_size, max_images, seed)")
+    interval, split = options.get("interval", 0) or 0, options.get("split", 0.0) or 0.0
+    sigmas = options.get("sigmas") or SIGMA_GRID
+    dataset = dict(options.get("dataset") or {}) or None
+    batch_size, max_images = options.get("batch_size", 8), options.get("max_images", 256)
+    if not isinstance(interval, int) or interval < 0:
+        raise UserError(f"{key}.interval must be a whole number of iterations (0: off), got {interval!r}")
+    if not isinstance(split, (int, float)) or not 0 <= split < 1:
+        raise UserError(f"{key}.split must be a fraction in [0, 1), got {split!r}")
+    try:
+        sigmas = tuple(float(s) for s in sigmas)
+    except (TypeError, ValueError):
+        sigmas = ()
+    if not sigmas or not all(0 < s < float("inf") for s in sigmas):
+        raise UserError(f"{key}.sigmas must be a list of positive noise levels σ (e.g. {list(SIGMA_GRID)}), got {options.get('sigmas')!r}")
+    for name, value in (("batch_size", batch_size), ("max_images", max_images)):
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{key}.{name} must be a positive whole number, got {value!r}")
+    parsed = ValidationLossOptions(interval, float(split), dataset, sigmas, batch_size, max_images, int(options.get("seed", 0)))
+    if not parsed.enabled:
+        return parsed
+    if not split and not dataset:
+        raise UserError(f"{key}.interval={interval} needs held-out images: {key}.split (a fraction of the training images, "
+                        f"e.g. 0.05) or {key}.dataset (dict(type=..., path=...))")
+    objective = (cfg.get("objective") or {}).get("type", "denoising")
+    data = cfg.train_dataloader.dataset
+    if objective != "denoising":
+        raise UserError(f"{key} is measured for objective.type='denoising' only yet (this run: {objective!r}); set {key}.interval=0")
+    if data.get("streaming") or (dataset or {}).get("streaming"):
+        raise UserError(f"{key} needs a scanned dataset: not with streaming=True; set {key}.interval=0 or streaming=False")
+    if cfg.get("strategy", "ddp") == "fsdp":
+        raise UserError(f"{key} with strategy='fsdp' is not supported yet (each rank would run a different number of "
+                        f"sharded forwards); use strategy='ddp' or set {key}.interval=0")
+    return parsed
 
 
 def sample_grid_options(cfg, resolution=None) -> SampleGridOptions:

@@ -102,11 +102,15 @@ class Progress:
                    "loader_wait": min(1.0, self.loader_wait / max(elapsed, 1e-9))}
         if self.device.type == "cuda":
             scalars["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.record(iteration, scalars)
+        self.window_losses, self.window_images, self.window_start, self.loader_wait = [], 0, time.time(), 0.0
+
+    def record(self, iteration: int, scalars: dict) -> None:
+        """Scalars to the trackers and, from rank 0, a scalars.jsonl line (training's, or a measurement's beside it)."""
         self.accelerator.log(scalars, step=iteration)
         if self.main:
             with open(self.work_dir / SCALARS, "a") as f:
                 f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
-        self.window_losses, self.window_images, self.window_start, self.loader_wait = [], 0, time.time(), 0.0
 
     def truncate_scalars(self, iteration: int) -> None:
         """Drop lines logged after `iteration` by an interrupted run; they will be logged again."""

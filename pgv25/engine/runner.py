@@ -33,10 +33,11 @@ from .ema import build_ema
 from .locks import WorkDirLock
 from .optim import eval_weights
 from .options import read_options
-from .progress import SKIPPED_FILES, Progress, flat_config, out_of_memory_message
+from .progress import SCALARS, SKIPPED_FILES, Progress, flat_config, out_of_memory_message
 from .resume import chosen_checkpoint, fingerprint, restore
 from .signals import GracefulStop
 from .validation import ValidationSampler
+from .validation_loss import ValidationLoss
 
 logger = logging.getLogger("pgv25")
 
@@ -102,6 +103,9 @@ class Trainer:
         self.model = build_model(options, runtime, self.data.cached, len(self.data.plan.sizes) if self.data.plan else 32)
         self.objective = build_objective(options.objective, options.model.section, self.model, self.device)
         self.export_scheduler = self.objective.schedule.export_scheduler
+        self.validation_loss = None if self.data.held_out is None else ValidationLoss(
+            options.validation.loss, self.data.held_out, self.data.held_out_plan, self.model, self.objective.schedule,
+            self.device, self.accelerator.autocast, self.work_dir)
         self.optim = build_optimisation(options, runtime, self.model, self.objective)
         self.generator = torch.Generator(self.device).manual_seed(self.seed + self.rank)
         self._build_hooks()
@@ -168,7 +172,8 @@ class Trainer:
         result = TrainResult(self.iteration)
         progress.start(self.iteration)
         if self.iteration == 0:
-            self._validate()  # the starting point, to compare every later grid with
+            self._validate()  # the starting point, to compare every later grid and loss with
+            self._measure()
         with GracefulStop() as stop:
             while self.iteration < self.max_iters:
                 try:
@@ -189,6 +194,8 @@ class Trainer:
                                  self.objective.metrics(), self.batches.skipped, self.nonfinite_total)
                 if self.validation.due(self.iteration):
                     self._validate()
+                if self.validation_loss is not None and (self.validation_loss.due(self.iteration) or self.iteration == self.max_iters):
+                    self._measure()
                 if self.iteration % save_every == 0 or self.iteration == self.max_iters:
                     result.checkpoint, result.step_dir = self.save()
                 elif step.stop:
@@ -199,6 +206,10 @@ class Trainer:
         result.iteration = self.iteration
         if result.checkpoint is None and not result.stopped_by:  # resumed at or past max_iters: export what we have
             result.checkpoint, result.step_dir = self.save()
+        if self.validation_loss is not None:
+            plotted = self.validation_loss.plot(self.work_dir / SCALARS)
+            if plotted:
+                logger.info("validation loss curves: %s", plotted)
         # Not accelerator.end_training(): it also destroys the process group, after which freeing the
         # DDP model tears gloo down with the GIL held and can deadlock (see cli.exit_now).
         for tracker in accelerator.trackers:
@@ -212,6 +223,13 @@ class Trainer:
         if self.validation.enabled and self.accelerator.is_main_process:  # with the weights an export would hold
             with eval_weights(self.optim.optimizer.optimizer, self.optim.trained_params):
                 self.validation.run(self.iteration, self.accelerator.trackers, exported=self.export_ema)
+
+    def _measure(self) -> None:
+        """The held-out loss (a collective), with the weights an export would hold."""
+        if self.validation_loss is not None:
+            with eval_weights(self.optim.optimizer.optimizer, self.optim.trained_params):
+                metrics = self.validation_loss.measure(self.iteration)
+            self.progress.record(self.iteration, metrics)
 
     def _out_of_memory(self, checkpoint) -> UserError:
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None

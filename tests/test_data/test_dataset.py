@@ -112,3 +112,26 @@ def test_merged_buckets_keep_every_image(tmp_path):
     plan = plan_data(options, global_batch=10)  # 8 per bucket < 10: merged into one
     assert sum(n for _, n in plan.histogram()) == 24 and len(plan.sizes) == 1
     assert np.all(plan.bucket_of == 0)
+
+
+def test_a_held_out_split_is_stable_disjoint_and_follows_the_names_not_the_folder(tmp_path):
+    """validation.loss.split: the same images stay out of training whatever the batch (process count) or a copy of the
+    dataset elsewhere; each held-out image sits in the training bucket nearest its aspect ratio."""
+    import shutil
+
+    options = cfg(mixed_folder(tmp_path / "d"), resolution=64, buckets={"step": 16})
+    plan = plan_data(options, global_batch=4, holdout=0.25)
+    held = plan.held_out
+    names = lambda p: sorted(p.rows.label(int(r)).split("/")[-1] for r in p.index.rows)  # noqa: E731
+    assert 0 < len(held.index) < 24 and len(held.index) + len(plan.index) == 24
+    assert not set(names(held)) & set(names(plan))
+    assert names(plan_data(options, global_batch=8, holdout=0.25).held_out) == names(held)
+    shutil.copytree(tmp_path / "d", tmp_path / "moved" / "d")
+    assert names(plan_data(cfg(tmp_path / "moved" / "d", resolution=64, buckets={"step": 16}), 4, holdout=0.25).held_out) == names(held)
+    for position, row in enumerate(held.index.rows):
+        w, h = held.sizes[held.bucket_of[position]]
+        image_w, image_h = held.index.widths[position], held.index.heights[position]
+        assert (w > h) == (image_w > image_h) and (w < h) == (image_w < image_h)
+    assert plan_data(options, global_batch=4).held_out is None
+    with pytest.raises(UserError, match=r"validation.loss.split=0.999 leaves 0 images to train on"):
+        plan_data(options, global_batch=4, holdout=0.999)

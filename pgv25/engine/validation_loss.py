@@ -1,0 +1,129 @@
+"""The loss on held-out images, to see a run start to overfit (`validation.loss`).
+
+Every measurement uses the same images, the same fixed grid of σ and the same noise per image and σ (drawn from
+the configured seed and the image's position, never from the training RNG), so the number moves only when the
+model does, and a resumed run measures exactly what an uninterrupted one would. The loss is what training
+minimises, λ(σ)·mean‖D(x0 + σn; σ) − x0‖², per σ and as the mean over the grid. Each process measures every
+`world_size`-th image; the sums are added over processes. The runner logs the numbers (val_loss, val_loss/sigma_<σ>)
+to the trackers and scalars.jsonl, and `plot` draws them from there at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..data.dataset import collate
+from ..models.edm_denoiser import weighted_error
+from . import distributed
+
+logger = logging.getLogger("pgv25")
+PLOT = "validation_loss.png"
+
+
+def sigma_key(sigma: float) -> str:
+    return f"val_loss/sigma_{sigma:g}"
+
+
+class ValidationLoss:
+    def __init__(self, options, dataset, plan, model, schedule, device: torch.device, autocast, work_dir: Path):
+        """`options`: engine.options.ValidationLossOptions; `dataset`/`plan`: the held-out images (engine.build.DataParts);
+        `model`: engine.build.ModelParts (turns a batch into latents and conditioning); `schedule`: the objective's."""
+        self.options, self.dataset, self.model, self.device, self.autocast = options, dataset, model, device, autocast
+        self.denoiser, self.weighting = schedule.denoiser(model.unet), schedule.weighting
+        self.work_dir = work_dir
+        rank, world_size = distributed.world()
+        count = min(len(plan.index), options.max_images)
+        mine = [p for p in range(count) if p % world_size == rank]
+        by_bucket = {}
+        for position in mine:  # a batch holds one bucket's images (one latent size)
+            by_bucket.setdefault(int(plan.bucket_of[position]), []).append(position)
+        size = options.batch_size
+        self.batches = [group[i:i + size] for _, group in sorted(by_bucket.items()) for i in range(0, len(group), size)]
+        self.images = count
+        logger.info("validation loss: %d held-out images, %d σ from %g to %g, every %d iterations", count, len(options.sigmas),
+                    min(options.sigmas), max(options.sigmas), options.interval)
+
+    @property
+    def enabled(self) -> bool:
+        return self.options.enabled
+
+    def due(self, iteration: int) -> bool:
+        return self.enabled and iteration % self.options.interval == 0
+
+    def _noise(self, positions: list[int], shape, sigma_index: int) -> torch.Tensor:
+        """Fixed noise per image and σ: a generator seeded by (seed, position, σ index), on the CPU for every device."""
+        draws = []
+        for position in positions:
+            generator = torch.Generator().manual_seed(hash_seed(self.options.seed, position, sigma_index))
+            draws.append(torch.randn(shape, generator=generator))
+        return torch.stack(draws).to(self.device)
+
+    @torch.no_grad()
+    def measure(self, iteration: int) -> dict[str, float]:
+        """The losses at `iteration`: overall, per σ, and the images measured (a collective: every rank calls it)."""
+        sigmas = self.options.sigmas
+        sums = torch.zeros(len(sigmas) + 2, dtype=torch.float64)  # per σ, then images measured and images unreadable
+        for positions in self.batches:
+            items = [self.dataset[(0, position, position)] for position in positions]  # (step, slot, position): fixed
+            good = [position for position, item in zip(positions, items) if "problem" not in item]
+            sums[-1] += len(positions) - len(good)
+            if not good:
+                continue
+            batch = collate(items)
+            generator = torch.Generator(self.device).manual_seed(hash_seed(self.options.seed, good[0], -1))
+            x0, cond = self.model.inputs(batch, self.device, generator)
+            for j, sigma in enumerate(sigmas):
+                noise = self._noise(good, x0.shape[1:], j)
+                sigma_t = torch.full((len(x0),), float(sigma), device=self.device)
+                with self.autocast():
+                    loss = weighted_error(self.denoiser, x0, sigma_t, noise, cond, self.weighting)
+                sums[j] += loss.double().sum().cpu()
+            sums[-2] += len(x0)
+        sums = distributed.sum_over_ranks(sums.to(self.device)).cpu()
+        measured = int(sums[-2])
+        per_sigma = (sums[:-2] / max(measured, 1)).tolist()
+        metrics = {"val_loss": sum(per_sigma) / len(per_sigma), **{sigma_key(s): v for s, v in zip(sigmas, per_sigma)},
+                   "val_loss/images": measured}
+        logger.info("iteration %d: validation loss %.4f on %d held-out images%s", iteration, metrics["val_loss"], measured,
+                    f" ({int(sums[-1])} unreadable, skipped)" if sums[-1] else "")
+        return metrics
+
+    def plot(self, scalars: Path) -> Path | None:
+        """work_dir/validation_loss.png from the measurements in `scalars` (scalars.jsonl): per σ and overall (rank 0)."""
+        if distributed.world()[0] != 0 or not scalars.is_file():
+            return None
+        rows = [row for row in map(json.loads, scalars.read_text().splitlines()) if "val_loss" in row]
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        iterations = [r["iteration"] for r in rows]
+        for sigma in self.options.sigmas:
+            axis.plot(iterations, [r[sigma_key(sigma)] for r in rows], label=f"σ = {sigma:g}", linewidth=1)
+        axis.plot(iterations, [r["val_loss"] for r in rows], label="mean over σ", color="black", linewidth=2.5)
+        axis.set_xlabel("iteration")
+        axis.set_ylabel("held-out loss λ(σ)·‖D − x0‖²")
+        axis.set_yscale("log")
+        axis.set_title(f"validation loss on {rows[-1]['val_loss/images']} held-out images")
+        axis.legend(fontsize=7, ncol=2)
+        figure.tight_layout()
+        out = self.work_dir / PLOT
+        figure.savefig(out, dpi=110)
+        plt.close(figure)
+        return out
+
+
+def hash_seed(seed: int, position: int, sigma_index: int) -> int:
+    """A 63-bit seed per (seed, image, σ): independent streams without one generator's order mattering."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}/{position}/{sigma_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
