@@ -117,7 +117,8 @@ class Trainer:
         position, rng, stream = (0, 0), None, None
         if checkpoint is not None:
             position, rng, stream = restore(self, checkpoint, allow_config_change)
-        self.progress.truncate_scalars(self.iteration)  # an earlier attempt's lines past this point are logged again
+        # An earlier attempt's lines past this point are logged again (from scratch: all of them, iteration 0's included)
+        self.progress.truncate_scalars(self.iteration if checkpoint is not None else -1)
         self.batches = Batches(self._loader(position[0], stream), consumed=position[0], skipped=position[1],
                                log_path=self.work_dir / SKIPPED_FILES)
         if rng is not None:  # last: building the loader iterator draws from the global torch RNG

@@ -80,7 +80,7 @@ def test_a_start_from_scratch_drops_what_an_earlier_attempt_logged(tiny_assets, 
     from torch.utils.tensorboard import SummaryWriter
 
     old = 99.0  # a loss no real step of the tiny model gives
-    (tmp_path / "scalars.jsonl").write_text("".join(json.dumps({"iteration": i, "loss": old}) + "\n" for i in (1, 2, 3)))
+    (tmp_path / "scalars.jsonl").write_text("".join(json.dumps({"iteration": i, "loss": old}) + "\n" for i in (0, 1, 2, 3)))
     writer = SummaryWriter(tmp_path / "tensorboard" / "pgv25")
     for i in (1, 2, 3):
         writer.add_scalar("loss", old, i)
