@@ -89,3 +89,14 @@ def test_every_shipped_config_loads_and_lora_configs_enable_lora(name):
     cfg = load_config(name)
     assert cfg.model.lora.enabled == ("lora" in name)
     assert cfg.train_dataloader.dataset.buckets.enabled and cfg.validation.interval > 0
+
+
+@pytest.mark.parametrize("name", list(list_configs(None)))
+def test_every_shipped_config_reads_into_options_before_anything_loads(name):
+    """engine/options.py parses every section a run uses; no shipped config may trip one of its checks."""
+    from pgv25.engine.options import read_options
+
+    options = read_options(load_config(name))
+    assert options.lora.enabled == ("lora" in name) and options.train.max_iters > 0
+    assert options.objective["type"] in ("denoising", "dpo", "prior_preservation")
+    assert not options.validation.loss.enabled  # the held-out loss is the user's to switch on

@@ -166,7 +166,7 @@ class ValidationOptions:
     specs: tuple[PromptSpec, ...]
     scheduler: str
     raw_and_ema: bool
-    loss: ValidationLossOptions = None
+    loss: ValidationLossOptions
 
 
 @dataclass(frozen=True)
@@ -196,13 +196,17 @@ class RunOptions:
 
 
 def read_options(cfg) -> RunOptions:
-    """Every section the runner uses, checked; the first mistake is a one-line UserError."""
-    data = data_options(cfg)
+    """Every section the runner uses, checked; the first mistake is a one-line UserError (in the order the checks
+    ran before there was one place for them: objective, export and LoRA, prompts, then the rest)."""
+    objective = objective_options(cfg)
     lora = lora_options(cfg)
+    export = export_options(cfg, lora)
+    resolution = cfg.train_dataloader.dataset.get("resolution")
+    sample_grid, validation = sample_grid_options(cfg, resolution), validation_options(cfg, resolution)
     return RunOptions(
-        train=train_options(cfg), runtime=runtime_options(cfg), optim=optim_options(cfg), data=data, model=model_options(cfg), lora=lora, export=export_options(cfg, lora),
-        objective=objective_options(cfg), ema=ema_options(cfg), validation=validation_options(cfg, data.resolution),
-        sample_grid=sample_grid_options(cfg, data.resolution), trackers=trackers_of(cfg),
+        train=train_options(cfg), runtime=runtime_options(cfg), optim=optim_options(cfg), data=data_options(cfg),
+        model=model_options(cfg), lora=lora, export=export, objective=objective, ema=ema_options(cfg),
+        validation=validation, sample_grid=sample_grid, trackers=trackers_of(cfg),
         tracker_init=tracker_options(cfg, work_dir_of(cfg)), card=dict(cfg.get("model_card") or {}),
     )
 
