@@ -173,7 +173,7 @@ def _planned_data(cfg, global_batch: int, config: str, cache: bool = False):
         return data_cfg, plan_data(data_cfg, global_batch, holdout=validation_loss_options(cfg).holdout)
     from .engine.prior_data import plan_with_class_images
 
-    planned = plan_with_class_images(data_cfg, objective, global_batch)
+    planned = plan_with_class_images(data_cfg, objective, global_batch, validation_loss_options(cfg).holdout)
     if not isinstance(planned, int):
         return planned
     where = objective["class_data_dir"]

@@ -76,7 +76,8 @@ validation = dict(
     raw_and_ema=True,  # with EMA enabled, a row from the raw weights under the EMA row
     # The loss on held-out images, to see a run start to overfit: at a fixed grid of σ with fixed noise per image,
     # so it moves only when the model does. Logged per σ and overall (val_loss/*: TensorBoard, W&B, scalars.jsonl),
-    # drawn in work_dir/validation_loss.png at the end; identical after a resume.
+    # drawn in work_dir/validation_loss.png at the end; identical after a resume. With prior preservation the class
+    # images get a curve of their own (val_loss_class/*).
     loss=dict(
         interval=0,  # iterations between measurements (0: off); also before the first iteration and at the end
         split=0.0,  # the fraction of the training images held out (never trained on), chosen by a hash of the name

@@ -64,6 +64,9 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
     held_index = None
     if holdout:
         out = np.array([held_out(rows.label(int(row)), holdout) for row in index.rows], bool)
+        if parts is not None:  # a companion part (DreamBooth's class images) is never held out: it is not what is learnt
+            companions = np.array([p["companion"] for p in parts], bool)
+            out &= ~companions[positions_of_parts(rows, index.rows)]
         index, held_index = index.subset(~out), index.subset(out)
         if len(index) == 0 or len(held_index) == 0:
             raise UserError(f"validation.loss.split={holdout} leaves {len(index)} images to train on and {len(held_index)} to "

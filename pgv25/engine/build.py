@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +28,7 @@ from ..models.text_conditioner import TextConditioner
 from . import distributed
 from ..files import DTYPES
 from .optim import build_lr_scheduler, build_optimizer
-from .prior_data import add_class_images
+from .prior_data import add_class_images, class_images_plan
 
 logger = logging.getLogger("pgv25")
 
@@ -94,8 +94,7 @@ class DataParts:
     plan: DataPlan | None  # None when streaming: rows are bucketed as they arrive
     batch_size: int  # per process
     cached: bool  # samples are latents and text embeddings from the cache
-    held_out: torch.utils.data.Dataset | None = None  # the validation loss's images (engine/validation_loss.py)
-    held_out_plan: DataPlan | None = None
+    held_out: list = field(default_factory=list)  # the validation loss's (name, dataset, plan) (engine/validation_loss.py)
 
     @property
     def streaming(self) -> bool:
@@ -124,9 +123,13 @@ def build_data(options, runtime: Runtime) -> DataParts:
             plan = plan_data(data_cfg, batch_size * runtime.world_size, holdout=options.validation.loss.holdout)
         held_plan = held_out_plan(options, data_cfg, plan)
         resolve_pretrained(model_name)  # one download per machine
-    objective = options.objective
+    objective, held_plans = options.objective, [("val_loss", held_plan)] if held_plan is not None else []
     if objective["type"] == "prior_preservation":  # DreamBooth: class images drawn by the base model, then planned with
-        data_cfg, plan = add_class_images(data_cfg, plan, objective, runtime, model_name, batch_size * runtime.world_size)
+        data_cfg, plan = add_class_images(data_cfg, plan, objective, runtime, model_name, batch_size * runtime.world_size,
+                                          holdout=options.validation.loss.holdout)
+        if options.validation.loss.enabled:  # the instance images held out of the combined plan, and the class images
+            held_plans = [("val_loss", plan.held_out if options.validation.loss.holdout else held_plan)] if held_plan else []
+            held_plans.append(("val_loss_class", class_images_plan(data_cfg, objective)))
     cached = data.cached
     if cached:  # built here first if missing; then neither the VAE nor the text encoders are loaded
         folder = ensure_cache(plan, data_cfg, model_name, seed, runtime.device, runtime.weight_dtype, runtime.vae_dtype,
@@ -135,23 +138,23 @@ def build_data(options, runtime: Runtime) -> DataParts:
         dataset = CachedLatentDataset(folder, plan, data_cfg.get("caption_dropout", 0.0), seed)
     elif plan is not None:
         dataset = build_dataset(data_cfg, plan, seed)
-    held = None
-    if held_plan is not None:  # fixed samples: no caption dropout, no random crop or flip (a cache stores its one crop)
+    held = []
+    for name, held_plan in held_plans:  # fixed samples: no caption dropout, no random crop or flip (a cache stores one crop)
         fixed = {**data_cfg, "caption_dropout": 0.0, "center_crop": True, "random_flip": False}
         if cached:
             folder = ensure_cache(held_plan, fixed, model_name, seed, runtime.device, runtime.weight_dtype, runtime.vae_dtype,
                                   runtime.rank, runtime.world_size, accelerator.wait_for_everyone,
                                   distributed.broadcast_object, options.train.config_name)
-            held = CachedLatentDataset(folder, held_plan, 0.0, seed)
+            held.append((name, CachedLatentDataset(folder, held_plan, 0.0, seed), held_plan))
         else:
-            held = build_dataset(fixed, held_plan, seed)
-    return DataParts(dataset, plan, batch_size, cached, held, held_plan)
+            held.append((name, build_dataset(fixed, held_plan, seed), held_plan))
+    return DataParts(dataset, plan, batch_size, cached, held)
 
 
 def held_out_plan(options, data_cfg: dict, plan: DataPlan | None) -> DataPlan | None:
     """The validation loss's images: split off the training plan, or a dataset of its own over the shared settings."""
     loss = options.validation.loss
-    if not loss.enabled:
+    if not loss.enabled or not (loss.dataset or loss.split):
         return None
     if not loss.dataset:
         return plan.held_out

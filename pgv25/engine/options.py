@@ -334,13 +334,13 @@ def validation_loss_options(cfg) -> ValidationLossOptions:
     parsed = ValidationLossOptions(interval, float(split), dataset, sigmas, batch_size, max_images, int(options.get("seed", 0)))
     if not parsed.enabled:
         return parsed
-    if not split and not dataset:
-        raise UserError(f"{key}.interval={interval} needs held-out images: {key}.split (a fraction of the training images, "
-                        f"e.g. 0.05) or {key}.dataset (dict(type=..., path=...))")
     objective = (cfg.get("objective") or {}).get("type", "denoising")
     data = cfg.train_dataloader.dataset
-    if objective != "denoising":
-        raise UserError(f"{key} is measured for objective.type='denoising' only yet (this run: {objective!r}); set {key}.interval=0")
+    if objective == "dpo":
+        raise UserError(f"{key} is not measured for preference pairs yet (objective.type='dpo'); set {key}.interval=0")
+    if not split and not dataset and objective != "prior_preservation":  # DreamBooth measures its class images anyway
+        raise UserError(f"{key}.interval={interval} needs held-out images: {key}.split (a fraction of the training images, "
+                        f"e.g. 0.05) or {key}.dataset (dict(type=..., path=...))")
     if data.get("streaming") or (dataset or {}).get("streaming"):
         raise UserError(f"{key} needs a scanned dataset: not with streaming=True; set {key}.interval=0 or streaming=False")
     if cfg.get("strategy", "ddp") == "fsdp":

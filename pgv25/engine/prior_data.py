@@ -34,8 +34,10 @@ def with_class_part(data_cfg: dict, options: ClassImages) -> dict:
     return {**shared, "parts": [*parts, class_part]}
 
 
-def add_class_images(data_cfg: dict, plan: DataPlan, objective: dict, runtime, model_name: str, global_batch: int):
-    """Draw the missing class images (split over the processes), then plan instance + class images as one."""
+def add_class_images(data_cfg: dict, plan: DataPlan, objective: dict, runtime, model_name: str, global_batch: int,
+                     holdout: float = 0.0):
+    """Draw the missing class images (split over the processes), then plan instance + class images as one (without the
+    instance images `holdout` keeps for the validation loss: plan.held_out)."""
     options = class_images_options(objective)
     sizes = assign_sizes(options.count, plan.histogram())
     todo = distributed.broadcast_object(missing_indices(options) if runtime.rank == 0 else None)  # one list for all ranks
@@ -59,13 +61,20 @@ def add_class_images(data_cfg: dict, plan: DataPlan, objective: dict, runtime, m
                         f"{options.count}: a process could not write them")
     combined = with_class_part(data_cfg, options)
     with runtime.accelerator.local_main_process_first():
-        plan = plan_data(combined, global_batch)
+        plan = plan_data(combined, global_batch, holdout=holdout)
     logger.info("prior preservation: %d instance and %d class images (%s), each batch half and half, class loss × %g",
                 int((~plan.companion).sum()), int(plan.companion.sum()), options.folder, objective["prior_loss_weight"])
     return combined, plan
 
 
-def plan_with_class_images(data_cfg: dict, objective: dict, global_batch: int) -> tuple[dict, DataPlan] | int:
+def class_images_plan(data_cfg: dict, objective: dict) -> DataPlan:
+    """The class images alone, over the shared settings: what the validation loss's class curve measures."""
+    combined = with_class_part(data_cfg, class_images_options(objective))
+    part = {k: v for k, v in combined["parts"][-1].items() if k not in ("name", "companion")}
+    return plan_data({**{k: v for k, v in combined.items() if k in SHARED}, **part}, 1, "objective.class_data_dir")
+
+
+def plan_with_class_images(data_cfg: dict, objective: dict, global_batch: int, holdout: float = 0.0) -> tuple[dict, DataPlan] | int:
     """For `pgv25 data inspect` and `data cache`: the instance + class plan training will use (the same cache key), when
     every class image is drawn; else how many are still missing (training draws them first)."""
     options = class_images_options(objective)
@@ -73,4 +82,4 @@ def plan_with_class_images(data_cfg: dict, objective: dict, global_batch: int) -
     if missing > 0:
         return missing
     combined = with_class_part(data_cfg, options)
-    return combined, plan_data(combined, global_batch)
+    return combined, plan_data(combined, global_batch, holdout=holdout)

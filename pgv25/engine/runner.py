@@ -103,9 +103,9 @@ class Trainer:
         self.model = build_model(options, runtime, self.data.cached, len(self.data.plan.sizes) if self.data.plan else 32)
         self.objective = build_objective(options.objective, options.model.section, self.model, self.device)
         self.export_scheduler = self.objective.schedule.export_scheduler
-        self.validation_loss = None if self.data.held_out is None else ValidationLoss(
-            options.validation.loss, self.data.held_out, self.data.held_out_plan, self.model, self.objective.schedule,
-            self.device, self.accelerator.autocast, self.work_dir)
+        self.validation_loss = None if not self.data.held_out else ValidationLoss(
+            options.validation.loss, self.data.held_out, self.model, self.objective.schedule, self.device,
+            self.accelerator.autocast, self.work_dir)
         self.optim = build_optimisation(options, runtime, self.model, self.objective)
         self.generator = torch.Generator(self.device).manual_seed(self.seed + self.rank)
         self._build_hooks()

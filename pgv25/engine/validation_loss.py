@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,30 +23,47 @@ from . import distributed
 
 logger = logging.getLogger("pgv25")
 PLOT = "validation_loss.png"
+DESCRIPTION = {"val_loss": "held-out images", "val_loss_class": "class images"}
 
 
-def sigma_key(sigma: float) -> str:
-    return f"val_loss/sigma_{sigma:g}"
+def sigma_key(sigma: float, name: str = "val_loss") -> str:
+    return f"{name}/sigma_{sigma:g}"
+
+
+@dataclass
+class HeldOutSet:
+    """One set of measured images: `name` prefixes its scalars ('val_loss': held-out instance images; 'val_loss_class':
+    DreamBooth's class images, whose loss rises as the model drifts from its base); this rank's batches of positions."""
+
+    name: str
+    dataset: object
+    batches: list
+    images: int
 
 
 class ValidationLoss:
-    def __init__(self, options, dataset, plan, model, schedule, device: torch.device, autocast, work_dir: Path):
-        """`options`: engine.options.ValidationLossOptions; `dataset`/`plan`: the held-out images (engine.build.DataParts);
-        `model`: engine.build.ModelParts (turns a batch into latents and conditioning); `schedule`: the objective's."""
-        self.options, self.dataset, self.model, self.device, self.autocast = options, dataset, model, device, autocast
+    def __init__(self, options, sets: list[tuple[str, object, object]], model, schedule, device: torch.device, autocast,
+                 work_dir: Path):
+        """`options`: engine.options.ValidationLossOptions; `sets`: (name, dataset, plan) of each set of images
+        (engine.build.DataParts.held_out); `model`: engine.build.ModelParts (turns a batch into latents and
+        conditioning); `schedule`: the objective's noise schedule."""
+        self.options, self.model, self.device, self.autocast = options, model, device, autocast
         self.denoiser, self.weighting = schedule.denoiser(model.unet), schedule.weighting
         self.work_dir = work_dir
-        rank, world_size = distributed.world()
-        count = min(len(plan.index), options.max_images)
-        mine = [p for p in range(count) if p % world_size == rank]
-        by_bucket = {}
-        for position in mine:  # a batch holds one bucket's images (one latent size)
-            by_bucket.setdefault(int(plan.bucket_of[position]), []).append(position)
-        size = options.batch_size
-        self.batches = [group[i:i + size] for _, group in sorted(by_bucket.items()) for i in range(0, len(group), size)]
-        self.images = count
-        logger.info("validation loss: %d held-out images, %d σ from %g to %g, every %d iterations", count, len(options.sigmas),
+        self.sets = [self._held_out_set(name, dataset, plan) for name, dataset, plan in sets]
+        logger.info("validation loss: %s; %d σ from %g to %g, every %d iterations",
+                    ", ".join(f"{s.images} {DESCRIPTION.get(s.name, s.name)}" for s in self.sets), len(options.sigmas),
                     min(options.sigmas), max(options.sigmas), options.interval)
+
+    def _held_out_set(self, name: str, dataset, plan) -> HeldOutSet:
+        rank, world_size = distributed.world()
+        count = min(len(plan.index), self.options.max_images)
+        by_bucket = {}
+        for position in range(rank, count, world_size):  # every world_size-th image; a batch holds one bucket's
+            by_bucket.setdefault(int(plan.bucket_of[position]), []).append(position)
+        size = self.options.batch_size
+        batches = [group[i:i + size] for _, group in sorted(by_bucket.items()) for i in range(0, len(group), size)]
+        return HeldOutSet(name, dataset, batches, count)
 
     @property
     def enabled(self) -> bool:
@@ -64,11 +82,21 @@ class ValidationLoss:
 
     @torch.no_grad()
     def measure(self, iteration: int) -> dict[str, float]:
-        """The losses at `iteration`: overall, per σ, and the images measured (a collective: every rank calls it)."""
+        """The losses at `iteration` of every set: overall, per σ, and the images measured (a collective)."""
+        metrics, said = {}, []
+        for held in self.sets:
+            values, unreadable = self._measure(held)
+            metrics.update(values)
+            said.append(f"{values[held.name]:.4f} on {values[held.name + '/images']} {DESCRIPTION.get(held.name, held.name)}"
+                        + (f" ({unreadable} unreadable, skipped)" if unreadable else ""))
+        logger.info("iteration %d: validation loss %s", iteration, "; ".join(said))
+        return metrics
+
+    def _measure(self, held: HeldOutSet) -> tuple[dict[str, float], int]:
         sigmas = self.options.sigmas
         sums = torch.zeros(len(sigmas) + 2, dtype=torch.float64)  # per σ, then images measured and images unreadable
-        for positions in self.batches:
-            items = [self.dataset[(0, position, position)] for position in positions]  # (step, slot, position): fixed
+        for positions in held.batches:
+            items = [held.dataset[(0, position, position)] for position in positions]  # (step, slot, position): fixed
             good = [position for position, item in zip(positions, items) if "problem" not in item]
             sums[-1] += len(positions) - len(good)
             if not good:
@@ -86,17 +114,15 @@ class ValidationLoss:
         sums = distributed.sum_over_ranks(sums.to(self.device)).cpu()
         measured = int(sums[-2])
         per_sigma = (sums[:-2] / max(measured, 1)).tolist()
-        metrics = {"val_loss": sum(per_sigma) / len(per_sigma), **{sigma_key(s): v for s, v in zip(sigmas, per_sigma)},
-                   "val_loss/images": measured}
-        logger.info("iteration %d: validation loss %.4f on %d held-out images%s", iteration, metrics["val_loss"], measured,
-                    f" ({int(sums[-1])} unreadable, skipped)" if sums[-1] else "")
-        return metrics
+        name = held.name
+        return {name: sum(per_sigma) / len(per_sigma), **{sigma_key(s, name): v for s, v in zip(sigmas, per_sigma)},
+                f"{name}/images": measured}, int(sums[-1])
 
     def plot(self, scalars: Path) -> Path | None:
         """work_dir/validation_loss.png from the measurements in `scalars` (scalars.jsonl): per σ and overall (rank 0)."""
         if distributed.world()[0] != 0 or not scalars.is_file():
             return None
-        rows = [row for row in map(json.loads, scalars.read_text().splitlines()) if "val_loss" in row]
+        rows = [row for row in map(json.loads, scalars.read_text().splitlines()) if self.sets[0].name in row]
         if not rows:
             return None
         import matplotlib
@@ -106,13 +132,17 @@ class ValidationLoss:
 
         figure, axis = plt.subplots(figsize=(7, 4.5))
         iterations = [r["iteration"] for r in rows]
-        for sigma in self.options.sigmas:
-            axis.plot(iterations, [r[sigma_key(sigma)] for r in rows], label=f"σ = {sigma:g}", linewidth=1)
-        axis.plot(iterations, [r["val_loss"] for r in rows], label="mean over σ", color="black", linewidth=2.5)
+        first = self.sets[0].name
+        for sigma in self.options.sigmas:  # the first set per σ; every set's mean over σ in bold
+            axis.plot(iterations, [r[sigma_key(sigma, first)] for r in rows], label=f"σ = {sigma:g}", linewidth=1)
+        for held, style in zip(self.sets, ("-", "--")):
+            axis.plot(iterations, [r[held.name] for r in rows], style, color="black", linewidth=2.5,
+                      label=f"{DESCRIPTION.get(held.name, held.name)}: mean over σ")
         axis.set_xlabel("iteration")
-        axis.set_ylabel("held-out loss λ(σ)·‖D − x0‖²")
+        axis.set_ylabel("loss λ(σ)·‖D − x0‖²")
         axis.set_yscale("log")
-        axis.set_title(f"validation loss on {rows[-1]['val_loss/images']} held-out images")
+        axis.set_title("validation loss: " + ", ".join(f"{rows[-1][s.name + '/images']} {DESCRIPTION.get(s.name, s.name)}"
+                                                       for s in self.sets))
         axis.legend(fontsize=7, ncol=2)
         figure.tight_layout()
         out = self.work_dir / PLOT

@@ -43,7 +43,7 @@ def test_measured_per_sigma_before_during_and_at_the_end_and_the_same_after_a_re
     shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
     train(tiny_cfg(resumed, "train_cfg.max_iters=5", *LOSS), resume=True)
     assert measurements(resumed) == [r for r in rows if r["iteration"] > 2]
-    assert "validation loss: 12 held-out images, 8 σ from 0.02 to 80" in caplog.text
+    assert "validation loss: 12 held-out images; 8 σ from 0.02 to 80, every 2 iterations" in caplog.text
 
 
 @pytest.mark.slow
@@ -84,6 +84,28 @@ def test_mistakes_are_one_line_before_anything_loads(tmp_path, change, message):
 
 
 def test_not_for_preference_pairs_yet(tmp_path):
-    with pytest.raises(UserError, match="objective.type='denoising' only yet"):
+    with pytest.raises(UserError, match="not measured for preference pairs yet"):
         read_options(tiny_cfg(tmp_path, "validation.loss.interval=2", "validation.loss.split=0.1",
                               config="playgroundv2_5_dpo_tiny_shapes"))
+
+
+@pytest.mark.slow
+def test_dreambooth_measures_its_class_images_as_a_curve_of_their_own(tiny_assets, tmp_path):
+    """With prior preservation, the class images the base model drew get their own curve (val_loss_class): the drift
+    prior preservation holds back. They are measured, not held out: they stay in every batch's class half."""
+    instance, class_dir = tmp_path / "instance", tmp_path / "class"
+    work = tmp_path / "run"
+    train(tiny_cfg(work, f"objective.class_data_dir={class_dir}", "objective.num_class_images=4",
+                   "objective.class_generation.steps=2", "objective.class_generation.batch_size=2",
+                   f"train_dataloader.dataset.path={instance}", f"tiny_dreambooth.folder={instance}", "tiny_dreambooth.count=2",
+                   "train_dataloader.batch_size=2", "sample_grid.prompts=[]", "train_cfg.max_iters=2",
+                   "validation.loss.interval=2", config="playgroundv2_5_dreambooth_lora_tiny_shapes"))
+    rows = measurements_of(work, "val_loss_class")
+    assert [r["iteration"] for r in rows] == [0, 2] and rows[0]["val_loss_class/images"] == 4
+    assert len([k for k in rows[0] if k.startswith("val_loss_class/sigma_")]) == 8
+    assert not any("val_loss" in r for r in rows)  # no held-out instance images asked for: no instance curve
+    assert rows[0]["val_loss_class"] != rows[1]["val_loss_class"] and (work / "validation_loss.png").is_file()
+
+
+def measurements_of(work, name: str) -> list[dict]:
+    return [row for row in map(json.loads, (work / "scalars.jsonl").read_text().splitlines()) if name in row]
