@@ -139,6 +139,42 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval_generate(args) -> int:
+    """Images for a prompt file (MJHQ-30K's meta_data.json, JSONL or CSV) from an export, sharded and resumable."""
+    import torch
+
+    from .eval.generation import SETTINGS, generate_images, record_settings, world
+    from .eval.prompts import read_prompts
+    from .generate import DEFAULT_GUIDANCE, apply_speed_levers, load_pipeline, speed_levers
+
+    for name in ("steps", "width", "height", "per_category"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    prompts = read_prompts(args.prompts, args.per_category)
+    rank, world_size, local_rank = world()
+    out = Path(args.out)
+    guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[args.scheduler]
+    settings = {"model": str(Path(args.model).resolve()), "lora": str(Path(args.lora).resolve()) if args.lora else None,
+                "scheduler": args.scheduler, "steps": args.steps, "guidance_scale": guidance, "width": args.width,
+                "height": args.height, "negative_prompt": args.negative_prompt, "seed": args.seed}
+    try:
+        record_settings(out, settings, prompts, args.seed, write=rank == 0)
+    except OSError as error:
+        raise UserError(f"cannot write to {out}: {error.strerror or error}") from None
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(args.model, args.scheduler, device=device, lora=args.lora)
+    levers = speed_levers(device, args.eager, False, lora=args.lora is not None)
+    if levers:
+        apply_speed_levers(pipe, levers)
+    counts = generate_images(pipe, prompts, out, args.seed, args.steps, guidance, args.negative_prompt, args.width,
+                             args.height, rank, world_size)
+    if rank == 0:
+        print(f"{counts['asked']} prompts; this process made {counts['made']} image(s), {counts['present']} were there "
+              f"already; images in {out}, settings in {out / SETTINGS}")
+    return 0
+
+
 def _data_config(args):
     """The config, its tiny assets built if it uses them, and the global batch the run would have."""
     from .config import load_config, parse_cfg_options
@@ -357,6 +393,23 @@ def parser() -> argparse.ArgumentParser:
                     help="native: the folder's own sampler (an EDM export's is DPM++; a ddpm-schedule export's its DDPM one)")
     es.add_argument("--out", help="report folder (default MODEL/eval)")
     es.set_defaults(func=cmd_eval_shapes)
+    eg = esub.add_parser("generate", help="an image per prompt of a prompt file (MJHQ-30K's meta_data.json, JSONL or CSV "
+                                          "with prompt, category, id), sharded over NPROC_PER_NODE and resumable")
+    eg.add_argument("--model", required=True, help="a diffusers pipeline folder (an export, or the base with --lora)")
+    eg.add_argument("--lora", help="a LoRA export to apply to --model")
+    eg.add_argument("--prompts", required=True, help="meta_data.json ({id: {category, prompt}}), .jsonl or .csv")
+    eg.add_argument("--out", required=True, help="folder: <out>/<category>/<id>.png, generation.json, meta_data.json")
+    eg.add_argument("--per-category", type=int, help="only the first N prompts of each category (a quick look)")
+    eg.add_argument("--seed", type=int, default=0, help="with each prompt's id, the seed of its image")
+    eg.add_argument("--steps", type=int, default=50)
+    eg.add_argument("--guidance", type=float, help="default: 3.0 (5.0 with --scheduler euler), the model card's")
+    eg.add_argument("--width", type=int, help="default: the model's own size (1024 for Playground v2.5)")
+    eg.add_argument("--height", type=int)
+    eg.add_argument("--negative-prompt")
+    eg.add_argument("--scheduler", default="native", choices=["native", "dpmpp", "euler"],
+                    help="native: the export's own sampler (EDM DPM++ for Playground v2.5)")
+    eg.add_argument("--eager", action="store_true", help="the plain pipeline (no fused QKV, channels-last, cuDNN attention)")
+    eg.set_defaults(func=cmd_eval_generate)
 
     d = sub.add_parser("data", help="look at or prepare a config's dataset")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -467,12 +520,18 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     configure_logging()
     try:
-        if args.command == "train" and os.environ.get("NPROC_PER_NODE") and not args.dry_run:
+        sharded = args.command == "train" and not args.dry_run or getattr(args, "eval_command", None) == "generate"
+        if sharded and os.environ.get("NPROC_PER_NODE"):
             from .launch import inside_distributed_launch, relaunch
 
             if not inside_distributed_launch():
                 # The launcher reads the config only: it never imports diffusers (seconds every rank waits for)
-                check_train_args(args)  # a typo fails here in one line, not in N processes
+                if args.command == "train":
+                    check_train_args(args)  # a typo fails here in one line, not in N processes
+                else:
+                    from .eval.prompts import read_prompts
+
+                    read_prompts(args.prompts)  # a missing or unreadable prompt file, too
                 return relaunch(argv)
         quiet_progress_bars()
         code = args.func(args)

@@ -1,1 +1,1 @@
-"""Automatic evaluation of trained models (the shapes task)."""
+"""Automatic evaluation of trained models: the shapes task, and image sets for FID and CLIP score."""
