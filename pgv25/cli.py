@@ -199,17 +199,17 @@ def _planned_data(cfg, global_batch: int, config: str, cache: bool = False):
     """The dataset config and plan training will use: with prior preservation, the class images too once they are drawn."""
     from .data.dataset import plan_data
     from .data.multi import dataset_config
-    from .objectives import objective_options
-
     from .engine.options import validation_loss_options
+    from .objectives import objective_options
 
     data_cfg = dataset_config(cfg.train_dataloader)
     objective = objective_options(cfg)
-    if objective["type"] != "prior_preservation":  # without the images validation.loss.split holds out, as training
-        return data_cfg, plan_data(data_cfg, global_batch, holdout=validation_loss_options(cfg).holdout)
+    holdout = validation_loss_options(cfg).holdout  # training plans without the images validation.loss.split holds out
+    if objective["type"] != "prior_preservation":
+        return data_cfg, plan_data(data_cfg, global_batch, holdout=holdout)
     from .engine.prior_data import plan_with_class_images
 
-    planned = plan_with_class_images(data_cfg, objective, global_batch, validation_loss_options(cfg).holdout)
+    planned = plan_with_class_images(data_cfg, objective, global_batch, holdout)
     if not isinstance(planned, int):
         return planned
     where = objective["class_data_dir"]
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     configure_logging()
     try:
-        sharded = args.command == "train" and not args.dry_run or getattr(args, "eval_command", None) == "generate"
+        sharded = (args.command == "train" and not args.dry_run) or getattr(args, "eval_command", None) == "generate"
         if sharded and os.environ.get("NPROC_PER_NODE"):
             from .launch import inside_distributed_launch, relaunch
 

@@ -27,7 +27,6 @@ def _umask() -> int:
 UMASK = _umask()  # read once at import: os.umask can only be read by setting it
 
 
-
 @contextlib.contextmanager
 def atomic_file(out: Path):
     """Yield a temporary path beside `out` that replaces it once the block succeeds: `out` is never half-written.

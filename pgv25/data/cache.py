@@ -35,9 +35,8 @@ from ..engine.integrity import share_permissions
 from ..errors import UserError
 from .multi import ConcatRows
 from .dataset import DataPlan, companion_flag
-from .transforms import DEFAULT_MAX_PIXELS
 from .masks import masked_sample
-from .transforms import BucketTransform, ImageProblem, cover_size, decode
+from .transforms import DEFAULT_MAX_PIXELS, BucketTransform, ImageProblem, cover_size, decode
 
 logger = logging.getLogger("pgv25")
 VERSION = 1

@@ -96,8 +96,8 @@ def plan_data(cfg: dict, global_batch: int = 1, key: str = "train_dataloader.dat
     sizes = [s for s, u in zip(sizes, used) if u]
     held = None
     if held_index is not None:  # each held-out image in the training bucket nearest its aspect ratio
-        held_buckets = nearest_buckets(held_index.widths, held_index.heights, sizes) if len(sizes) > 1 else np.zeros(len(held_index), np.int64)
-        held = DataPlan(rows, held_index, sizes, held_buckets, 1.0, captions=captions)
+        held = DataPlan(rows, held_index, sizes, nearest_buckets(held_index.widths, held_index.heights, sizes), 1.0,
+                        captions=captions)
     return DataPlan(rows, index, sizes, renumber[bucket_of], weighting, parts, companion, captions, held)
 
 

@@ -100,7 +100,6 @@ def is_mask_file(path: Path, options: MaskOptions | None) -> bool:
 
 def sibling_mask(image: str, suffix: str) -> str | None:
     """`<name><suffix>.<ext>` beside the image, PNG first; None when there is none."""
-
     path = Path(image)
     for ext in (".png", *sorted(IMAGE_SUFFIXES - {".png"})):
         for candidate in (path.with_name(path.stem + suffix + ext), path.with_name(path.stem + suffix + ext.upper())):
@@ -151,7 +150,6 @@ def has_mask(rows, i: int) -> bool:
 
 def probe_mask(rows, i: int, size: tuple[int, int], max_pixels: int) -> str | None:
     """Why row i's mask cannot be used (header only), or None when it can (or the row needs none)."""
-
     options, ref = rows.mask_of(i)
     if options is None:
         return None
@@ -195,7 +193,6 @@ def load_mask(rows, row: int, image: Image.Image, original: tuple[int, int], max
     if mask.size != tuple(original):
         raise ImageProblem(MASK_SIZE)
     return mask
-
 
 
 def loss_weights(options: MaskOptions | None, mask: torch.Tensor | None, target: tuple[int, int]) -> torch.Tensor:

@@ -80,7 +80,6 @@ class Rows:
         return value["path"]
 
 
-
 def parse_captions(value) -> list[str] | str:
     """A caption cell → a non-empty list of candidate captions, or the reason the row has none."""
     if value is None or (isinstance(value, float) and value != value):  # missing cell (None, NaN)

@@ -27,8 +27,7 @@ from .captions import caption_options
 from .masks import mask_options
 from .rows import EMPTY_CAPTION, NO_CAPTION, parse_captions
 from .tables import check_columns, open_hub_dataset
-from .transforms import DEFAULT_MAX_PIXELS, header_size
-from .transforms import BucketTransform, ImageProblem, cover_size, decode
+from .transforms import DEFAULT_MAX_PIXELS, BucketTransform, ImageProblem, cover_size, decode, header_size
 
 logger = logging.getLogger("pgv25")
 SHUFFLE_BUFFER = 1000  # rows; the datasets default

@@ -121,44 +121,46 @@ def build_data(options, runtime: Runtime) -> DataParts:
             dataset = StreamingBucketDataset(data_cfg, batch_size, seed, runtime.rank, runtime.world_size)
         else:
             plan = plan_data(data_cfg, batch_size * runtime.world_size, holdout=options.validation.loss.holdout)
-        held_plan = held_out_plan(options, data_cfg, plan)
         resolve_pretrained(model_name)  # one download per machine
-    objective, held_plans = options.objective, [("val_loss", held_plan)] if held_plan is not None else []
-    if objective["type"] == "prior_preservation":  # DreamBooth: class images drawn by the base model, then planned with
-        data_cfg, plan = add_class_images(data_cfg, plan, objective, runtime, model_name, batch_size * runtime.world_size,
-                                          holdout=options.validation.loss.holdout)
-        if options.validation.loss.enabled:  # the instance images held out of the combined plan, and the class images
-            held_plans = [("val_loss", plan.held_out if options.validation.loss.holdout else held_plan)] if held_plan else []
-            held_plans.append(("val_loss_class", class_images_plan(data_cfg, objective)))
+    if options.objective["type"] == "prior_preservation":  # DreamBooth: class images drawn by the base model, then planned
+        data_cfg, plan = add_class_images(data_cfg, plan, options.objective, runtime, model_name,
+                                          batch_size * runtime.world_size, holdout=options.validation.loss.holdout)
+    with accelerator.local_main_process_first():
+        held_plans = held_out_plans(options, data_cfg, plan)
     cached = data.cached
-    if cached:  # built here first if missing; then neither the VAE nor the text encoders are loaded
-        folder = ensure_cache(plan, data_cfg, model_name, seed, runtime.device, runtime.weight_dtype, runtime.vae_dtype,
+
+    def dataset_of(plan: DataPlan, cfg: dict):
+        """From the latent cache (built here first if missing; then neither the VAE nor the text encoders are loaded)."""
+        if not cached:
+            return build_dataset(cfg, plan, seed)
+        folder = ensure_cache(plan, cfg, model_name, seed, runtime.device, runtime.weight_dtype, runtime.vae_dtype,
                               runtime.rank, runtime.world_size, accelerator.wait_for_everyone,
                               distributed.broadcast_object, options.train.config_name)
-        dataset = CachedLatentDataset(folder, plan, data_cfg.get("caption_dropout", 0.0), seed)
-    elif plan is not None:
-        dataset = build_dataset(data_cfg, plan, seed)
-    held = []
-    for name, held_plan in held_plans:  # fixed samples: no caption dropout, no random crop or flip (a cache stores one crop)
-        fixed = {**data_cfg, "caption_dropout": 0.0, "center_crop": True, "random_flip": False}
-        if cached:
-            folder = ensure_cache(held_plan, fixed, model_name, seed, runtime.device, runtime.weight_dtype, runtime.vae_dtype,
-                                  runtime.rank, runtime.world_size, accelerator.wait_for_everyone,
-                                  distributed.broadcast_object, options.train.config_name)
-            held.append((name, CachedLatentDataset(folder, held_plan, 0.0, seed), held_plan))
-        else:
-            held.append((name, build_dataset(fixed, held_plan, seed), held_plan))
+        return CachedLatentDataset(folder, plan, cfg.get("caption_dropout", 0.0), seed)
+
+    if plan is not None:
+        dataset = dataset_of(plan, data_cfg)
+    # The held-out images as fixed samples: no caption dropout, no random crop or flip (a cache stores one crop)
+    fixed = {**data_cfg, "caption_dropout": 0.0, "center_crop": True, "random_flip": False}
+    held = [(name, dataset_of(held_plan, fixed), held_plan) for name, held_plan in held_plans]
     return DataParts(dataset, plan, batch_size, cached, held)
 
 
-def held_out_plan(options, data_cfg: dict, plan: DataPlan | None) -> DataPlan | None:
-    """The validation loss's images: split off the training plan, or a dataset of its own over the shared settings."""
+def held_out_plans(options, data_cfg: dict, plan: DataPlan | None) -> list[tuple[str, DataPlan]]:
+    """What the validation loss measures, by name: the held-out images ('val_loss': split off the training plan, or a
+    dataset of its own over the shared settings) and, with prior preservation, the class images ('val_loss_class')."""
     loss = options.validation.loss
-    if not loss.enabled or not (loss.dataset or loss.split):
-        return None
-    if not loss.dataset:
-        return plan.held_out
-    return plan_data({**{k: data_cfg[k] for k in SHARED if k in data_cfg}, **loss.dataset}, 1, "validation.loss.dataset")
+    if not loss.enabled:
+        return []
+    held = []
+    if loss.dataset:
+        shared = {k: data_cfg[k] for k in SHARED if k in data_cfg}
+        held.append(("val_loss", plan_data({**shared, **loss.dataset}, 1, "validation.loss.dataset")))
+    elif loss.split:
+        held.append(("val_loss", plan.held_out))
+    if options.objective["type"] == "prior_preservation":
+        held.append(("val_loss_class", class_images_plan(data_cfg, options.objective)))
+    return held
 
 
 @dataclass
@@ -204,11 +206,9 @@ def build_model(options, runtime: Runtime, cached: bool, buckets: int) -> ModelP
         ).to(device)
         codec = LatentCodec(parts.vae.to(device, runtime.vae_dtype)).to(device)
     unet = parts.unet.train()
-    if lora is None:
-        pass
-    elif runtime.sharded:
+    if lora is not None and runtime.sharded:
         raise UserError("model.lora with strategy='fsdp' is not supported; LoRA weights are small: use strategy='ddp'")
-    else:
+    if lora is not None:
         trainable = add_lora(unet, lora)
         if init is not None:
             load_lora_weights(unet, init, "unet")

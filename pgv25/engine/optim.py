@@ -69,9 +69,17 @@ def _adapt_inherited(kind: str, options: dict) -> dict:
     return options
 
 
+def optimizer_type(cfg: dict) -> str:
+    """`optim_wrapper.optimizer.type`, or one line listing the choices."""
+    kind = cfg.get("type", "AdamW")
+    if kind not in OPTIMIZERS:
+        raise UserError(f"optim_wrapper.optimizer.type '{kind}' is not supported; choose one of {', '.join(OPTIMIZERS)}")
+    return kind
+
+
 def build_optimizer(params, cfg: dict, on_cuda: bool, sharded: bool = False):
-    options = dict(cfg)
-    kind = options.pop("type", "AdamW")
+    kind = optimizer_type(cfg)
+    options = {k: v for k, v in cfg.items() if k != "type"}
     for key in ("betas", "eps"):
         if isinstance(options.get(key), list):
             options[key] = tuple(options[key])
@@ -85,12 +93,10 @@ def build_optimizer(params, cfg: dict, on_cuda: bool, sharded: bool = False):
             logger.warning("optimizer Adafactor's eps is a pair (eps1, eps2); the scalar eps %s is ignored", options.pop("eps"))
     elif kind == "AdamW8bit":
         optimizer_class = _adamw8bit(on_cuda)
-    elif kind in PACKAGED:
+    else:  # one of PACKAGED
         optimizer_class, options = _packaged(kind), _adapt_inherited(kind, options)
         if kind == "Prodigy" and sharded:  # its step-size estimate sums over all parameters: over every shard
             options["fsdp_in_use"] = True
-    else:
-        raise UserError(f"optim_wrapper.optimizer.type '{kind}' is not supported; choose one of {', '.join(OPTIMIZERS)}")
     # Switching `type` on the command line keeps the base config's AdamW keys (betas, eps, ...):
     # drop the ones this optimizer does not take, and say so.
     accepted = inspect.signature(optimizer_class).parameters
@@ -123,12 +129,21 @@ def eval_weights(optimizer, params):
     if optimizer is None or not schedule_free(optimizer):
         yield
         return
+    with weights_put_back(params):
+        optimizer.eval()
+        try:
+            yield
+        finally:
+            optimizer.train()
+
+
+@contextlib.contextmanager
+def weights_put_back(params):
+    """Whatever happens to `params` inside, they leave it with the values they entered with, bit for bit."""
     kept = [p.detach().clone() for p in params]
-    optimizer.eval()
     try:
         yield
     finally:
-        optimizer.train()
         with torch.no_grad():
             for p, value in zip(params, kept):
                 p.copy_(value)
@@ -158,16 +173,14 @@ def prepare_for_loading(optimizer) -> None:
     if any(optimizer.state.values()) or type(optimizer).__module__.split(".")[0] not in REAL_STEP_TO_INIT:
         return  # (schedulefree's train() leaves an empty dict per parameter: keys alone are no state)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    kept = [p.detach().clone() for p in params]
     lrs = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] or 1e-3  # a warm-up schedule starts at 0, and a zero lr makes no state
-    for p in params:
-        p.grad = torch.ones_like(p)
-    with torch.enable_grad():
-        optimizer.step()
+    with weights_put_back(params):
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] or 1e-3  # a warm-up schedule starts at 0, and a zero lr makes no state
+        for p in params:
+            p.grad = torch.ones_like(p)
+        with torch.enable_grad():
+            optimizer.step()
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
-    for p, value in zip(params, kept):
-        p.copy_(value)
     optimizer.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ from ..models.lora import lora_init
 from ..models.speed import ATTENTION_BACKENDS
 from ..objectives import objective_options
 from .distributed import check_strategy
-from .optim import OPTIMIZERS
+from .optim import optimizer_type
 
 TRACKERS = ("tensorboard", "wandb")
 
@@ -235,8 +235,7 @@ def runtime_options(cfg) -> RuntimeOptions:
 def optim_options(cfg) -> OptimOptions:
     wrapper = cfg.optim_wrapper
     optimizer = dict(wrapper.optimizer)
-    if optimizer.get("type", "AdamW") not in OPTIMIZERS:  # the rest of its keys are checked by the optimizer itself
-        raise UserError(f"optim_wrapper.optimizer.type '{optimizer['type']}' is not supported; choose one of {', '.join(OPTIMIZERS)}")
+    optimizer_type(optimizer)  # the rest of its keys are checked by the optimizer itself, when it is built
     accumulation = wrapper.get("accumulative_counts", 1)
     if not isinstance(accumulation, int) or isinstance(accumulation, bool) or accumulation < 1:
         raise UserError(f"optim_wrapper.accumulative_counts must be a positive integer, got {accumulation!r}")
@@ -269,17 +268,16 @@ def lora_options(cfg) -> LoraOptions:
     return LoraOptions(settings if settings.get("enabled") else None, init)
 
 
-def export_options(cfg, lora: LoraOptions | None = None) -> ExportOptions:
+def export_options(cfg, lora: LoraOptions) -> ExportOptions:
     """`export` and the LoRA export switches."""
     options = dict(cfg.get("export") or {})
     for key in ("dtype", "single_file_dtype"):
         if options.get(key, "fp32") not in DTYPES:
             raise UserError(f"export.{key} must be one of {', '.join(DTYPES)}, got '{options[key]}'")
-    lora = lora or LoraOptions(dict(cfg.model.get("lora") or {}) or None, None)
-    if lora.get("enabled") and options.get("single_file") and not lora.get("fuse_export"):
+    if lora.enabled and options.get("single_file") and not lora.get("fuse_export"):
         raise UserError("export.single_file writes a whole model: with LoRA set model.lora.fuse_export=True too "
                         "(the file goes into step<N>_fused/), or use lora.kohya_export for ComfyUI's LoRA loader")
-    if lora.get("enabled") and lora.get("kohya_export") and (lora.get("use_dora") or lora.get("use_rslora")):
+    if lora.enabled and lora.get("kohya_export") and (lora.get("use_dora") or lora.get("use_rslora")):
         raise UserError("model.lora.kohya_export: diffusers cannot read DoRA or rsLoRA back from a kohya file; "
                         "turn kohya_export off (the diffusers-format file carries them)")
     return ExportOptions(options.get("dtype", "fp32"), bool(options.get("single_file")), options.get("single_file_dtype", "fp16"))
@@ -349,10 +347,9 @@ def validation_loss_options(cfg) -> ValidationLossOptions:
     return parsed
 
 
-def sample_grid_options(cfg, resolution=None) -> SampleGridOptions:
+def sample_grid_options(cfg, resolution) -> SampleGridOptions:
     """`sample_grid.prompts` as PromptSpecs (strings or per-prompt dicts), defaults from `sample_grid`."""
     options = cfg.get("sample_grid") or {}
-    resolution = resolution if resolution is not None else cfg.train_dataloader.dataset.get("resolution")
     defaults = {"seed": options.get("seed", 0), "steps": options.get("steps", 50), "guidance_scale": options.get("guidance_scale", 3.0),
                 "negative_prompt": options.get("negative_prompt"), "width": options.get("width") or resolution,
                 "height": options.get("height") or resolution}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..files import DTYPES
 from ..generate import generate_specs, labelled_grid, load_pipeline
 from ..models.lora import fused_unet_state, save_lora
 from ..models.lora_files import KOHYA_FILE, LORA_FILE, write_kohya
@@ -24,7 +25,6 @@ from .model_card import card_of_run, write_card
 from .optim import eval_weights, schedule_free
 
 logger = logging.getLogger("pgv25")
-BYTES_PER_DTYPE = {"fp32": 1.0, "fp16": 0.5, "bf16": 0.5}  # of an fp32 tensor
 
 
 def free_bytes(folder: Path) -> int:
@@ -129,10 +129,10 @@ def no_room_for(trainer, model_state: dict, optimizer_state: dict, export: bool)
     needed = tensor_bytes(model_state) + tensor_bytes(optimizer_state) + tensor_bytes(ema)
     if export:  # the trained weights in the export dtype; the frozen parts are hard links
         options = trainer.options.export
-        needed += int(tensor_bytes(model_state) * BYTES_PER_DTYPE[options.dtype])
+        needed += int(tensor_bytes(model_state) * DTYPES[options.dtype].itemsize / 4)
         if options.single_file:  # the whole pipeline once more, as one file
-            unet = sum(p.numel() for p in trainer.unet.parameters()) * 4
-            needed += int(unet * BYTES_PER_DTYPE[options.single_file_dtype]) + _frozen_weight_bytes(trainer.base_folder)
+            unet = sum(p.numel() for p in trainer.unet.parameters())
+            needed += unet * DTYPES[options.single_file_dtype].itemsize + _frozen_weight_bytes(trainer.base_folder)
     needed = int(needed * 1.02) + 2**20  # metadata, JSON, the manifest
     free = free_bytes(trainer.work_dir)
     if needed <= free:
