@@ -10,6 +10,7 @@ to the trackers and scalars.jsonl, and `plot` draws them from there at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -94,7 +95,8 @@ class ValidationLoss:
 
     def _measure(self, held: HeldOutSet) -> tuple[dict[str, float], int]:
         sigmas = self.options.sigmas
-        sums = torch.zeros(len(sigmas) + 2, dtype=torch.float64)  # per σ, then images measured and images unreadable
+        # per σ, then images measured and images unreadable; on the device, so the batches run without a host sync
+        sums = torch.zeros(len(sigmas) + 2, dtype=torch.float64, device=self.device)
         for positions in held.batches:
             items = [held.dataset[(0, position, position)] for position in positions]  # (step, slot, position): fixed
             good = [position for position, item in zip(positions, items) if "problem" not in item]
@@ -109,9 +111,9 @@ class ValidationLoss:
                 sigma_t = torch.full((len(x0),), float(sigma), device=self.device)
                 with self.autocast():
                     loss = weighted_error(self.denoiser, x0, sigma_t, noise, cond, self.weighting)
-                sums[j] += loss.double().sum().cpu()
+                sums[j] += loss.double().sum()
             sums[-2] += len(x0)
-        sums = distributed.sum_over_ranks(sums.to(self.device)).cpu()
+        sums = distributed.sum_over_ranks(sums).cpu()
         measured = int(sums[-2])
         per_sigma = (sums[:-2] / max(measured, 1)).tolist()
         name = held.name
@@ -153,7 +155,5 @@ class ValidationLoss:
 
 def hash_seed(seed: int, position: int, sigma_index: int) -> int:
     """A 63-bit seed per (seed, image, σ): independent streams without one generator's order mattering."""
-    import hashlib
-
     digest = hashlib.sha256(f"{seed}/{position}/{sigma_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)

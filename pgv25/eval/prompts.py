@@ -67,9 +67,14 @@ def read_prompts(path: str | Path, per_category: int | None = None) -> list[Eval
         logger.warning("prompt file %s: %s skipped", path, ", ".join(f"{n} row(s) with {why}" for why, n in skipped.items()))
     if not prompts:
         raise UserError(f"prompt file {path} holds no usable prompt")
-    if per_category is not None:
-        taken = Counter()
-        prompts = [p for p in prompts if taken.update([p.category]) or taken[p.category] <= per_category]
+    if per_category is not None:  # the first N of each category, in file order
+        rank_in_category = Counter()
+        kept = []
+        for prompt in prompts:
+            rank_in_category[prompt.category] += 1
+            if rank_in_category[prompt.category] <= per_category:
+                kept.append(prompt)
+        prompts = kept
     return prompts
 
 
