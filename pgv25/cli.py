@@ -175,6 +175,23 @@ def cmd_eval_generate(args) -> int:
     return 0
 
 
+def cmd_eval_fid(args) -> int:
+    """FID (with KID and CLIP score) of image sets against a reference, overall and per category; a report."""
+    from .eval.fid import evaluate
+    from .eval.report import markdown, write_report
+
+    out = Path(args.out)
+    report = evaluate(args.reference, args.images, out, args.resolution, args.inception, args.clip, not args.no_kid,
+                      args.batch_size)
+    try:
+        paths = write_report(report, out)
+    except OSError as error:
+        raise UserError(f"cannot write the report to {out}: {error.strerror or error}") from None
+    print(markdown(report).split("## KID")[0].rstrip())
+    print(f"report: {paths['markdown']}  chart: {paths['chart']}  numbers: {paths['json']}")
+    return 0
+
+
 def _data_config(args):
     """The config, its tiny assets built if it uses them, and the global batch the run would have."""
     from .config import load_config, parse_cfg_options
@@ -410,6 +427,24 @@ def parser() -> argparse.ArgumentParser:
                     help="native: the export's own sampler (EDM DPM++ for Playground v2.5)")
     eg.add_argument("--eager", action="store_true", help="the plain pipeline (no fused QKV, channels-last, cuDNN attention)")
     eg.set_defaults(func=cmd_eval_generate)
+    ef = esub.add_parser("fid", help="FID, KID and CLIP score of image sets against a reference set (MJHQ-30K or any "
+                                     "folder), overall and per category, side by side")
+    ef.add_argument("--reference", required=True,
+                    help="MJHQ-30K as downloaded (meta_data.json + <category>/<id>.jpg), its parquet (image + label), "
+                         "or any folder of images (categories: its subfolders)")
+    ef.add_argument("--images", nargs="+", required=True, metavar="[NAME=]FOLDER",
+                    help="the sets to measure, e.g. base=eval/base step800=eval/step800 (`pgv25 eval generate` folders)")
+    ef.add_argument("--out", required=True, help="folder for fid.md, fid.png, fid.json and the cached features")
+    ef.add_argument("--resolution", type=int, default=299,
+                    help="both sets resized to this square first (shorter side, PIL bicubic, centre crop), then to the "
+                         "Inception's 299² (default 299: clean-fid's resize)")
+    ef.add_argument("--inception", help="the FID Inception TorchScript file (default "
+                                        "$PGV25_EVAL_WEIGHTS or ~/.cache/pgv25/eval, inception-2015-12-05.pt)")
+    ef.add_argument("--clip", help="a local CLIP folder (e.g. openai/clip-vit-large-patch14 downloaded): CLIP score "
+                                   "of each set against the prompts of its meta_data.json")
+    ef.add_argument("--no-kid", action="store_true", help="leave KID out (it is slow on tens of thousands of images)")
+    ef.add_argument("--batch-size", type=int, default=32)
+    ef.set_defaults(func=cmd_eval_fid)
 
     d = sub.add_parser("data", help="look at or prepare a config's dataset")
     dsub = d.add_subparsers(dest="data_command", required=True)
