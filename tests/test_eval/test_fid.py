@@ -264,6 +264,7 @@ def test_bad_inputs_are_one_line_or_a_counted_skip(tmp_path, inception, caplog):
         assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_kill_during_generation_then_rerun_gives_the_same_fid(tiny_assets, tmp_path, inception):
     """Generation killed mid-run (an image missing, a half-written temporary file left), then rerun: no image missing
     or doubled, and the same FID as an uninterrupted run."""
