@@ -27,7 +27,7 @@ def _cell(row: dict | None, metric: str) -> str:
         return "–"
     if metric == "kid":
         return f"{value * 1000:.2f} ± {row['kid_std'] * 1000:.2f}"
-    return f"{value:.2f}"
+    return f"{value + 0.0:.2f}" if abs(value) >= 0.005 else "0.00"  # a distance of identical sets, not "-0.00"
 
 
 def markdown(report: dict) -> str:
