@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from ..data.rows import IMAGE_SUFFIXES
+from ..data.tables import first_line
 from ..errors import UserError
 from ..models.loading import HUB_ID
 
@@ -163,7 +164,7 @@ def _dataset_set(dataset, name: str, source: str) -> ImageSet:
     dataset = dataset.cast_column("image", datasets.Image(decode=False))  # bytes: a bad image is a skip, not a crash
     id_column = next((c for c in ("id", "image_id") if c in columns), None)
     prompt_column = next((c for c in ("prompt", "text", "caption") if c in columns), None)
-    images, skipped = [], Counter()
+    images = []
     labels = dataset[label] if label else [None] * len(dataset)
     ids = dataset[id_column] if id_column else [None] * len(dataset)
     prompts = dataset[prompt_column] if prompt_column else [None] * len(dataset)
@@ -178,7 +179,7 @@ def _dataset_set(dataset, name: str, source: str) -> ImageSet:
 
         image_id = str(ids[index]) if ids[index] not in (None, "") else f"{index:06d}"
         images.append(EvalImage(image_id, category_of(labels[index]), prompts[index], read, str(index)))
-    return ImageSet(name, source, images, skipped)
+    return ImageSet(name, source, images)
 
 
 def _parquet_set(files: list[Path], name: str, source: str) -> ImageSet:
@@ -188,7 +189,7 @@ def _parquet_set(files: list[Path], name: str, source: str) -> ImageSet:
     try:
         dataset = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
     except Exception as error:  # an unreadable parquet file: pyarrow's and datasets' errors vary by version
-        raise UserError(f"cannot read parquet {source}: {str(error).strip().splitlines()[0][:200]}") from None
+        raise UserError(f"cannot read parquet {source}: {first_line(error)[:200]}") from None
     stamps = ",".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     return _dataset_set(dataset, name, f"{source}|{stamps}")
 

@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.tables import first_line
 from ..errors import UserError
 from ..files import atomic_file
 from .image_sets import ImageSet, decode
+from .prompts import UNSAFE
 
 logger = logging.getLogger("pgv25")
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -63,7 +65,7 @@ class InceptionFeatures(nn.Module):
         try:
             self.net = torch.jit.load(str(path), map_location="cpu").eval()
         except (RuntimeError, ValueError, OSError) as error:
-            raise UserError(f"{path} cannot be read as the TorchScript FID Inception ({str(error).strip().splitlines()[0][:160]}); "
+            raise UserError(f"{path} cannot be read as the TorchScript FID Inception ({first_line(error)[:160]}); "
                             f"fetch it again: curl -L --create-dirs -o {path} {INCEPTION_URL}") from None
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -92,7 +94,7 @@ def load_clip(folder: str):
     try:
         return ProjectedCLIP(CLIPModel.from_pretrained(str(path)).eval()), CLIPProcessor.from_pretrained(str(path))
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load CLIP from {path}: {str(error).strip().splitlines()[0][:200]}") from None
+        raise UserError(f"cannot load CLIP from {path}: {first_line(error)[:200]}") from None
 
 
 class ProjectedCLIP(nn.Module):
@@ -133,7 +135,7 @@ def extract(image_set: ImageSet, network: InceptionFeatures, resolution: int, ca
             batch_size: int = 32, device: str = "cpu") -> SetFeatures:
     """The set's features, from the cache when its files, the resolution and the network are unchanged."""
     key = hashlib.sha256(f"{image_set.fingerprint}/{resolution}/{network.sha256}".encode()).hexdigest()[:16]
-    cached = cache / f"{_safe(image_set.name)}-{key}.npz" if cache else None
+    cached = cache / f"{UNSAFE.sub('_', image_set.name)[:60]}-{key}.npz" if cache else None
     if cached is not None and cached.is_file():
         with np.load(cached, allow_pickle=False) as stored:
             categories = [None if c == NO_CATEGORY else str(c) for c in stored["categories"]]
@@ -202,10 +204,6 @@ def clip_scores(image_set: ImageSet, clip, batch_size: int = 32, device: str = "
     total = sum(float(metric.score) for metric in metrics.values())
     scores[OVERALL] = max(total / sum(int(metric.n_samples) for metric in metrics.values()), 0.0)
     return scores
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
