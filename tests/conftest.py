@@ -53,6 +53,23 @@ def tiny_cfg(work_dir, *options: str, config: str = "playgroundv2_5_tiny_shapes"
     return cfg
 
 
+def straight_and_resumed(tmp_path, *options: str) -> tuple[dict, dict, dict]:
+    """Train 4 iterations straight (checkpoints every 2), and again resumed from the straight run's iteration-2
+    checkpoint: (weights at 2, at 4 straight, at 4 resumed). `options` must set max_iters=4 and checkpoint interval 2."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from pgv25.engine.runner import train
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_cfg(straight, *options))
+    shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
+    train(tiny_cfg(resumed, *options), resume=True)
+    return tuple(load_file(run / "checkpoints" / name / "model.safetensors")
+                 for run, name in ((straight, "iter_0000002"), (straight, "iter_0000004"), (resumed, "iter_0000004")))
+
+
 def wait_for_logged_iterations(process, work_dir, count: int, timeout: float = 240) -> None:
     """Block until a training subprocess has logged `count` iterations to scalars.jsonl."""
     import time

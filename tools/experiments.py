@@ -8,6 +8,8 @@ shapes evaluator, write a markdown table, a JSON record and PNG plots.
     PGV25_CACHE=/tmp/pgv25 python tools/experiments.py goal             # the default config, scored
     PGV25_CACHE=/tmp/pgv25 python tools/experiments.py preference       # DPO vs fine-tuning on the winners vs nothing
     PGV25_CACHE=/tmp/pgv25 python tools/experiments.py dreambooth       # a new concept, with vs without prior preservation
+    PGV25_CACHE=/tmp/pgv25 python tools/experiments.py fid              # pgv25 eval fid on the toy: base, DDPM, EDM, default
+    PGV25_CACHE=/tmp/pgv25 python tools/experiments.py precision        # fp32 vs bf16 weights, nearest vs stochastic rounding
 
 Every arm starts from the same tiny base pipeline with the same data order seed and the same number
 of iterations; only what the experiment varies differs. An arm whose scores exist under
@@ -267,13 +269,53 @@ def dreambooth_arms(start: str, instance_dir: str, class_dir: str, args) -> list
               "model_card.instance_prompt": INSTANCE_PROMPT, "optim_wrapper.optimizer.lr": args.lr,
               "tiny_dreambooth": dict(_delete_=True)}  # the config's own instance images are not used
     what = f"full fine-tune, {args.instance_images} instance images captioned '{INSTANCE_PROMPT}', 2 per step, lr {args.lr:g}"
+    # The validation loss on the class images, every 50 iterations: the prior arm measures them as val_loss_class (it
+    # draws them first), the other arm as its held-out dataset (val_loss): the same images, noise and σ grid.
+    class_loss = {"validation.loss.interval": 50}
     return [
-        Arm("no_prior", {**common, "objective": dict(_delete_=True, type="denoising")}, f"{what}; instance loss only", DREAMBOOTH_CONFIG),
-        Arm("prior", {**common, "objective.class_prompt": CLASS_PROMPT, "objective.class_data_dir": class_dir,
+        Arm("prior", {**common, **class_loss, "objective.class_prompt": CLASS_PROMPT, "objective.class_data_dir": class_dir,
                       "objective.num_class_images": args.class_images, "objective.prior_loss_weight": 1.0},
             f"{what}; + prior preservation: {args.class_images} class images of '{CLASS_PROMPT}' drawn by the start, "
             "2 per step, weight 1", DREAMBOOTH_CONFIG),
+        Arm("no_prior", {**common, **class_loss, "objective": dict(_delete_=True, type="denoising"),
+                         "validation.loss.dataset": dict(type="folder", path=class_dir, caption=CLASS_PROMPT)},
+            f"{what}; instance loss only", DREAMBOOTH_CONFIG),
     ]
+
+
+CLASS_CURVE = {"prior": "val_loss_class", "no_prior": "val_loss"}  # the class images' loss, as each arm logs it
+
+
+def class_loss_curves(work: Path, docs: Path) -> list[str]:
+    """docs/dreambooth_class_loss.png: each arm's validation loss on the class images over training (the drift from
+    the start that prior preservation holds back), and a line per arm for the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    lines = []
+    for arm, key in CLASS_CURVE.items():
+        scalars = work / arm / "scalars.jsonl"
+        rows = [row for row in map(json.loads, scalars.read_text().splitlines()) if key in row] if scalars.is_file() else []
+        if not rows:
+            continue
+        axis.plot([r["iteration"] for r in rows], [r[key] for r in rows], marker=".", label=arm)
+        low = min(rows, key=lambda r: r[key])
+        lines.append(f"- {arm}: class-image loss {rows[0][key]:.4f} at the start, lowest {low[key]:.4f} (iteration "
+                     f"{low['iteration']}), {rows[-1][key]:.4f} at the end ({rows[-1][key] / rows[0][key] - 1:+.1%}).")
+    if not lines:
+        plt.close(figure)
+        return []
+    axis.set_xlabel("iteration")
+    axis.set_ylabel(f"loss on the {CLASS_PROMPT!r} class images\n(mean over 8 σ)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(docs / "dreambooth_class_loss.png", dpi=110)
+    plt.close(figure)
+    return ["", "Validation loss on the class images (`validation.loss`, every 50 iterations; the same images, σ grid "
+                "and noise in both arms):", "", *lines, "", "![class-image loss](dreambooth_class_loss.png)"]
 
 
 def score_concept(start: str, trained: Path | None, out: Path, per_prompt: int, steps: int, limit: int | None) -> dict:
@@ -351,13 +393,233 @@ def run_dreambooth(args, work: Path, record: dict, record_file: Path, cfg_option
         scored = score_concept(start, export, work / arm.name, args.per_prompt, args.eval_steps, args.eval_limit)
         record["arms"][arm.name] = {"note": arm.note, "options": {k: str(v) for k, v in arm.options.items()}, **trained, **scored}
         record_file.write_text(json.dumps(record, indent=2))
-    record["summary"] = dreambooth_summary(record)
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    record["summary"] = dreambooth_summary(record) + class_loss_curves(work, docs)
+    return spec
+
+
+def write_real_set(folder: Path, per_combination: int, seed: int, limit: int | None = None) -> Path:
+    """Real shapes images laid out as MJHQ-30K lays out its reference set: meta_data.json ({id: {category, prompt}})
+    and <category>/<id>.png, the category being the shape (MJHQ's ten categories become the toy's three). Drawn with
+    their own seed: none of them is a training image. The same file is the prompt file of `pgv25 eval generate`."""
+    import random
+
+    from pgv25.tiny.shapes import caption, combinations, draw
+
+    meta_file = folder / "meta_data.json"
+    if meta_file.is_file():
+        return meta_file
+    rng, meta = random.Random(seed), {}
+    for colour, shape, background in combinations()[:limit]:
+        for k in range(per_combination):
+            image_id = f"{colour}_{shape}_on_{background}_{k}"
+            (folder / shape).mkdir(parents=True, exist_ok=True)
+            draw(colour, shape, background, 64, rng).save(folder / shape / f"{image_id}.png")
+            meta[image_id] = {"category": shape, "prompt": caption(colour, shape, background)}
+    meta_file.write_text(json.dumps(meta, indent=1))
+    return meta_file
+
+
+def read_generated(folder: Path, meta_file: Path) -> dict:
+    """The shapes evaluator's scores of the images in `folder`, each read against its prompt."""
+    from PIL import Image
+
+    from pgv25.eval.shapes import read_image, score
+    from pgv25.tiny.shapes import parse_caption
+
+    meta = json.loads(meta_file.read_text())
+    readings = [(parse_caption(row["prompt"]), read_image(Image.open(folder / row["category"] / f"{image_id}.png")))
+                for image_id, row in meta.items()]
+    return score(readings)
+
+
+def fid_summary(report: dict, record: dict) -> list[str]:
+    """FID, KID and the evaluator's accuracies side by side, and whether both rank the arms alike."""
+    arms = [name for name in record["arms"] if name in report["models"]]
+    lines = ["| arm | FID | KID ×10³ | FID circle / square / triangle | shape type | shape colour | background |",
+             "|---|---|---|---|---|---|---|"]
+    for name in arms:
+        scores, acc = report["models"][name]["scores"], record["arms"][name]["scores"]["1:1 (all prompts)"]
+        per = " / ".join(f"{scores[c]['fid']:.2f}" if "fid" in scores.get(c, {}) else "–" for c in ("circle", "square", "triangle"))
+        lines.append(f"| {name} | {scores['overall']['fid']:.2f} | {1e3 * scores['overall']['kid_mean']:.2f} ± "
+                     f"{1e3 * scores['overall']['kid_std']:.2f} | {per} | {acc['shape_accuracy']:.1%} | "
+                     f"{acc['shape_colour_accuracy']:.1%} | {acc['background_accuracy']:.1%} |")
+    models = [name for name in arms if name != "real"]
+    by_fid = sorted(models, key=lambda n: report["models"][n]["scores"]["overall"]["fid"])
+
+    def accuracy(name):  # the evaluator's mean accuracy over the three attributes
+        acc = record["arms"][name]["scores"]["1:1 (all prompts)"]
+        return sum(acc[k] for k in ("shape_accuracy", "shape_colour_accuracy", "background_accuracy")) / 3
+
+    by_accuracy = sorted(models, key=accuracy, reverse=True)
+    verdict = "the same order" if by_fid == by_accuracy else "a different order"
+    return lines + ["", f"Best to worst by FID: {' > '.join(by_fid)}; by the evaluator's mean accuracy: "
+                        f"{' > '.join(by_accuracy)} ({verdict})."]
+
+
+def run_fid(args, work: Path, record: dict, record_file: Path, cfg_options: dict) -> dict:
+    """`pgv25 eval generate` + `pgv25 eval fid` on the toy: the untrained base, SDXL's DDPM schedule and EDM at equal
+    iterations, and the default as shipped, against real shapes images, with the toy's feature network."""
+    from pgv25.eval.fid import evaluate
+    from pgv25.eval.generation import generate_images, record_settings
+    from pgv25.eval.prompts import read_prompts
+    from pgv25.eval.report import write_report
+    from pgv25.eval.shapes_features import save_features, train_features
+    from pgv25.generate import generate, labelled_grid, load_pipeline
+
+    spec = dict(title="FID on the shapes: pgv25 eval fid ranks the toy's models as the shapes evaluator does",
+                aspects=("1:1",), prompts=SAMPLE_PROMPTS)
+    per, limit = args.per_prompt, args.eval_limit  # real and generated images per (colour, shape, background)
+    reference_meta = write_real_set(work / "reference", per, seed=1, limit=limit)
+    network = work / "shapes_features.pt"
+    if "feature_network" not in record:
+        net, accuracy = train_features(images=args.feature_images)
+        save_features(net, network)
+        record["feature_network"] = {"file": str(network), "training_images": args.feature_images,
+                                     "accuracy_on_fresh_real_images": accuracy}
+    iters = args.iters or 1500  # the DDPM and EDM arms'; the default trains as shipped (its own 2,800) unless --iters
+    arms = [("real", None, "real shapes images drawn with another seed: FID's floor at this set size"),
+            ("base", "base", "the tiny base as built, UNet untrained"),
+            ("ddpm", {"model.noise_schedule": "ddpm", "train_cfg.max_iters": iters}, f"SDXL's DDPM schedule, {iters} iterations"),
+            ("edm", {"model.noise_schedule": "edm", "train_cfg.max_iters": iters}, f"Playground's EDM schedule, {iters} iterations"),
+            ("default", {}, "playgroundv2_5_tiny_shapes as shipped")]
+    shared_file = Path(args.work_dir) / "trained_arms.json"  # the noise_schedule and goal experiments' arms, reused
+    shared = json.loads(shared_file.read_text()) if shared_file.exists() else {}
+    prompts = read_prompts(reference_meta)
+    for name, options, note in arms:
+        images = work / name / "images"
+        if name == "real":
+            write_real_set(images, per, seed=2, limit=limit)
+        else:
+            if options == "base":
+                from pgv25.tiny import ensure_tiny_assets
+
+                cfg = build_cfg({}, work / name, None, cfg_options)
+                ensure_tiny_assets(**cfg.tiny_assets)  # built on first use, as `pgv25 train` builds them
+                step_dir = Path(cfg.model.pretrained_model_name_or_path)
+                entry = {"step_dir": str(step_dir)}
+            else:
+                cfg = build_cfg(options, work / name, args.iters if name == "default" else None, cfg_options)
+                key = json.dumps(cfg.to_dict(), sort_keys=True, default=str).replace(str(work / name), "")
+                entry = shared.get(key)
+                if entry is None or not Path(entry["step_dir"]).is_dir():
+                    entry = shared[key] = train_arm(cfg)
+                    shared_file.parent.mkdir(parents=True, exist_ok=True)
+                    shared_file.write_text(json.dumps(shared, indent=2))
+                step_dir = Path(entry["step_dir"])
+            pipe = load_pipeline(step_dir, "native")
+            began = time.time()
+            record_settings(images, {"model": str(step_dir), "scheduler": "native", "steps": args.eval_steps,
+                                     "guidance_scale": 3.0, "width": 64, "height": 64, "seed": 0}, prompts, 0)
+            generate_images(pipe, prompts, images, seed=0, steps=args.eval_steps, guidance_scale=3.0, width=64, height=64,
+                            progress=False)
+            entry = {**entry, "generate_seconds": round(time.time() - began, 1)}
+            sheet = generate(pipe, SAMPLE_PROMPTS, seed=0, steps=args.eval_steps, guidance_scale=3.0, width=64, height=64)
+            labelled_grid(sheet, SAMPLE_PROMPTS).save(work / name / "samples_1x1.png")
+        record["arms"][name] = {"note": note, **(entry if name != "real" else {}),
+                                "scores": {"1:1 (all prompts)": read_generated(images, reference_meta)}}
+        record_file.write_text(json.dumps(record, indent=2))
+    began = time.time()
+    report = evaluate(str(work / "reference"), [f"{name}={work / name / 'images'}" for name, _, _ in arms], work / "report",
+                      resolution=64, inception=str(network))
+    record["fid_seconds"] = round(time.time() - began, 1)
+    paths = write_report(report, work / "report")
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "fid_per_category.png").write_bytes(paths["chart"].read_bytes())
+    record["summary"] = fid_summary(report, record) + ["", "![FID per category](fid_per_category.png)"]
+    return spec
+
+
+PRECISIONS = {"fp32": ({"model.trained_dtype": "fp32"}, "fp32 weights (the default)"),
+              "bf16_nearest": ({"model.trained_dtype": "bf16", "optim_wrapper.rounding": "nearest"},
+                               "bf16 weights, each fp32 update rounded to nearest"),
+              "bf16_stochastic": ({"model.trained_dtype": "bf16", "optim_wrapper.rounding": "stochastic"},
+                                  "bf16 weights, each fp32 update rounded stochastically")}
+
+
+def precision_arms(lrs: list[float], seeds: list[int]) -> list[Arm]:
+    return [Arm(f"{name}_lr{lr:g}_seed{seed}", {**options, "optim_wrapper.optimizer.lr": lr, "randomness.seed": seed},
+                f"{note}; lr {lr:g}, seed {seed}")
+            for lr in lrs for name, (options, note) in PRECISIONS.items() for seed in seeds]
+
+
+def final_loss(work_dir: Path, last: int = 5) -> float:
+    """The mean logged training loss over the last `last` log lines (each a mean over its interval)."""
+    rows = [row for row in map(json.loads, (work_dir / "scalars.jsonl").read_text().splitlines()) if "loss" in row]
+    return sum(row["loss"] for row in rows[-last:]) / len(rows[-last:])
+
+
+def precision_summary(record: dict, work: Path, docs: Path) -> list[str]:
+    """Mean ± standard deviation over seeds per (precision, lr): final loss and the evaluator's seen accuracies; and
+    docs/precision_loss.png, the loss curves (mean over seeds)."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in record["arms"]:
+        precision, lr, _ = name.rsplit("_", 2)
+        groups.setdefault((precision, lr), []).append(name)
+
+    def spread(values):
+        return f"{statistics.mean(values):.1%} ± {statistics.stdev(values) if len(values) > 1 else 0:.1%}"
+
+    lines = ["| weights | lr | seeds | final loss | shape colour (seen) | shape type (seen) | background (seen) |",
+             "|---|---|---|---|---|---|---|"]
+    figure, axes = plt.subplots(1, len({lr for _, lr in groups}), figsize=(11, 4), squeeze=False)
+    for (precision, lr), names in groups.items():
+        arms = [record["arms"][n] for n in names]
+        losses = [a["final_loss"] for a in arms]
+        seen = [a["scores"]["1:1 seen"] for a in arms]
+        loss_sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        lines.append(f"| {precision} | {lr[2:]} | {len(names)} | {statistics.mean(losses):.4f} ± {loss_sd:.4f} | "
+                     f"{spread([s['shape_colour_accuracy'] for s in seen])} | {spread([s['shape_accuracy'] for s in seen])} | "
+                     f"{spread([s['background_accuracy'] for s in seen])} |")
+        curves = [[(r["iteration"], r["loss"]) for r in map(json.loads, (work / n / "scalars.jsonl").read_text().splitlines())
+                   if "loss" in r] for n in names]
+        axis = axes[0][sorted({lr for _, lr in groups}, key=lambda v: -float(v[2:])).index(lr)]
+        steps = [i for i, _ in curves[0]]
+        axis.plot(steps, [statistics.mean(c[k][1] for c in curves) for k in range(len(steps))], label=precision)
+        axis.set_title(f"lr {lr[2:]}: training loss, mean over {len(names)} seeds")
+        axis.set_yscale("log")
+        axis.set_xlabel("iteration")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(docs / "precision_loss.png", dpi=110)
+    plt.close(figure)
+    return lines + ["", "![loss curves](precision_loss.png)"]
+
+
+def run_precision(args, work: Path, record: dict, record_file: Path, cfg_options: dict) -> dict:
+    """The tiny default trained with fp32 weights, bf16 weights rounded to nearest, and bf16 weights with stochastic
+    rounding, at the default lr and a tenth of it, over seeds; the final loss and the evaluator's scores."""
+    spec = dict(title="bf16 trained weights: stochastic rounding against round-to-nearest and fp32", aspects=("1:1",),
+                prompts=SAMPLE_PROMPTS)
+    default_lr = float(load_config(CONFIG).optim_wrapper.optimizer.lr)
+    for arm in precision_arms([default_lr, default_lr / 10], args.seeds):
+        if args.arms and arm.name not in args.arms or arm.name in record["arms"]:
+            continue
+        trained = train_arm(build_cfg(arm.options, work / arm.name, args.iters or 1000, cfg_options))
+        scored = score_arm(Path(trained["step_dir"]), work / arm.name, spec["aspects"], args.per_prompt, spec["prompts"],
+                           args.eval_steps, args.eval_limit)
+        record["arms"][arm.name] = {"note": arm.note, "options": {k: str(v) for k, v in arm.options.items()}, **trained,
+                                    **scored, "final_loss": final_loss(work / arm.name)}
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        record_file.write_text(json.dumps(record, indent=2))
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    record["summary"] = precision_summary(record, work, docs)
     return spec
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", choices=["noise_schedule", "sigma_sampling", "buckets", "parity", "goal", "preference", "dreambooth"])
+    parser.add_argument("experiment", choices=["noise_schedule", "sigma_sampling", "buckets", "parity", "goal", "preference", "dreambooth", "fid", "precision"])
     parser.add_argument("--iters", type=int, help="training iterations per arm (default: the config's)")
     parser.add_argument("--per-prompt", type=int, default=2, help="evaluation images per prompt")
     parser.add_argument("--eval-steps", type=int, default=25, help="sampling steps of the evaluation")
@@ -372,6 +634,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start", help="dreambooth: an export of the trained tiny default to start from (default: train it)")
     parser.add_argument("--instance-images", type=int, default=8, help="dreambooth: images of the new concept")
     parser.add_argument("--class-images", type=int, default=48, help="dreambooth: class images of the prior arm")
+    parser.add_argument("--feature-images", type=int, default=4000, help="fid: real images the feature network trains on")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="precision: the seeds of every arm")
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = 5e-5 if args.experiment == "dreambooth" else 1e-4
@@ -388,6 +652,10 @@ def main(argv: list[str] | None = None) -> None:
         spec = run_preference(args, work, record, record_file, cfg_options, root)
     elif args.experiment == "dreambooth":
         spec = run_dreambooth(args, work, record, record_file, cfg_options)
+    elif args.experiment == "fid":
+        spec = run_fid(args, work, record, record_file, cfg_options)
+    elif args.experiment == "precision":
+        spec = run_precision(args, work, record, record_file, cfg_options)
     elif args.experiment == "parity":
         spec = dict(title="Parity with the public recipe (diffusers' --do_edm_style_training)", aspects=("1:1",),
                     prompts=SAMPLE_PROMPTS,

@@ -28,6 +28,7 @@ from ..models.text_conditioner import TextConditioner
 from . import distributed
 from ..files import DTYPES
 from .optim import build_lr_scheduler, build_optimizer
+from .param_update import ParamUpdates, keep_fp32_state_on_load
 from .prior_data import add_class_images, class_images_plan
 
 logger = logging.getLogger("pgv25")
@@ -42,6 +43,14 @@ class Runtime:
     mixed_precision: str  # 'no' on a CPU
     weight_dtype: torch.dtype  # of the frozen text encoders
     vae_dtype: torch.dtype
+    unet_dtype: torch.dtype = torch.float32  # the UNet's stored weights: trained (model.trained_dtype) or, under a LoRA, frozen
+
+    def autocast(self):
+        """The forward's autocast: accelerate's for mixed precision; when the UNet's weights are stored in bf16 (or
+        fp16) without it (a CPU, or mixed_precision='no'), autocast to that dtype, so that fp32 inputs meet them."""
+        if self.mixed_precision != "no" or self.unet_dtype == torch.float32:
+            return self.accelerator.autocast()
+        return torch.autocast(self.device.type, dtype=self.unet_dtype)
 
     @property
     def device(self) -> torch.device:
@@ -80,12 +89,27 @@ def build_runtime(options, work_dir, trackers: list[str] | None = None) -> Runti
     set_seed(options.train.seed)
     weight_dtype = DTYPES[options.model.weight_dtype] if on_gpu else torch.float32
     vae_dtype = DTYPES[options.model.vae_dtype] if on_gpu else torch.float32
-    runtime = Runtime(accelerator, strategy, mixed_precision, weight_dtype, vae_dtype)
+    runtime = Runtime(accelerator, strategy, mixed_precision, weight_dtype, vae_dtype, unet_dtype(options, mixed_precision))
+    if options.optim.fused_backward and runtime.world_size > 1:
+        raise UserError("optim_wrapper.fused_backward runs on one process: DDP averages the gradients at the end of "
+                        "backward, after the updates inside it would have used this process's own; train on one GPU, "
+                        "or set fused_backward=False")
     if runtime.sharded and options.optim.type == "AdamW8bit":
         # bitsandbytes' update kernels have no rule for FSDP's sharded (DTensor) parameters: said before any loading
         raise UserError("optimizer AdamW8bit with strategy='fsdp' is not supported (bitsandbytes cannot update sharded "
                         "parameters); use strategy='ddp' with AdamW8bit, or AdamW/Adafactor with fsdp")
     return runtime
+
+
+def unet_dtype(options, mixed_precision: str) -> torch.dtype:
+    """The dtype the UNet's weights are stored in: model.trained_dtype for a full fine-tune; under a LoRA,
+    model.frozen_dtype ('auto': the mixed-precision dtype, so fp32 on a CPU or with mixed_precision='no')."""
+    if not options.lora.enabled:
+        return DTYPES[options.model.trained_dtype]
+    frozen = options.model.frozen_dtype
+    if frozen == "auto":
+        frozen = mixed_precision if mixed_precision in ("bf16", "fp16") else "fp32"
+    return DTYPES[frozen]
 
 
 @dataclass
@@ -205,11 +229,14 @@ def build_model(options, runtime: Runtime, cached: bool, buckets: int) -> ModelP
             [parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2], parts.force_zeros_for_empty_prompt
         ).to(device)
         codec = LatentCodec(parts.vae.to(device, runtime.vae_dtype)).to(device)
-    unet = parts.unet.train()
+    unet = parts.unet.train().to(runtime.unet_dtype)  # the trained weights, or under a LoRA the frozen ones
     if lora is not None and runtime.sharded:
         raise UserError("model.lora with strategy='fsdp' is not supported; LoRA weights are small: use strategy='ddp'")
     if lora is not None:
         trainable = add_lora(unet, lora)
+        for p in unet.parameters():  # the adapters train in fp32 over a frozen base of any dtype
+            if p.requires_grad:
+                p.data = p.data.float()
         if init is not None:
             load_lora_weights(unet, init, "unet")
             logger.info("LoRA starts from %s", init.path)
@@ -248,6 +275,10 @@ class Optimisation:
     text_params: list  # text-encoder LoRA parameters: outside the DDP module, averaged by hand
     clip_norm: float  # inf: measure the gradient norm, never clip
     accumulation: int  # micro-batches per update
+    updates: ParamUpdates  # how the update reaches the weights: at once, per parameter in fp32 + rounding, in backward
+
+
+ROUNDING_SEED = 0x5EED  # offsets the stochastic-rounding generator's seed from the data and noise generators'
 
 
 def build_optimisation(options, runtime: Runtime, model: ModelParts, objective: torch.nn.Module) -> Optimisation:
@@ -261,8 +292,18 @@ def build_optimisation(options, runtime: Runtime, model: ModelParts, objective: 
     text_params = [p for p in trained_params if id(p) not in unet_params]
     optimizer = build_optimizer(trained_params, optim.optimizer, on_cuda=runtime.device.type == "cuda", sharded=runtime.sharded)
     lr_scheduler = build_lr_scheduler(optimizer, optim.scheduler, options.train.max_iters)
+    rounding = optim.rounding if any(p.dtype != torch.float32 for p in trained_params) else None
+    generator = None
+    if rounding == "stochastic":  # its own stream, saved in every checkpoint (rng.pt): a resume rounds the same
+        generator = torch.Generator(runtime.device).manual_seed(options.train.seed * 1_000_003 + ROUNDING_SEED + runtime.rank)
+    if rounding is not None:
+        keep_fp32_state_on_load(optimizer)
+    updates = ParamUpdates(optimizer, trained_params, rounding, generator)
+    if optim.fused_backward:
+        updates.fuse_into_backward()
     if runtime.sharded:
         step_module, optimizer = objective, runtime.accelerator.prepare(optimizer)
     else:
         step_module, optimizer = runtime.accelerator.prepare(objective, optimizer)
-    return Optimisation(step_module, optimizer, lr_scheduler, trained_params, text_params, optim.clip_norm, optim.accumulation)
+    return Optimisation(step_module, optimizer, lr_scheduler, trained_params, text_params, optim.clip_norm, optim.accumulation,
+                        updates)

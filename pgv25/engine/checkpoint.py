@@ -33,8 +33,8 @@ TEMP_GLOB = ".iter_*.tmp*"
 PICKLED = ("optimizer", "lr_scheduler", "grad_scaler", "rng")  # saved as <name>.pt when present
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    """Every RNG this process draws from, as tensors and plain numbers."""
+def rng_state(generator: torch.Generator, rounding: torch.Generator | None = None) -> dict:
+    """Every RNG this process draws from, as tensors and plain numbers (`rounding`: stochastic rounding's)."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -45,10 +45,12 @@ def rng_state(generator: torch.Generator) -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if rounding is not None:
+        state["rounding"] = rounding.get_state()
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def set_rng_state(state: dict, generator: torch.Generator, rounding: torch.Generator | None = None) -> None:
     python = state["python"]
     random.setstate((python["version"], tuple(python["mt"].tolist()), python["gauss"]))
     numpy = state["numpy"]
@@ -57,6 +59,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if rounding is not None and "rounding" in state:  # (a checkpoint of fp32 weights has none: the stream starts afresh)
+        rounding.set_state(state["rounding"])
 
 
 def _fsync(path: Path) -> None:

@@ -23,7 +23,8 @@ class EMA:
         self.decay, self.warmup, self.inv_gamma, self.power = decay, warmup, inv_gamma, power
         self.update_after, self.every = update_after, every
         self.params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.shadow = [p.detach().to(device or p.device, copy=True) for _, p in self.params]
+        # fp32 whatever the weights' dtype: bf16 trained weights still average without rounding each small step away
+        self.shadow = [p.detach().to(device or p.device, torch.float32, copy=True) for _, p in self.params]
         self.updates = 0  # EMA updates so far (drives the warm-up)
 
     def current_decay(self) -> float:
@@ -37,7 +38,7 @@ class EMA:
         if iteration <= self.update_after or iteration % self.every:
             return
         weight = 1.0 - self.current_decay()
-        current = [p.detach().to(s.device, non_blocking=True) for (_, p), s in zip(self.params, self.shadow)]
+        current = [p.detach().to(s.device, s.dtype, non_blocking=True) for (_, p), s in zip(self.params, self.shadow)]
         torch._foreach_lerp_(self.shadow, current, weight)  # s += w·(θ − s)
         self.updates += 1
 

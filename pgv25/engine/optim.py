@@ -31,6 +31,10 @@ PACKAGED = {"Prodigy": ("prodigyopt", "Prodigy", "prodigyopt", "prodigy"),
             "CAME": ("came_pytorch", "CAME", "came-pytorch", "came"),
             "AdamWScheduleFree": ("schedulefree", "AdamWScheduleFree", "schedulefree", "schedulefree")}
 OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit", *PACKAGED)
+# Optimizers whose step reads the whole group, so stepping one parameter at a time (engine/param_update.py) would
+# change what they compute: why, as said in the refusal.
+PER_GROUP_OPTIMIZERS = {"Prodigy": "its step-size estimate sums over every parameter",
+                        "AdamWScheduleFree": "it counts steps per group, not per parameter"}
 
 
 CPU_8BIT_SINCE = (0, 50)  # bitsandbytes before 0.50 runs its 8-bit optimizer step on CUDA tensors only

@@ -28,7 +28,8 @@ from ..models.lora import lora_init
 from ..models.speed import ATTENTION_BACKENDS
 from ..objectives import objective_options
 from .distributed import check_strategy
-from .optim import optimizer_type
+from .optim import PER_GROUP_OPTIMIZERS, optimizer_type
+from .param_update import ROUNDINGS
 
 TRACKERS = ("tensorboard", "wandb")
 
@@ -65,6 +66,8 @@ class OptimOptions:
     scheduler: dict  # `type`, `warmup_iters` and the schedule's keyword arguments
     clip_norm: float  # inf: measure the gradient norm, never clip
     accumulation: int  # micro-batches per update
+    rounding: str | None = None  # how updates reach bf16 trained weights ('stochastic', 'nearest'); None: fp32 weights
+    fused_backward: bool = False  # each parameter updated inside backward, its gradient freed at once
 
     @property
     def type(self) -> str:
@@ -104,6 +107,8 @@ class ModelOptions:
     channels_last: object  # True, False or 'cuda'
     compile: dict
     section: dict = field(repr=False)  # the whole section, for the noise schedule (objectives/schedule.py)
+    trained_dtype: str = "fp32"  # of the trained UNet weights in a full fine-tune ('bf16': see engine/param_update.py)
+    frozen_dtype: str = "auto"  # of the frozen UNet under a LoRA ('auto': the mixed-precision dtype on a GPU, else fp32)
 
 
 @dataclass(frozen=True)
@@ -203,9 +208,12 @@ def read_options(cfg) -> RunOptions:
     export = export_options(cfg, lora)
     resolution = cfg.train_dataloader.dataset.get("resolution")
     sample_grid, validation = sample_grid_options(cfg, resolution), validation_options(cfg, resolution)
+    model = model_options(cfg)
+    runtime, optim = runtime_options(cfg), optim_options(cfg, model.trained_dtype)
+    check_low_precision(model, lora, runtime, optim)
     return RunOptions(
-        train=train_options(cfg), runtime=runtime_options(cfg), optim=optim_options(cfg), data=data_options(cfg),
-        model=model_options(cfg), lora=lora, export=export, objective=objective, ema=ema_options(cfg),
+        train=train_options(cfg), runtime=runtime, optim=optim, data=data_options(cfg),
+        model=model, lora=lora, export=export, objective=objective, ema=ema_options(cfg),
         validation=validation, sample_grid=sample_grid, trackers=trackers_of(cfg),
         tracker_init=tracker_options(cfg, work_dir_of(cfg)), card=dict(cfg.get("model_card") or {}),
     )
@@ -232,7 +240,7 @@ def runtime_options(cfg) -> RuntimeOptions:
     return RuntimeOptions(strategy, mixed_precision, bool((cfg.get("fsdp") or {}).get("reshard_after_forward", True)))
 
 
-def optim_options(cfg) -> OptimOptions:
+def optim_options(cfg, trained_dtype: str = "fp32") -> OptimOptions:
     wrapper = cfg.optim_wrapper
     optimizer = dict(wrapper.optimizer)
     optimizer_type(optimizer)  # the rest of its keys are checked by the optimizer itself, when it is built
@@ -240,7 +248,43 @@ def optim_options(cfg) -> OptimOptions:
     if not isinstance(accumulation, int) or isinstance(accumulation, bool) or accumulation < 1:
         raise UserError(f"optim_wrapper.accumulative_counts must be a positive integer, got {accumulation!r}")
     clip_norm = (wrapper.get("clip_grad") or {}).get("max_norm") or math.inf
-    return OptimOptions(optimizer, dict(cfg.get("param_scheduler") or {}), float(clip_norm), accumulation)
+    rounding = wrapper.get("rounding", "stochastic")
+    if rounding not in ROUNDINGS:
+        raise UserError(f"optim_wrapper.rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    fused = wrapper.get("fused_backward", False)
+    if not isinstance(fused, bool):
+        raise UserError(f"optim_wrapper.fused_backward must be True or False, got {fused!r}")
+    return OptimOptions(optimizer, dict(cfg.get("param_scheduler") or {}), float(clip_norm), accumulation,
+                        rounding if trained_dtype != "fp32" else None, fused)
+
+
+def check_low_precision(model: ModelOptions, lora: LoraOptions, runtime: RuntimeOptions, optim: OptimOptions) -> None:
+    """What bf16 trained weights and the update inside backward cannot do, refused in one line before anything
+    loads, each naming the alternative. (One process only for fused_backward: checked when the world size is known.)"""
+    if model.trained_dtype != "fp32" and lora.enabled:
+        raise UserError("model.trained_dtype applies to a full fine-tune; under a LoRA the adapters are small and stay "
+                        "fp32: set model.frozen_dtype='bf16' for the frozen UNet instead")
+    per_parameter = model.trained_dtype != "fp32" or optim.fused_backward
+    what = "model.trained_dtype='bf16'" if model.trained_dtype != "fp32" else "optim_wrapper.fused_backward"
+    if per_parameter and optim.type in PER_GROUP_OPTIMIZERS:
+        raise UserError(f"{what} updates one parameter at a time, and optimizer {optim.type}'s step spans the whole "
+                        f"group ({PER_GROUP_OPTIMIZERS[optim.type]}); use AdamW, AdamW8bit, Adafactor, Lion or CAME")
+    if per_parameter and runtime.strategy == "fsdp":
+        raise UserError(f"{what} with strategy='fsdp' is not supported; FSDP already shards the weights, gradients and "
+                        "optimizer state: use one of them, not both")
+    if model.trained_dtype != "fp32" and runtime.mixed_precision == "fp16":
+        raise UserError("model.trained_dtype='bf16' computes in bf16: set optim_wrapper.mixed_precision='bf16' (or 'no')")
+    if not optim.fused_backward:
+        return
+    if optim.accumulation > 1:
+        raise UserError("optim_wrapper.fused_backward updates each weight inside backward, so no gradient is kept between "
+                        "micro-batches: set accumulative_counts=1 (and a larger batch_size), or fused_backward=False")
+    if runtime.mixed_precision == "fp16":
+        raise UserError("optim_wrapper.fused_backward with mixed_precision='fp16' is not supported (the loss scale must be "
+                        "checked before any weight is updated): use mixed_precision='bf16'")
+    if math.isfinite(optim.clip_norm):
+        raise UserError("optim_wrapper.fused_backward never holds all gradients at once, so it cannot clip their global "
+                        "norm: set optim_wrapper.clip_grad=None (the norm is still logged), or fused_backward=False")
 
 
 def data_options(cfg) -> DataOptions:
@@ -258,9 +302,14 @@ def model_options(cfg) -> ModelOptions:
     for key in ("weight_dtype", "vae_dtype"):
         if model.get(key, "fp32") not in DTYPES:
             raise UserError(f"model.{key} must be one of {', '.join(DTYPES)}, got {model.get(key)!r}")
+    trained_dtype, frozen_dtype = model.get("trained_dtype", "fp32"), model.get("frozen_dtype", "auto")
+    if trained_dtype not in ("fp32", "bf16"):
+        raise UserError(f"model.trained_dtype must be 'fp32' or 'bf16', got {trained_dtype!r}")
+    if frozen_dtype not in ("auto", *DTYPES):
+        raise UserError(f"model.frozen_dtype must be 'auto' or one of {', '.join(DTYPES)}, got {frozen_dtype!r}")
     return ModelOptions(model.pretrained_model_name_or_path, model.get("weight_dtype", "fp32"), model.get("vae_dtype", "fp32"),
                         backend, bool(model.get("gradient_checkpointing")), model.get("channels_last"),
-                        dict(model.get("compile") or {}), dict(model))
+                        dict(model.get("compile") or {}), dict(model), trained_dtype, frozen_dtype)
 
 
 def lora_options(cfg) -> LoraOptions:

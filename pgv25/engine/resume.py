@@ -22,7 +22,7 @@ logger = logging.getLogger("pgv25")
 
 # Model keys that only trade memory or time; the trained function is the same (and a checkpoint of an older
 # version, which recorded some of them, resumes under new defaults).
-_FREE_MODEL_KEYS = {"gradient_checkpointing", "channels_last", "compile", "attention_backend"}
+_FREE_MODEL_KEYS = {"gradient_checkpointing", "channels_last", "compile", "attention_backend", "frozen_dtype"}
 # Keys that only choose which files an export writes: changing them on resume changes no weight.
 _EXPORT_ONLY = {"model.lora.fuse_export", "model.lora.kohya_export"}
 # Keys added after checkpoints already existed, with the value those checkpoints were trained with.

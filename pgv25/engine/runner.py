@@ -59,6 +59,7 @@ class StepResult:
     images: int  # this rank's images
     nonfinite: bool  # the update was skipped (loss or gradient not finite on some rank)
     stop: bool  # some rank received SIGINT/SIGTERM
+    zeroed: int = 0  # fused_backward: parameter tensors whose non-finite gradient was taken as zero (the rest updated)
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Trainer:
         self.export_scheduler = self.objective.schedule.export_scheduler
         self.validation_loss = None if not self.data.held_out else ValidationLoss(
             options.validation.loss, self.data.held_out, self.model, self.objective.schedule, self.device,
-            self.accelerator.autocast, self.work_dir)
+            self.runtime.autocast, self.work_dir)
         self.optim = build_optimisation(options, runtime, self.model, self.objective)
         self.generator = torch.Generator(self.device).manual_seed(self.seed + self.rank)
         self._build_hooks()
@@ -122,7 +123,7 @@ class Trainer:
         self.batches = Batches(self._loader(position[0], stream), consumed=position[0], skipped=position[1],
                                log_path=self.work_dir / SKIPPED_FILES)
         if rng is not None:  # last: building the loader iterator draws from the global torch RNG
-            set_rng_state(rng, self.generator)
+            set_rng_state(rng, self.generator, self.optim.updates.generator)
 
     # The parts tests and tools reach for by name.
     unet = property(lambda self: self.model.unet)
@@ -139,7 +140,7 @@ class Trainer:
         self.ema = build_ema(self.trained, self.options.ema.settings) if self.accelerator.is_main_process else None
         model = self.model
         self.validation = ValidationSampler(self.options.validation, model.base_folder, model.unet, self.ema, self.device,
-                                            model.cond_dtype, self.accelerator.autocast, self.work_dir,
+                                            model.cond_dtype, self.runtime.autocast, self.work_dir,
                                             list(model.conditioner.text_encoders) if model.text_lora else None,
                                             self.export_scheduler)
         if self.validation.enabled and self.sharded:  # a sharded UNet cannot sample on rank 0 alone
@@ -241,14 +242,18 @@ class Trainer:
         return UserError(out_of_memory_message(self.iteration + 1, self.data.batch_size, getattr(self, "_batch_shape", None),
                                                peak, last))
 
-    def micro_step(self, batch: dict) -> torch.Tensor:
-        """One forward/backward of the objective on a batch; returns the (detached) mean loss."""
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The objective's mean loss on a batch, with its graph."""
         x0, cond = self.model.inputs(batch, self.device, self.generator)
         extra = batch_inputs(self.objective, batch, self.device)  # what else of the batch the objective reads
         target = batch["time_ids"][0, 4:6].tolist()  # the bucket (h, w) in pixels
         self._batch_shape = (len(x0), int(target[1]), int(target[0]))  # named if this step runs out of memory
-        with self.accelerator.autocast(), attention_backend(self.options.model.attention_backend):
-            loss = self.optim.step_module(x0, cond, self.generator, **extra).mean()
+        with self.runtime.autocast(), attention_backend(self.options.model.attention_backend):
+            return self.optim.step_module(x0, cond, self.generator, **extra).mean()
+
+    def micro_step(self, batch: dict) -> torch.Tensor:
+        """One forward/backward of the objective on a batch; returns the (detached) mean loss."""
+        loss = self.forward(batch)
         self.accelerator.backward(loss / self.optim.accumulation)
         return loss.detach()
 
@@ -277,6 +282,8 @@ class Trainer:
 
     def step(self, stop_requested: bool = False) -> StepResult:
         """One optimizer update, skipped on every rank when any rank saw a non-finite loss or gradient."""
+        if self.optim.updates.fused:
+            return self._fused_step(stop_requested)
         losses, images, optim = [], 0, self.optim
         for micro in range(optim.accumulation):
             asked = time.perf_counter()
@@ -291,22 +298,51 @@ class Trainer:
                              torch.tensor(stop_requested, device=loss.device)])
         bad_loss, bad_grad, stop = distributed.any_rank(flags)  # the step's one host sync
         scaler = self.accelerator.scaler
-        if not (bad_loss or bad_grad) or (scaler is not None and not bad_loss):
+        if scaler is not None and not bad_loss:
             optim.optimizer.step()  # an fp16 overflow (finite loss, inf gradient) is the grad scaler's to skip
+        elif not (bad_loss or bad_grad):
+            optim.updates.step()  # the optimizer's step, or per parameter in fp32 for bf16 weights
         optim.lr_scheduler.step()
         optim.optimizer.zero_grad(set_to_none=True)
         nonfinite = bad_loss or (bad_grad and scaler is None)
         self.objective.commit(keep=not nonfinite)
         return StepResult(loss, grad_norm, images, nonfinite=nonfinite, stop=stop)
 
+    def _fused_step(self, stop_requested: bool) -> StepResult:
+        """One update made inside backward (optim_wrapper.fused_backward, one process, no accumulation): the loss is
+        checked before backward, since no update can be taken back once backward has run; a parameter whose gradient
+        is not finite is updated with a zero gradient, and the log says how many were."""
+        optim, asked = self.optim, time.perf_counter()
+        batch = next(self.batches)
+        self.progress.loader_wait += time.perf_counter() - asked
+        loss = self.forward(batch)
+        bad_loss, stop = distributed.any_rank(torch.stack([~torch.isfinite(loss.detach()),
+                                                           torch.tensor(stop_requested, device=loss.device)]))
+        if bad_loss:
+            del loss  # no backward: no parameter moves
+            grad_norm, zeroed = torch.tensor(math.nan), 0
+        else:
+            self.accelerator.backward(loss)  # each parameter is updated in its gradient hook
+            grad_norm, bad = optim.updates.take_counts()
+            zeroed = int(bad)
+            if zeroed:
+                logger.warning("iteration %d: %d of %d parameter tensors had a non-finite gradient; updated with a zero "
+                               "gradient, the others as usual (fused_backward cannot skip an update already made)",
+                               self.iteration + 1, zeroed, len(optim.trained_params))
+        optim.lr_scheduler.step()
+        self.objective.commit(keep=not bad_loss)
+        return StepResult(loss.detach() if not bad_loss else torch.tensor(math.nan), grad_norm, len(batch["time_ids"]),
+                          nonfinite=bool(bad_loss), stop=bool(stop), zeroed=zeroed)
+
     def _check_finite(self, result: StepResult) -> None:
-        if not result.nonfinite:
+        if not result.nonfinite and not result.zeroed:
             self.nonfinite_run = 0
             return
         self.nonfinite_total += 1
         self.nonfinite_run += 1
-        logger.warning("iteration %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row, %d in all)",
-                       self.iteration, float(result.loss), float(result.grad_norm), self.nonfinite_run, self.nonfinite_total)
+        if result.nonfinite:  # (a zeroed fused update was logged as it happened)
+            logger.warning("iteration %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row, %d in all)",
+                           self.iteration, float(result.loss), float(result.grad_norm), self.nonfinite_run, self.nonfinite_total)
         if self.nonfinite_run >= self.options.train.max_nonfinite:
             raise UserError(
                 f"iteration {self.iteration}: {self.options.train.max_nonfinite} consecutive iterations with a non-finite loss or gradient "

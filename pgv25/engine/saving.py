@@ -68,7 +68,7 @@ def save(trainer, export: bool = True) -> tuple[Path | None, Path | None]:
     trainer.skipped_saves = 0
     batches = trainer.batches
     ranks = distributed.gather_objects({"consumed": batches.consumed, "skipped": batches.skipped,
-                                        "rng": rng_state(trainer.generator), "stream": batches.stream or None})
+                                        "rng": rng_state(trainer.generator, trainer.optim.updates.generator), "stream": batches.stream or None})
     checkpoint = trainer.work_dir / "checkpoints" / f"iter_{trainer.iteration:07d}"
     step_dir = trainer.work_dir / f"step{trainer.iteration}" if export else None
     error = None
@@ -176,7 +176,12 @@ def _export_lora(trainer, step_dir: Path, weights: dict, dtype: str) -> str:
     if lora.get("fuse_export"):
         fused = step_dir.with_name(f"{step_dir.name}_fused")
         single = _single_file(trainer)
-        export_pipeline(unet, trainer.base_folder, fused, dtype, state=fused_unet_state(unet, weights),
+        base = None
+        if trainer.runtime.unet_dtype != torch.float32:  # the frozen UNet is held in bf16: fold into it as stored
+            from diffusers import UNet2DConditionModel
+
+            base = UNet2DConditionModel.from_pretrained(trainer.base_folder, subfolder="unet").state_dict()
+        export_pipeline(unet, trainer.base_folder, fused, dtype, state=fused_unet_state(unet, weights, base),
                         single_file=single, card=card_of_run(trainer, "pipeline", [single_file_name(fused)] if single else []))
         text += f", fused pipeline {fused}"
     return text

@@ -111,14 +111,17 @@ def save_lora(unet, trainable: dict[str, torch.Tensor], folder: Path, text_encod
     return folder / LORA_FILE
 
 
-def fused_unet_state(unet, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain UNet weights with W ← W + (alpha/r)·B·A folded in: a UNet with no adapter at all.
+def fused_unet_state(unet, trainable: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Plain UNet weights with W ← W + (alpha/r)·B·A folded in: a UNet with no adapter at all. `base`: the frozen
+    weights as the base pipeline stores them, when the UNet in memory holds them in a lower precision.
 
     DoRA (Liu et al. 2024): W ← m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm per output row, as peft merges it.
     """
     from peft.tuners.lora import LoraLayer
 
     state = {k: v for k, v in unet.state_dict().items() if "lora_" not in k}
+    if base is not None:
+        state = {k: base.get(k.replace(".base_layer.", "."), v) for k, v in state.items()}
     state.update({k: v for k, v in trainable.items() if k in state})
     for name, module in unet.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:

@@ -1,7 +1,6 @@
 """Optimizer choice: Adafactor, 8-bit AdamW, Prodigy, Lion, CAME and schedule-free AdamW train and resume exactly;
 a schedule-free run exports its average; unknown types and a missing or too old package fail in one line."""
 
-import shutil
 import sys
 import types
 
@@ -10,9 +9,8 @@ import torch
 from safetensors.torch import load_file
 from torch.utils._pytree import tree_leaves
 
-from conftest import tiny_cfg
+from conftest import straight_and_resumed, tiny_cfg
 from pgv25.engine.optim import PACKAGED, build_optimizer
-from pgv25.engine.runner import train
 from pgv25.errors import UserError
 
 RESUMABLE = ("sample_grid.prompts=[]", "default_hooks.checkpoint.interval=2")
@@ -105,13 +103,7 @@ def test_trains_and_resumes_exactly(kind, tiny_assets, tmp_path):
     options = ("train_cfg.max_iters=4", f"optim_wrapper.optimizer.type={kind}", *RESUMABLE,
                *([f"optim_wrapper.optimizer.lr={lr}"] if lr else []))
     straight = tmp_path / "straight"
-    train(tiny_cfg(straight, *options))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
-    train(tiny_cfg(resumed, *options), resume=True)
-    a = load_file(straight / "checkpoints" / "iter_0000004" / "model.safetensors")
-    b = load_file(resumed / "checkpoints" / "iter_0000004" / "model.safetensors")
-    before = load_file(straight / "checkpoints" / "iter_0000002" / "model.safetensors")
+    before, a, b = straight_and_resumed(tmp_path, *options)
     assert any(not torch.equal(a[k], before[k]) for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # every tensor of the nested state (bitsandbytes keeps its 8-bit moments one level down)

@@ -97,3 +97,45 @@ def test_dreambooth_experiment_teaches_a_start_a_new_shape_with_and_without_prio
     assert record["arms"]["prior"]["options"]["objective.class_prompt"] == experiments.CLASS_PROMPT
     text = (tmp_path / "docs" / "dreambooth.md").read_text()
     assert "concept share, instance prompt" in text and "| no_prior |" in text
+    # both arms measured the class images' loss before the first iteration and at the end, on the same images, noise
+    # and σ grid: from the same start, the first measurement is the same number
+    curves = {}
+    for arm, key in experiments.CLASS_CURVE.items():
+        rows = [json.loads(line) for line in (tmp_path / "dreambooth" / arm / "scalars.jsonl").read_text().splitlines()]
+        curves[arm] = [(row["iteration"], row[key]) for row in rows if key in row]
+        assert [i for i, _ in curves[arm]] == [0, 2]
+    assert curves["prior"][0][1] == pytest.approx(curves["no_prior"][0][1], rel=1e-5)
+    assert "class-image loss" in text and (tmp_path / "docs" / "dreambooth_class_loss.png").stat().st_size > 0
+
+
+def test_fid_experiment_measures_every_model_against_real_shapes(tiny_assets, tmp_path):
+    import experiments
+
+    at = SMALL.index("--eval-limit")
+    small = SMALL[:at] + SMALL[at + 2:]  # --eval-limit 6 instead: 6 combinations
+    experiments.main(["fid", "--work-dir", str(tmp_path), "--docs", str(tmp_path / "docs"), "--eval-limit", "6",
+                      "--feature-images", "100", *small])
+    record = json.loads((tmp_path / "fid" / "record.json").read_text())
+    assert list(record["arms"]) == ["real", "base", "ddpm", "edm", "default"]
+    report = json.loads((tmp_path / "fid" / "report" / "fid.json").read_text())
+    assert report["reference"]["images"] == 6  # the first 6 combinations, 1 per prompt: 5 circles and 1 square
+    for name in record["arms"]:
+        assert report["models"][name]["scores"]["overall"]["fid"] >= 0
+        assert len(list((tmp_path / "fid" / name / "images").rglob("*.png"))) == 6
+        assert record["arms"][name]["scores"]["1:1 (all prompts)"]["images"] == 6
+    text = (tmp_path / "docs" / "fid.md").read_text()
+    assert "Best to worst by FID" in text and "| default |" in text and (tmp_path / "docs" / "fid_per_category.png").is_file()
+
+
+def test_precision_experiment_compares_fp32_and_bf16_weights_over_seeds(tiny_assets, tmp_path):
+    import experiments
+
+    arms = [f"{p}_lr0.001_seed0" for p in experiments.PRECISIONS]
+    experiments.main(["precision", "--work-dir", str(tmp_path), "--docs", str(tmp_path / "docs"), "--seeds", "0",
+                      "--arms", *arms, *SMALL])
+    record = json.loads((tmp_path / "precision" / "record.json").read_text())
+    assert sorted(record["arms"]) == sorted(arms)
+    assert record["arms"]["bf16_stochastic_lr0.001_seed0"]["options"]["optim_wrapper.rounding"] == "stochastic"
+    assert all(arm["final_loss"] > 0 for arm in record["arms"].values())
+    text = (tmp_path / "docs" / "precision.md").read_text()
+    assert "| bf16_nearest | 0.001 | 1 |" in text and (tmp_path / "docs" / "precision_loss.png").stat().st_size > 0

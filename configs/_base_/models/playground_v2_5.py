@@ -20,6 +20,13 @@ model = dict(
     vae_dtype='fp32',
     # Trade compute for memory in the UNet's backward pass.
     gradient_checkpointing=False,
+    # The trained UNet's weights in a full fine-tune: 'fp32', or 'bf16' (half the memory of weights and gradients;
+    # each update is computed in fp32 and written back with stochastic rounding, optim_wrapper.rounding, so updates
+    # smaller than bf16's spacing are not lost; the forward runs under bf16 autocast, on a CPU too).
+    trained_dtype='fp32',
+    # The frozen UNet under a LoRA (the adapters train in fp32): 'auto' is the mixed-precision dtype on a GPU
+    # (bf16: half the memory) and fp32 on a CPU; or 'fp32', 'bf16', 'fp16'.
+    frozen_dtype='auto',
     # Speed switches (docs/performance.md): none changes what is trained, so a run resumes across them. True, False,
     # or 'cuda': on GPUs only (a CPU, e.g. the tiny default, keeps the plain eager path).
     # NHWC memory layout for the UNet's convolutions: +3% on an H200 at 1024².

@@ -8,6 +8,12 @@ optim_wrapper = dict(
     clip_grad=dict(max_norm=1.0),  # gradient-norm clipping; None to disable
     accumulative_counts=1,  # gradient accumulation
     mixed_precision='bf16',  # 'no' | 'fp16' | 'bf16' autocast on GPU; a CPU always trains in fp32
+    # How updates reach bf16 trained weights (model.trained_dtype='bf16'): 'stochastic' (unbiased) or 'nearest'.
+    rounding='stochastic',
+    # Update each weight inside backward as soon as its gradient is complete, and free the gradient: no full set of
+    # gradients ever exists. One process, no accumulation, no clip_grad (set clip_grad=None), not with Prodigy or
+    # schedule-free; the gradient norm is still logged.
+    fused_backward=False,
 )
 # Any schedule name of diffusers.optimization: 'constant', 'constant_with_warmup', 'cosine', 'linear', ...
 param_scheduler = dict(type='constant_with_warmup', warmup_iters=0)
