@@ -222,7 +222,7 @@ def build_model(options, runtime: Runtime, cached: bool, buckets: int) -> ModelP
         if init is not None:  # a LoRA of another architecture fails here, before gigabytes of weights load
             folder = resolve_pretrained(model_options.pretrained)
             check_lora_fits(init, json.loads((folder / "unet" / "config.json").read_text()))
-        parts = load_components(model_options.pretrained, runtime.weight_dtype, encoders=not cached)
+        parts = load_components(model_options.pretrained, runtime.weight_dtype, encoders=not cached, unet_dtype=runtime.unet_dtype)
     conditioner = codec = None
     if not cached:
         conditioner = TextConditioner(

@@ -20,10 +20,12 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
@@ -127,14 +129,39 @@ def read_trainer_state(path: Path) -> dict:
         raise UserError(f"cannot resume from {path}: {STATE_FILE} is unreadable ({error})") from None
 
 
-def read_checkpoint(path: Path, weights: bool = True) -> tuple[dict, dict]:
+class WeightsFile(Mapping):
+    """A checkpoint's weights as a mapping read one tensor at a time: a full-size UNet's 5–10 GB never sit in
+    memory beside the parameters they are copied into. A tensor that cannot be read is a one-line ValueError."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with safe_open(str(path), framework="pt") as file:  # the header: a damaged one fails here, before any copy
+            self._keys = list(file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            with safe_open(str(self.path), framework="pt") as file:
+                return file.get_tensor(key)
+        except Exception as error:  # noqa: BLE001 — safetensors' own error type
+            raise ValueError(f"{self.path.name}: {key} is unreadable ({str(error).strip()[:160]})") from None
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def read_checkpoint(path: Path, weights: bool = True, lazy: bool = False) -> tuple[dict, dict]:
     """(model weights, {part name: state}) of a checkpoint; only tensors and plain data are unpickled.
 
     `weights=False` skips the large parts (model and optimizer state: empty dicts) for ranks that
-    receive them by broadcast.
+    receive them by broadcast; `lazy`: the weights as a WeightsFile, read as they are copied.
     """
     names = PICKLED if weights else tuple(n for n in PICKLED if n != "optimizer")
-    model_state = _read(path / "model.safetensors", load_file) if weights else {}
+    model_state = _read(path / "model.safetensors", WeightsFile if lazy else load_file) if weights else {}
     parts = {name: _read(path / f"{name}.pt", lambda p: torch.load(p, weights_only=True))
              for name in names if (path / f"{name}.pt").is_file()}
     parts.setdefault("optimizer", {})

@@ -152,5 +152,24 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mo
         options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=world()[1] > 1)
         # strict=False for the optimizer too: an adapter that never receives a gradient (LoRA on CLIP's
         # last layer, whose output the penultimate-layer embeddings never use) has no optimizer state.
-    set_model_state_dict(model, model_state, options=options)
+    if world()[1] == 1:  # one process: copy tensor by tensor (model_state may read them lazily from the file)
+        copy_weights(model, model_state, trainable_only)
+    else:
+        set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+@torch.no_grad()
+def copy_weights(model: torch.nn.Module, weights, trainable_only: bool = False) -> None:
+    """`weights` (name → tensor, any mapping) into the model's parameters and buffers, one tensor at a time, cast to
+    each one's dtype; missing or extra names are a ValueError, as load_state_dict's strict mode."""
+    targets = {name.replace("_orig_mod.", ""): t for name, t in model.state_dict(keep_vars=True).items()  # DCP's names
+               if not trainable_only or getattr(t, "requires_grad", False)}
+    missing, extra = sorted(set(targets) - set(weights)), sorted(set(weights) - set(targets))
+    if missing or extra:
+        raise ValueError(f"checkpoint weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, target in targets.items():
+        value = weights[name]
+        if value.shape != target.shape:
+            raise ValueError(f"checkpoint weight {name} has shape {tuple(value.shape)}, the model's {tuple(target.shape)}")
+        target.data.copy_(value)

@@ -160,7 +160,7 @@ def restore(trainer, checkpoint: Path, allow_config_change: bool) -> tuple[tuple
     state = check_same_run(checkpoint, trainer.fingerprint, allow_config_change)
     rank, world_size = trainer.rank, trainer.world_size
     try:
-        model_state, parts = read_checkpoint(checkpoint, weights=rank == 0 or world_size == 1)
+        model_state, parts = read_checkpoint(checkpoint, weights=rank == 0 or world_size == 1, lazy=world_size == 1)
         error = None
     except UserError as failure:
         error = str(failure)
