@@ -434,28 +434,29 @@ def read_generated(folder: Path, meta_file: Path) -> dict:
     return score(readings)
 
 
+def mean_accuracy(scores: dict) -> float:
+    """The shapes evaluator's mean accuracy over the three attributes."""
+    return sum(scores[k] for k in ("shape_accuracy", "shape_colour_accuracy", "background_accuracy")) / 3
+
+
 def fid_summary(report: dict, record: dict) -> list[str]:
-    """FID, KID and the evaluator's accuracies side by side, and whether both rank the arms alike."""
+    """FID, KID and the evaluator's accuracies side by side, and the order each puts the models in."""
     arms = [name for name in record["arms"] if name in report["models"]]
-    lines = ["| arm | FID | KID ×10³ | FID circle / square / triangle | shape type | shape colour | background |",
-             "|---|---|---|---|---|---|---|"]
+    group = "1:1 (all prompts)"
+    lines = ["| arm | FID | KID (± std over 100 subsets) | FID circle / square / triangle | shape type | shape colour | "
+             "background | evaluator mean |", "|---|---|---|---|---|---|---|---|"]
     for name in arms:
-        scores, acc = report["models"][name]["scores"], record["arms"][name]["scores"]["1:1 (all prompts)"]
-        per = " / ".join(f"{scores[c]['fid']:.2f}" if "fid" in scores.get(c, {}) else "–" for c in ("circle", "square", "triangle"))
-        lines.append(f"| {name} | {scores['overall']['fid']:.2f} | {1e3 * scores['overall']['kid_mean']:.2f} ± "
-                     f"{1e3 * scores['overall']['kid_std']:.2f} | {per} | {acc['shape_accuracy']:.1%} | "
-                     f"{acc['shape_colour_accuracy']:.1%} | {acc['background_accuracy']:.1%} |")
+        scores, acc = report["models"][name]["scores"], record["arms"][name]["scores"][group]
+        per = " / ".join(f"{scores[c]['fid']:.1f}" if "fid" in scores.get(c, {}) else "–" for c in ("circle", "square", "triangle"))
+        kid = scores["overall"]
+        lines.append(f"| {name} | {kid['fid']:.1f} | {kid['kid']:.0f} ± {kid['kid_std']:.0f} | {per} | "
+                     f"{acc['shape_accuracy']:.1%} | {acc['shape_colour_accuracy']:.1%} | {acc['background_accuracy']:.1%} | "
+                     f"{mean_accuracy(acc):.1%} |")
     models = [name for name in arms if name != "real"]
-    by_fid = sorted(models, key=lambda n: report["models"][n]["scores"]["overall"]["fid"])
-
-    def accuracy(name):  # the evaluator's mean accuracy over the three attributes
-        acc = record["arms"][name]["scores"]["1:1 (all prompts)"]
-        return sum(acc[k] for k in ("shape_accuracy", "shape_colour_accuracy", "background_accuracy")) / 3
-
-    by_accuracy = sorted(models, key=accuracy, reverse=True)
-    verdict = "the same order" if by_fid == by_accuracy else "a different order"
-    return lines + ["", f"Best to worst by FID: {' > '.join(by_fid)}; by the evaluator's mean accuracy: "
-                        f"{' > '.join(by_accuracy)} ({verdict})."]
+    orders = {"FID": sorted(models, key=lambda n: report["models"][n]["scores"]["overall"]["fid"]),
+              "KID": sorted(models, key=lambda n: report["models"][n]["scores"]["overall"]["kid"]),
+              "the evaluator's mean accuracy": sorted(models, key=lambda n: -mean_accuracy(record["arms"][n]["scores"][group]))}
+    return lines + [""] + [f"Best to worst by {what}: {' > '.join(order)}." for what, order in orders.items()]
 
 
 def run_fid(args, work: Path, record: dict, record_file: Path, cfg_options: dict) -> dict:
@@ -468,7 +469,7 @@ def run_fid(args, work: Path, record: dict, record_file: Path, cfg_options: dict
     from pgv25.eval.shapes_features import save_features, train_features
     from pgv25.generate import generate, labelled_grid, load_pipeline
 
-    spec = dict(title="FID on the shapes: pgv25 eval fid ranks the toy's models as the shapes evaluator does",
+    spec = dict(title="FID on the shapes: pgv25 eval fid against the shapes evaluator",
                 aspects=("1:1",), prompts=SAMPLE_PROMPTS)
     per, limit = args.per_prompt, args.eval_limit  # real and generated images per (colour, shape, background)
     reference_meta = write_real_set(work / "reference", per, seed=1, limit=limit)
@@ -512,9 +513,11 @@ def run_fid(args, work: Path, record: dict, record_file: Path, cfg_options: dict
             began = time.time()
             record_settings(images, {"model": str(step_dir), "scheduler": "native", "steps": args.eval_steps,
                                      "guidance_scale": 3.0, "width": 64, "height": 64, "seed": 0}, prompts, 0)
-            generate_images(pipe, prompts, images, seed=0, steps=args.eval_steps, guidance_scale=3.0, width=64, height=64,
-                            progress=False)
-            entry = {**entry, "generate_seconds": round(time.time() - began, 1)}
+            counts = generate_images(pipe, prompts, images, seed=0, steps=args.eval_steps, guidance_scale=3.0, width=64,
+                                     height=64, progress=False)
+            before = record["arms"].get(name, {})
+            entry = {**entry, "generate_seconds": round(time.time() - began, 1) if counts["made"] else before.get("generate_seconds"),
+                     "images_made": counts["made"] or before.get("images_made")}
             sheet = generate(pipe, SAMPLE_PROMPTS, seed=0, steps=args.eval_steps, guidance_scale=3.0, width=64, height=64)
             labelled_grid(sheet, SAMPLE_PROMPTS).save(work / name / "samples_1x1.png")
         record["arms"][name] = {"note": note, **(entry if name != "real" else {}),

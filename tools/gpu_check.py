@@ -22,7 +22,18 @@ Stages, each recorded in OUT/gpu_check.json as soon as it ends (a timeout keeps 
 8. runner variants (--runner-variants): short runs of the whole loop with the latent cache on (`cache`) or off
    (`nocache`: the VAE and text encoders every step; `vae_bf16`: and the VAE in bf16), without the GPU speed
    defaults (`eager`), with 8 loader workers (`workers8`), or with 8-bit AdamW (`adamw8bit`: bitsandbytes,
-   from `tools/device_wheels.py`).
+   from `tools/device_wheels.py`); and the memory levers, each with its peak (RSS on a CPU): `adafactor`,
+   `bf16_adafactor_fused` and `bf16_adamw8bit_fused` (bf16 weights, stochastic rounding, the update inside
+   backward), `lora_fp32` and `lora_bf16` (a LoRA over an fp32 or a bf16 frozen UNet).
+
+`--cfg-options` go to every run (e.g. `model.gradient_checkpointing=True export.dtype=bf16`); `--main-variant`
+gives the main run and its resume one variant's levers. The full fine-tune of the 2.6B UNet in ≤ 12 GiB, trained,
+checkpointed, killed, resumed and exported on a 24 GiB CPU machine (docs/performance.md):
+
+    python tools/gpu_check.py --out OUT --resolution 256 --batch 1 --workers 0 --images 8 --checkpoint-at 2 \
+        --iters 3 --steps 4 --skip bench --budget 5400 --cfg-options model.gradient_checkpointing=True \
+        export.dtype=bf16 --main-variant bf16_adafactor_fused --runner-iters 2 \
+        --runner-variants adafactor bf16_adamw8bit_fused lora_fp32 lora_bf16
 
 Reported: each runner's images/s against the bare step's with the same levers at the same batch size
 (the default runner against DEFAULTS_VARIANT, `eager` against `full`, `adamw8bit` against DEFAULTS_VARIANT with
@@ -67,6 +78,15 @@ RUNNER_VARIANTS = {
     "eager": ["model.compile.enabled=False", "model.channels_last=False", "model.attention_backend=None"],
     "workers8": ["train_dataloader.num_workers=8", "train_dataloader.dataset.cache.enabled=False"],
     "adamw8bit": ["optim_wrapper.optimizer.type=AdamW8bit"],  # bitsandbytes' 8-bit moments: 15 GiB less than AdamW's
+    # The memory levers (docs/performance.md, "Training in less memory"): fp32 weights with small optimizer states,
+    # bf16 weights with stochastic rounding and the update inside backward, LoRA over an fp32 or a bf16 frozen UNet.
+    "adafactor": ["optim_wrapper.optimizer.type=Adafactor"],
+    "bf16_adafactor_fused": ["model.trained_dtype=bf16", "optim_wrapper.optimizer.type=Adafactor",
+                             "optim_wrapper.fused_backward=True", "optim_wrapper.clip_grad=None"],
+    "bf16_adamw8bit_fused": ["model.trained_dtype=bf16", "optim_wrapper.optimizer.type=AdamW8bit",
+                             "optim_wrapper.fused_backward=True", "optim_wrapper.clip_grad=None"],
+    "lora_fp32": ["model.lora.enabled=True", "model.frozen_dtype=fp32"],
+    "lora_bf16": ["model.lora.enabled=True", "model.frozen_dtype=bf16"],
 }
 
 
@@ -375,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bpe", help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: from an installed open_clip)")
     p.add_argument("--bench-variants", nargs="+", default=LEVER_VARIANTS)
     p.add_argument("--skip", nargs="*", default=[], choices=["generate", "resume", "bench"])
+    p.add_argument("--cfg-options", nargs="+", default=[], help="KEY=VALUE for the main run and its resume (e.g. the levers "
+                   "of the ≤ 12 GiB full fine-tune: model.trained_dtype=bf16 optim_wrapper.fused_backward=True ...)")
+    p.add_argument("--main-variant", choices=sorted(RUNNER_VARIANTS), help="the levers of one runner variant for the main "
+                   "run and its resume (e.g. bf16_adafactor_fused: the full fine-tune that fits 16 GB)")
+    p.add_argument("--runner-iters", type=int, help="iterations of each runner variant (default: max(8, checkpoint-at / 2))")
     args = p.parse_args(argv)
     import torch
 
@@ -397,9 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     unet_params = report.data["stages"]["base"]["parameters"]["unet"]
     adamw_gib = unet_params * (4 + 8 + 2) / GIB
     optimizer = "AdamW" if free_gib(work) > 1.1 * adamw_gib else "Adafactor"
-    lora = "lora" in args.config
+    main_options = args.cfg_options + (RUNNER_VARIANTS[args.main_variant] if args.main_variant else [])
+    lora = "lora" in args.config or "model.lora.enabled=True" in main_options
     first = work / "run"
-    result = run_train(args.config, train_options(args, base, images, work, args.iters, optimizer), first, out / "train.log",
+    result = run_train(args.config, train_options(args, base, images, work, args.iters, optimizer) + main_options, first,
+                       out / "train.log",
                        timeout=max(60.0, report.left() - 60), kill_at=args.iters)
     rows = scalars(first)
     checkpoint = first / "checkpoints" / f"iter_{args.checkpoint_at:07d}"
@@ -434,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             resume_from = Path("/dev/shm") / checkpoint.name
             shutil.move(str(checkpoint), resume_from)
         second = work / "resumed"
-        result = run_train(args.config, train_options(args, base, images, work, args.iters, optimizer), second, out / "resume.log",
+        result = run_train(args.config, train_options(args, base, images, work, args.iters, optimizer) + main_options, second,
+                           out / "resume.log",
                            timeout=max(60.0, report.left() - 40), resume=resume_from)
         resumed = scalars(second)
         compared = [i for i in range(args.checkpoint_at + 1, args.iters + 1) if i in rows and i in resumed]
@@ -455,9 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         if report.left() < 90:
             report.record(f"runner_{name}", {"error": "skipped: no time left"})
             continue
-        iters = max(8, args.checkpoint_at // 2)
+        iters = args.runner_iters or max(8, args.checkpoint_at // 2)
         folder = work / f"runner_{name}"
-        result = run_train(args.config, train_options(args, base, images, work, iters, optimizer) + RUNNER_VARIANTS[name], folder,
+        result = run_train(args.config, train_options(args, base, images, work, iters, optimizer) + args.cfg_options + RUNNER_VARIANTS[name], folder,
                            work / f"runner_{name}.log", timeout=report.left() - 30, kill_at=iters)  # $OUT takes 8 files
         result.update(rates(scalars(folder), 3, iters, args.batch))
         shutil.rmtree(folder, ignore_errors=True)

@@ -125,11 +125,12 @@ def _write(trainer, checkpoint: Path, step_dir: Path | None, model_state: dict, 
 
 def no_room_for(trainer, model_state: dict, optimizer_state: dict, export: bool) -> str | None:
     """Why a checkpoint (and export) of about this size cannot be written now, or None."""
-    ema = model_state if trainer.ema is not None else {}
-    needed = tensor_bytes(model_state) + tensor_bytes(optimizer_state) + tensor_bytes(ema)
+    elements = sum(v.numel() for v in model_state.values())
+    ema = elements * 4 if trainer.ema is not None else 0  # the EMA is kept in fp32 whatever the weights' dtype
+    needed = tensor_bytes(model_state) + tensor_bytes(optimizer_state) + ema
     if export:  # the trained weights in the export dtype; the frozen parts are hard links
         options = trainer.options.export
-        needed += int(tensor_bytes(model_state) * DTYPES[options.dtype].itemsize / 4)
+        needed += elements * DTYPES[options.dtype].itemsize
         if options.single_file:  # the whole pipeline once more, as one file
             unet = sum(p.numel() for p in trainer.unet.parameters())
             needed += unet * DTYPES[options.single_file_dtype].itemsize + _frozen_weight_bytes(trainer.base_folder)

@@ -34,7 +34,7 @@ logger = logging.getLogger("pgv25")
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 MIN_IMAGES = 2  # a covariance needs two samples per set; below the feature count (2,048) FID is biased high: read KID
-KID_SUBSET = 1000  # torchmetrics' default subset size, lowered to the smaller set's size for small sets
+KID_SUBSET = 1000  # torchmetrics' default subset size; half the smaller set below 2,000 images (see kid_subset)
 OVERALL = "overall"
 NO_CATEGORY = ""  # the stored category of an image that has none (numpy drops a trailing NUL)
 
@@ -215,13 +215,19 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(metric.compute())
 
 
+def kid_subset(real: int, fake: int) -> int:
+    """KID's subset size: 1,000 (torchmetrics' default) from 2,000 images on; below, half the smaller set. A subset
+    of a whole set is the same subset every time: its KID std over subsets would read 0 however few images there are."""
+    return min(KID_SUBSET, max(MIN_IMAGES, min(real, fake) // 2))
+
+
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> tuple[float, float]:
-    """KID (mean, std over 100 subsets), subsets of min(1,000, the smaller set) images, drawn from `seed`."""
+    """KID (mean, std over 100 subsets of kid_subset images, drawn from `seed`)."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     with warnings.catch_warnings():  # "will save all extracted features in buffer": they are in memory already
         warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subset_size=min(KID_SUBSET, len(real), len(fake)))
+        metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subset_size=kid_subset(len(real), len(fake)))
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):

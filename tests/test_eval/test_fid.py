@@ -137,15 +137,16 @@ def test_fid_kid_and_clip_equal_the_librarys_own_numbers_overall_and_per_categor
     # Per category is not overall: the categories differ from each other far more than within.
     assert scores["overall"]["fid"] != pytest.approx(scores["animals"]["fid"], rel=0.01)
 
-    # KID: the library's, over the same subsets (same seed, subset size = the smaller set).
+    # KID: the library's, over the same subsets (same seed; subsets of half the smaller set, so that they vary).
     network = InceptionFeatures(inception)
-    kid = KernelInceptionDistance(feature=network, subset_size=len(fake))
+    kid = KernelInceptionDistance(feature=network, subset_size=len(fake) // 2)
     kid.update(torch.stack([decode_file(p) for p in real]), real=True)
     kid.update(torch.stack([decode_file(p) for p in fake]), real=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         mean, std = kid.compute()
     assert scores["overall"]["kid"] == pytest.approx(float(mean), rel=1e-3, abs=1e-7)
+    assert scores["overall"]["kid_std"] == pytest.approx(float(std), rel=1e-3, abs=1e-7) and float(std) > 0
 
     # CLIP score: torchmetrics' CLIPScore per category, on the same images and prompts (CLIP's crop size: 32).
     model, processor = load_clip(str(clip_folder))
