@@ -309,7 +309,8 @@ def class_loss_curves(work: Path, docs: Path) -> list[str]:
         plt.close(figure)
         return []
     axis.set_xlabel("iteration")
-    axis.set_ylabel(f"loss on the {CLASS_PROMPT!r} class images\n(mean over 8 σ)")
+    axis.set_ylabel("validation loss, mean over 8 σ")
+    axis.set_title(f"class images: '{CLASS_PROMPT}'", fontsize=9)
     axis.legend()
     figure.tight_layout()
     figure.savefig(docs / "dreambooth_class_loss.png", dpi=110)
@@ -399,10 +400,11 @@ def run_dreambooth(args, work: Path, record: dict, record_file: Path, cfg_option
     return spec
 
 
-def write_real_set(folder: Path, per_combination: int, seed: int, limit: int | None = None) -> Path:
+def write_real_set(folder: Path, per_combination: int, seed: int, limit: int | None = None, spread: float = 1.0) -> Path:
     """Real shapes images laid out as MJHQ-30K lays out its reference set: meta_data.json ({id: {category, prompt}})
     and <category>/<id>.png, the category being the shape (MJHQ's ten categories become the toy's three). Drawn with
-    their own seed: none of them is a training image. The same file is the prompt file of `pgv25 eval generate`."""
+    their own seed, as the training set is drawn (`spread`), but none of them is a training image. The same file is
+    the prompt file of `pgv25 eval generate`."""
     import random
 
     from pgv25.tiny.shapes import caption, combinations, draw
@@ -415,7 +417,7 @@ def write_real_set(folder: Path, per_combination: int, seed: int, limit: int | N
         for k in range(per_combination):
             image_id = f"{colour}_{shape}_on_{background}_{k}"
             (folder / shape).mkdir(parents=True, exist_ok=True)
-            draw(colour, shape, background, 64, rng).save(folder / shape / f"{image_id}.png")
+            draw(colour, shape, background, 64, rng, spread).save(folder / shape / f"{image_id}.png")
             meta[image_id] = {"category": shape, "prompt": caption(colour, shape, background)}
     meta_file.write_text(json.dumps(meta, indent=1))
     return meta_file
@@ -472,7 +474,8 @@ def run_fid(args, work: Path, record: dict, record_file: Path, cfg_options: dict
     spec = dict(title="FID on the shapes: pgv25 eval fid against the shapes evaluator",
                 aspects=("1:1",), prompts=SAMPLE_PROMPTS)
     per, limit = args.per_prompt, args.eval_limit  # real and generated images per (colour, shape, background)
-    reference_meta = write_real_set(work / "reference", per, seed=1, limit=limit)
+    spread = build_cfg({}, work, None, cfg_options).tiny_assets.get("spread", 1.0)  # the training images' placement
+    reference_meta = write_real_set(work / "reference", per, seed=1, limit=limit, spread=spread)
     network = work / "shapes_features.pt"
     if "feature_network" not in record:
         net, accuracy = train_features(images=args.feature_images)
@@ -491,7 +494,7 @@ def run_fid(args, work: Path, record: dict, record_file: Path, cfg_options: dict
     for name, options, note in arms:
         images = work / name / "images"
         if name == "real":
-            write_real_set(images, per, seed=2, limit=limit)
+            write_real_set(images, per, seed=2, limit=limit, spread=spread)
         else:
             if options == "base":
                 from pgv25.tiny import ensure_tiny_assets
