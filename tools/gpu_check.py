@@ -216,11 +216,14 @@ def run_train(config: str, options: list[str], work_dir: Path, log: Path, timeou
     command = [sys.executable, "-c", PGV25, "train", config, "--work-dir", str(work_dir), "--cfg-options", *options]
     if resume is not None:
         command[5:5] = ["--resume", str(resume)]
-    start, killed, peak = time.time(), False, 0
+    start, killed, peak, steady = time.time(), False, 0, None
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
         while process.poll() is None:
-            peak = max(peak, main_rss(process.pid))
+            rss = main_rss(process.pid)
+            peak = max(peak, rss)
+            if rss and scalars(work_dir):  # training has logged an iteration: past loading, the steady state
+                steady = max(steady or 0, rss)
             if time.time() - start > timeout:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
@@ -232,8 +235,10 @@ def run_train(config: str, options: list[str], work_dir: Path, log: Path, timeou
                 killed = True
                 break
             time.sleep(0.5)
+    # peak: the whole process, loading included (a safetensors file being read is mapped into it); training: the
+    # peak once the first iteration was logged
     result = {"returncode": process.returncode, "seconds": round(time.time() - start, 1), "killed": killed,
-              "peak_rss_gib": round(peak / GIB, 1)}
+              "peak_rss_gib": round(peak / GIB, 1), "training_rss_gib": round(steady / GIB, 1) if steady else None}
     if process.returncode != 0 and not killed:
         result["error"] = f"exit {process.returncode}: {tail(log, 1)}"
         result["log_tail"] = tail(log)
