@@ -233,3 +233,21 @@ def test_lora_over_a_bf16_frozen_base_trains_fp32_adapters_and_fuses_onto_the_st
     name = "conv_in.weight"
     assert torch.equal(fused.state_dict()[name], base.state_dict()[name])
     assert not torch.equal(base.state_dict()[name], base.state_dict()[name].to(torch.bfloat16).float())
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_with_fused_backward_is_caught_before_any_weight_moves(tiny_assets, tmp_path, caplog):
+    trainer = Trainer(tiny_cfg(tmp_path, "train_cfg.max_iters=3", *BF16, *FUSED, "sample_grid.prompts=[]",
+                               "default_hooks.checkpoint.interval=100"))
+    encode = trainer.codec.encode
+    trainer.codec.encode = lambda pixels, generator: encode(pixels, generator) * (float("nan") if trainer.iteration == 1 else 1.0)
+    before = [p.detach().clone() for p in trainer.optim.trained_params]
+    first = trainer.step()
+    trainer.iteration += 1
+    after_first = [p.detach().clone() for p in trainer.optim.trained_params]
+    assert not first.nonfinite and any(not torch.equal(a, b) for a, b in zip(before, after_first))
+    poisoned = trainer.step()  # iteration 2: NaN latents, so a NaN loss
+    assert poisoned.nonfinite and poisoned.zeroed == 0
+    assert all(torch.equal(a, p) for a, p in zip(after_first, trainer.optim.trained_params))  # nothing moved
+    assert all(p.grad is None for p in trainer.optim.trained_params)
+    trainer.release()
