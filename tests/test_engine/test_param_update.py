@@ -238,7 +238,7 @@ def test_lora_over_a_bf16_frozen_base_trains_fp32_adapters_and_fuses_onto_the_st
 @pytest.mark.slow
 def test_a_non_finite_loss_with_fused_backward_is_caught_before_any_weight_moves(tiny_assets, tmp_path, caplog):
     trainer = Trainer(tiny_cfg(tmp_path, "train_cfg.max_iters=3", *BF16, *FUSED, "sample_grid.prompts=[]",
-                               "default_hooks.checkpoint.interval=100"))
+                               "default_hooks.checkpoint.interval=100", "param_scheduler.warmup_iters=0"))  # lr > 0 at once
     encode = trainer.codec.encode
     trainer.codec.encode = lambda pixels, generator: encode(pixels, generator) * (float("nan") if trainer.iteration == 1 else 1.0)
     before = [p.detach().clone() for p in trainer.optim.trained_params]
