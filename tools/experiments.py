@@ -590,8 +590,9 @@ def precision_summary(record: dict, work: Path, docs: Path) -> list[str]:
                    if "loss" in r] for n in names]
         axis = axes[0][sorted({lr for _, lr in groups}, key=lambda v: -float(v[2:])).index(lr)]
         steps = [i for i, _ in curves[0]]
-        axis.plot(steps, [statistics.mean(c[k][1] for c in curves) for k in range(len(steps))], label=precision)
-        axis.set_title(f"lr {lr[2:]}: training loss, mean over {len(names)} seeds")
+        axis.plot(steps, [statistics.mean(c[k][1] for c in curves) for k in range(len(steps))],
+                  label=f"{precision} ({len(names)} seed{'s' if len(names) > 1 else ''})")
+        axis.set_title(f"lr {lr[2:]}: training loss, mean over seeds")
         axis.set_yscale("log")
         axis.set_xlabel("iteration")
         axis.legend()
