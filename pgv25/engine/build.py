@@ -229,7 +229,7 @@ def build_model(options, runtime: Runtime, cached: bool, buckets: int) -> ModelP
             [parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2], parts.force_zeros_for_empty_prompt
         ).to(device)
         codec = LatentCodec(parts.vae.to(device, runtime.vae_dtype)).to(device)
-    unet = parts.unet.train().to(runtime.unet_dtype)  # the trained weights, or under a LoRA the frozen ones
+    unet = parts.unet.train()  # loaded in runtime.unet_dtype: the trained weights, or under a LoRA the frozen ones
     if lora is not None and runtime.sharded:
         raise UserError("model.lora with strategy='fsdp' is not supported; LoRA weights are small: use strategy='ddp'")
     if lora is not None:

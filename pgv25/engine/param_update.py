@@ -52,7 +52,6 @@ class ParamUpdates:
         self.optimizer, self.params, self.rounding, self.generator = optimizer, params, rounding, generator
         self._group_of, self._groups = {}, None
         self.fused = False
-        self._handles = []
         device = params[0].device if params else torch.device("cpu")
         # inside backward: Σ‖g‖² of the gradients seen and how many tensors had a non-finite one (device tensors, no sync)
         self.grad_square = torch.zeros((), device=device, dtype=torch.float32)
@@ -104,15 +103,15 @@ class ParamUpdates:
         """Each parameter is updated as soon as its gradient is complete, and the gradient freed."""
         self.fused = True
         for p in self.params:
-            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            p.register_post_accumulate_grad_hook(self._hook)
 
     def _hook(self, p: torch.nn.Parameter) -> None:
         grad = p.grad
         finite = torch.isfinite(grad).all()
         self.nonfinite += (~finite).long()
         # A non-finite gradient cannot skip the update the other parameters already had: it counts as zero, and the
-        # step says so in the log (runner). torch.where, not a branch: no host sync per parameter.
-        torch.where(finite, grad, torch.zeros((), dtype=grad.dtype, device=grad.device), out=grad)
+        # step says so in the log (runner). A mask, not a branch: no host sync per parameter.
+        grad.masked_fill_(~finite, 0.0)
         self.grad_square += grad.float().square().sum()
         self.step_param(p)
         p.grad = None
@@ -124,11 +123,6 @@ class ParamUpdates:
         self.nonfinite.zero_()
         return norm, bad
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.fused = False
 
 
 def keep_fp32_state_on_load(optimizer: torch.optim.Optimizer) -> None:
