@@ -69,6 +69,27 @@ def check_train_args(args) -> None:
     load_config(args.config, parse_cfg_options(args.cfg_options))
 
 
+def cmd_plan(args) -> int:
+    import torch
+
+    from .config import load_config, parse_cfg_options
+    from .engine.options import read_options
+    from .engine.plan import GIB, plan_report
+
+    cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+    options = read_options(cfg)
+    if options.data.tiny_assets:  # the embedded default's base is built on first use (seconds)
+        from .tiny import ensure_tiny_assets
+
+        ensure_tiny_assets(**options.data.tiny_assets)
+    memories = args.gpu_memory
+    if memories is None:
+        on_gpu = args.device == "cuda" and torch.cuda.is_available()
+        memories = [torch.cuda.get_device_properties(0).total_memory / GIB] if on_gpu else [16, 24, 48, 80]
+    print(plan_report(options, args.gpus, memories, args.device, args.batch))
+    return 0
+
+
 def cmd_list_cfg(args) -> int:
     from .config import config_roots, list_configs
 
@@ -445,6 +466,17 @@ def parser() -> argparse.ArgumentParser:
     ef.add_argument("--no-kid", action="store_true", help="leave KID out (it is slow on tens of thousands of images)")
     ef.add_argument("--batch-size", type=int, default=32)
     ef.set_defaults(func=cmd_eval_fid)
+
+    pl = sub.add_parser("plan", help="predict a run's peak memory per GPU, part by part, and list the levers that fit a card")
+    pl.add_argument("config")
+    pl.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", default=[])
+    pl.add_argument("--gpus", type=int, default=1, help="processes (one per GPU) the run is spread over")
+    pl.add_argument("--gpu-memory", type=float, nargs="+", metavar="GIB",
+                    help="memory per GPU to plan for (default: this machine's GPU, else 16 24 48 80)")
+    pl.add_argument("--batch", type=int, help="images per update to reach with batch × accumulation × GPUs (default: the config's)")
+    pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: a CPU process's resident memory (fp32 compute, the loading peak) instead of a GPU's")
+    pl.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("data", help="look at or prepare a config's dataset")
     dsub = d.add_subparsers(dest="data_command", required=True)

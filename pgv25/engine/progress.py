@@ -54,7 +54,7 @@ def out_of_memory_message(iteration: int, batch_size: int, shape, peak_gib: floa
     return (f"iteration {iteration}: out of GPU memory on {where} (train_dataloader.batch_size={batch_size} per process){peak}. "
             "Try model.gradient_checkpointing=True, a smaller train_dataloader.batch_size with "
             "optim_wrapper.accumulative_counts to keep the batch, optim_wrapper.optimizer.type=AdamW8bit or Adafactor, "
-            f"or model.lora.enabled=True; {kept}")
+            f"or model.lora.enabled=True (`pgv25 plan CONFIG` lists the combinations that fit); {kept}")
 
 
 class Progress:

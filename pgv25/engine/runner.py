@@ -33,6 +33,7 @@ from .ema import build_ema
 from .locks import WorkDirLock
 from .optim import eval_weights
 from .options import read_options
+from .plan import warn_if_too_large
 from .progress import SCALARS, SKIPPED_FILES, Progress, flat_config, out_of_memory_message
 from .resume import chosen_checkpoint, fingerprint, restore
 from .signals import GracefulStop
@@ -99,6 +100,8 @@ class Trainer:
         self.accelerator, self.device = runtime.accelerator, runtime.device
         self.rank, self.world_size, self.sharded = runtime.rank, runtime.world_size, runtime.sharded
         self.progress = Progress(self.accelerator, self.work_dir, self.max_iters, self.device)
+        if self.device.type == "cuda" and self.rank == 0:  # one line now rather than an out-of-memory error at step 1
+            warn_if_too_large(options, self.world_size)
         checkpoint = chosen_checkpoint(self.accelerator, resume, self.work_dir)  # a damaged one is found before gigabytes load
         self.data = build_data(options, runtime)
         self.model = build_model(options, runtime, self.data.cached, len(self.data.plan.sizes) if self.data.plan else 32)
