@@ -125,7 +125,14 @@ def cmd_copy_cfg(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import DEFAULT_GUIDANCE, apply_speed_levers, generate, load_pipeline, speed_levers, write_outputs
+    from .generate import (
+        DEFAULT_GUIDANCE,
+        apply_speed_levers,
+        generate,
+        load_pipeline,
+        speed_levers,
+        write_outputs,
+    )
 
     out = Path(args.out)
     try:
@@ -166,7 +173,12 @@ def cmd_eval_generate(args) -> int:
 
     from .eval.generation import SETTINGS, generate_images, record_settings, world
     from .eval.prompts import read_prompts
-    from .generate import DEFAULT_GUIDANCE, apply_speed_levers, load_pipeline, speed_levers
+    from .generate import (
+        DEFAULT_GUIDANCE,
+        apply_speed_levers,
+        load_pipeline,
+        speed_levers,
+    )
 
     for name in ("steps", "width", "height", "per_category"):
         value = getattr(args, name)
@@ -292,6 +304,88 @@ def cmd_data_cache(args) -> int:
                           DTYPES[model.get("vae_dtype", "fp32")] if on_gpu else torch.float32, config_name=args.config)
     print(f"latent cache: {folder}")
     print(f"train from it with: pgv25 train {args.config} --cfg-options train_dataloader.dataset.cache.enabled=True")
+    return 0
+
+
+def pairs_scorer(args):
+    """The scorer of `pgv25 data pairs` (None with --labels), loaded before any image is made."""
+    from .data.sample_pairs import (
+        check_options,
+        load_scorer,
+        parse_scorer_options,
+        python_path_for_scorers,
+    )
+
+    check_options(args.samples, args.pairs, args.margin, args.top)
+    if bool(args.scorer) == bool(args.labels):
+        raise UserError("give one of --scorer module:function (a reward model: function(images, prompts) -> scores) "
+                        "or --labels FILE.csv (human labels: columns id, score)")
+    if not args.scorer:
+        return None, {}
+    python_path_for_scorers()
+    options = parse_scorer_options(args.scorer_option)
+    return load_scorer(args.scorer, options), options
+
+
+def cmd_data_pairs(args) -> int:
+    """Preference pairs from a model's own samples: generate (sharded, resumable), score, pair."""
+    from collections import Counter
+
+    import torch
+
+    from .data import sample_pairs as sp
+    from .eval.generation import generate_images, image_path, record_settings, world
+    from .eval.prompts import read_prompts
+    from .generate import (
+        DEFAULT_GUIDANCE,
+        apply_speed_levers,
+        load_pipeline,
+        speed_levers,
+    )
+
+    score, options = pairs_scorer(args)
+    samples = sp.sample_prompts(read_prompts(args.prompts), args.samples)
+    rank, world_size, local_rank = world()
+    out = Path(args.out)
+    images = out / sp.IMAGES
+    guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[args.scheduler]
+    settings = {"model": str(Path(args.model).resolve()), "lora": str(Path(args.lora).resolve()) if args.lora else None,
+                "scheduler": args.scheduler, "steps": args.steps, "guidance_scale": guidance, "width": args.width,
+                "height": args.height, "negative_prompt": args.negative_prompt, "seed": args.seed}
+    try:
+        record_settings(images, settings, samples, args.seed, write=rank == 0)
+    except OSError as error:
+        raise UserError(f"cannot write to {out}: {error.strerror or error}") from None
+    if any(not image_path(images, s).is_file() for s in samples[rank::world_size]):
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        pipe = load_pipeline(args.model, args.scheduler, device=device, lora=args.lora)
+        levers = speed_levers(device, args.eager, False, lora=args.lora is not None)
+        if levers:
+            apply_speed_levers(pipe, levers)
+        generate_images(pipe, samples, images, args.seed, args.steps, guidance, args.negative_prompt, args.width,
+                        args.height, rank, world_size)
+    if args.labels:
+        if rank != 0:
+            return 0
+        labels = sp.read_labels(args.labels)
+        scores = {s.id: labels.get(s.id) for s in samples}
+        why, what = "no label", f"labels {Path(args.labels).resolve()}"
+    else:
+        folder = sp.scores_folder(out, sp.scorer_key(args.scorer, options))
+        done = sp.read_scores(folder)
+        reasons = Counter()
+        mine = [s for s in samples[rank::world_size] if s.id not in done]
+        sp.append_scores(folder, rank, sp.score_images(score, mine, images, reasons))
+        if rank != 0:
+            return 0
+        scores = sp.wait_for({s.id for s in samples}, folder) if world_size > 1 else sp.read_scores(folder)
+        why, what = "not scored (scorer failed, or no finite score)", args.scorer
+    missing = sum(scores.get(s.id) is None for s in samples)
+    summary = sp.build_pairs(out, samples, scores, args.pairs, args.margin, args.top, args.min_score,
+                             Counter({why: missing}) if missing else Counter(), {"scorer": what, "options": options})
+    print(f"{summary['pairs']} pairs from {summary['prompts']} prompts × {args.samples} samples ({summary['scored']} scored, "
+          f"{missing} skipped, {summary['prompts_without_a_pair']} prompt(s) without a pair): {out / sp.PAIRS}; "
+          f"top {args.top} per prompt: {out / sp.TOP}")
     return 0
 
 
@@ -480,6 +574,33 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="look at or prepare a config's dataset")
     dsub = d.add_subparsers(dest="data_command", required=True)
+    dp = dsub.add_parser("pairs", help="preference pairs from a model's own samples: N seeded images per prompt, scored by "
+                                       "a reward model or human labels, best against worst (sharded over "
+                                       "NPROC_PER_NODE, resumable)")
+    dp.add_argument("--model", required=True, help="a diffusers pipeline folder (an export, or the base with --lora)")
+    dp.add_argument("--lora", help="a LoRA export to apply to --model")
+    dp.add_argument("--prompts", required=True, help="meta_data.json ({id: {category, prompt}}), .jsonl or .csv")
+    dp.add_argument("--out", required=True, help="folder: images/, scores/, pairs.jsonl, top.jsonl, summary.json")
+    dp.add_argument("--samples", type=int, default=8, help="images per prompt")
+    dp.add_argument("--scorer", help="module:function or path/to/file.py:function, called as function(images, prompts, "
+                                     "**options) -> one number per image (higher: preferred)")
+    dp.add_argument("--scorer-option", nargs="+", default=[], metavar="KEY=VALUE", help="keyword arguments of the scorer")
+    dp.add_argument("--labels", help="human labels instead of a scorer: a CSV with columns id (images/meta_data.json's "
+                                     "ids) and score")
+    dp.add_argument("--pairs", default="best-worst", choices=["best-worst", "all"],
+                    help="per prompt: the best against the worst, or every pair whose scores differ by more than --margin")
+    dp.add_argument("--margin", type=float, default=0.0, help="a pair's scores must differ by more than this")
+    dp.add_argument("--top", type=int, default=1, help="samples per prompt in top.jsonl (curated fine-tuning)")
+    dp.add_argument("--min-score", type=float, help="top.jsonl keeps only samples scored at least this")
+    dp.add_argument("--seed", type=int, default=0, help="with each sample's id, the seed of its image")
+    dp.add_argument("--steps", type=int, default=25)
+    dp.add_argument("--guidance", type=float, help="default: 3.0 (5.0 with --scheduler euler)")
+    dp.add_argument("--width", type=int)
+    dp.add_argument("--height", type=int)
+    dp.add_argument("--negative-prompt")
+    dp.add_argument("--scheduler", default="native", choices=["native", "dpmpp", "euler"])
+    dp.add_argument("--eager", action="store_true", help="the plain pipeline (no fused QKV, channels-last, cuDNN attention)")
+    dp.set_defaults(func=cmd_data_pairs)
     di = dsub.add_parser("inspect", help="scan the dataset: usable images, excluded rows, bucket histogram (PNG)")
     di.add_argument("config")
     di.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", default=[])
@@ -587,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     configure_logging()
     try:
-        sharded = (args.command == "train" and not args.dry_run) or getattr(args, "eval_command", None) == "generate"
+        sharded = ((args.command == "train" and not args.dry_run) or getattr(args, "eval_command", None) == "generate"
+                   or getattr(args, "data_command", None) == "pairs")
         if sharded and os.environ.get("NPROC_PER_NODE"):
             from .launch import inside_distributed_launch, relaunch
 
@@ -599,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                     from .eval.prompts import read_prompts
 
                     read_prompts(args.prompts)  # a missing or unreadable prompt file, too
+                    if args.command == "data":
+                        pairs_scorer(args)  # and a scorer that cannot be imported
                 return relaunch(argv)
         quiet_progress_bars()
         code = args.func(args)

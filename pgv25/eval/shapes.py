@@ -261,4 +261,28 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SHAPES", "read_image", "score", "evaluate_images", "evaluate_pipeline", "evaluate_model", "write_report", "format_table"]
+__all__ = ["SHAPES", "evaluate_images", "evaluate_model", "evaluate_pipeline", "format_table", "read_image", "score", "write_report"]
+
+
+def preference(images: list[Image.Image], prompts: list[str], background: str | None = None,
+               colour: str | None = None, shape: str | None = None, right_weight: float = 0.1) -> list[float]:
+    """A reward for the shapes toy, in `pgv25 data pairs`' scorer form (`--scorer pgv25.eval.shapes:preference
+    --scorer-option background=black`): 1 for each preferred attribute the image shows (its background, shape colour
+    or shape as given), plus `right_weight` for each attribute the prompt states and the image gets right (so among
+    images with the preferred value, right ones rank first). A prompt the shapes captions do not parse scores only
+    the preference."""
+    from ..tiny.shapes import parse_caption, parse_open_caption
+
+    wanted = {"background": background, "shape_colour": colour, "shape": shape}
+    scores = []
+    for image, prompt in zip(images, prompts):
+        reading = read_image(image)
+        stated = parse_caption(prompt)
+        if stated is None and (opened := parse_open_caption(prompt)) is not None:
+            stated = (*opened, None)
+        value = float(sum(getattr(reading, key) == want for key, want in wanted.items() if want is not None))
+        if stated is not None:
+            found = (reading.shape_colour, reading.shape, reading.background)
+            value += right_weight * sum(s is not None and s == f for s, f in zip(stated, found))
+        scores.append(value)
+    return scores

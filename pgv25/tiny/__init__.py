@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..engine.integrity import share_permissions
 from .base_pipeline import build_base_pipeline
-from .shapes import write_shapes_dataset, write_shapes_pairs
+from .shapes import write_open_dataset, write_shapes_dataset, write_shapes_pairs
 
 logger = logging.getLogger(__name__)
 ASSETS_VERSION = 2  # bump when the builders change what they write
@@ -70,7 +70,9 @@ def ensure_tiny_assets(root: str | Path, image_size: int = 64, per_caption: int 
     `spread`: how much of the shape size and position ranges the images use (`shapes.draw`).
     `extra_datasets`: {folder name: dict(per_caption=, aspects={'1:1': share, '2:1': ..., '1:2': ...}, spread=)},
     more shapes datasets under `root` (e.g. mixed aspect ratios) for the same tiny pipeline; with `pairs=True`
-    preference pairs instead (`shapes.write_shapes_pairs`: right vs wrong in one attribute, for DPO).
+    preference pairs instead (`shapes.write_shapes_pairs`: right vs wrong in one attribute, for DPO); with
+    `open_backgrounds=[...]` captions that leave the background open, drawn evenly on each of those backgrounds
+    (`shapes.write_open_dataset`: the toy where preference alignment has a choice to move).
     Returns the pipeline's stamp (it holds the VAE's PSNR and the measured latents_mean/std).
     """
     root = Path(os.path.expanduser(str(root)))
@@ -89,6 +91,10 @@ def ensure_tiny_assets(root: str | Path, image_size: int = 64, per_caption: int 
             params["pairs"] = True
             what, build = f"the shape preference pairs {name}", lambda d, p=params: {
                 "pairs": write_shapes_pairs(d, image_size, p["per_caption"], seed, hold_out, p["spread"])}
+        elif options.get("open_backgrounds"):
+            params["open_backgrounds"] = list(options["open_backgrounds"])
+            what, build = f"the open-background shapes {name}", lambda d, p=params: {
+                "images": write_open_dataset(d, image_size, p["per_caption"], seed, p["spread"], tuple(p["open_backgrounds"]))}
         else:
             what, build = f"the shapes dataset {name}", lambda d, p=params: {
                 "images": write_shapes_dataset(d, image_size, p["per_caption"], seed, hold_out, p["aspects"], p["spread"])}

@@ -179,3 +179,51 @@ def write_shapes_pairs(root: str | Path, size: int = 64, per_caption: int = 4, s
     with open(root / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     return len(rows)
+
+
+# The toy where a caption leaves a choice open (docs/experiments §5): "a red circle" drawn evenly on each of these
+# backgrounds, so that a model trained on it picks each about 1/k of the time, and preference alignment has a choice
+# to move. Shape colours among them have no open caption (the shape must stay visible on every one).
+OPEN_BACKGROUNDS = ("black", "white", "blue")
+
+
+def open_caption(colour: str, shape: str) -> str:
+    return f"a {colour} {shape}"
+
+
+def parse_open_caption(text: str) -> tuple[str, str] | None:
+    """(colour, shape) of a caption written by `open_caption`, else None."""
+    words = text.split()
+    if len(words) != 3 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SHAPES:
+        return None
+    return words[1], words[2]
+
+
+def open_combinations(backgrounds: tuple[str, ...] = OPEN_BACKGROUNDS) -> list[tuple[str, str]]:
+    """Every (shape colour, shape) an open caption is written for: colours visible on all of `backgrounds`."""
+    return [(c, s) for c in COLOURS if c not in backgrounds for s in SHAPES]
+
+
+def write_open_dataset(root: str | Path, size: int = 64, per_caption: int = 6, seed: int = 0, spread: float = 1.0,
+                       backgrounds: tuple[str, ...] = OPEN_BACKGROUNDS) -> int:
+    """`root/*.png` and `metadata.jsonl` with captions that leave the background open: per caption `per_caption`
+    images, the same number on each of `backgrounds`. Returns the number of images. Deterministic in `seed`."""
+    backgrounds = tuple(backgrounds)
+    if len(backgrounds) < 2 or any(b not in COLOURS for b in backgrounds) or len(set(backgrounds)) < len(backgrounds):
+        raise ValueError(f"backgrounds must be two or more different colours of {', '.join(COLOURS)}, got {backgrounds!r}")
+    if per_caption % len(backgrounds):
+        raise ValueError(f"per_caption ({per_caption}) must be a multiple of the {len(backgrounds)} backgrounds, "
+                         "so that each is drawn equally often")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"open/{seed}")
+    rows = []
+    for colour, shape in open_combinations(backgrounds):
+        for k in range(per_caption):
+            background = backgrounds[k % len(backgrounds)]
+            name = f"{colour}_{shape}_open_{k}_on_{background}.png"
+            draw(colour, shape, background, size, rng, spread).save(root / name)
+            rows.append({"file_name": name, "text": open_caption(colour, shape), "background": background})
+    with open(root / "metadata.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return len(rows)
