@@ -65,8 +65,9 @@ def test_list_configs_excludes_bases():
     names = list_configs()
     assert {"playgroundv2_5_pokemon_blip", "playgroundv2_5_tiny_shapes"} <= set(names)
     assert not any("_base_" in str(p) for p in names.values())
-    assert list(list_configs("tiny")) == ["playgroundv2_5_dpo_tiny_shapes", "playgroundv2_5_dreambooth_lora_tiny_shapes",
-                                          "playgroundv2_5_lora_tiny_shapes", "playgroundv2_5_tiny_shapes"]
+    assert list(list_configs("tiny")) == ["playgroundv2_5_curated_tiny_shapes_open", "playgroundv2_5_dpo_tiny_shapes",
+                                          "playgroundv2_5_dreambooth_lora_tiny_shapes", "playgroundv2_5_lora_tiny_shapes",
+                                          "playgroundv2_5_tiny_shapes", "playgroundv2_5_tiny_shapes_open"]
 
 
 def test_option_without_equals_is_refused():

@@ -10,6 +10,7 @@ shapes evaluator, write a markdown table, a JSON record and PNG plots.
     PGV25_CACHE=/tmp/pgv25 python tools/experiments.py dreambooth       # a new concept, with vs without prior preservation
     PGV25_CACHE=/tmp/pgv25 python tools/experiments.py fid              # pgv25 eval fid on the toy: base, DDPM, EDM, default
     PGV25_CACHE=/tmp/pgv25 python tools/experiments.py precision        # fp32 vs bf16 weights, nearest vs stochastic rounding
+    PGV25_CACHE=/tmp/pgv25 python tools/experiments.py alignment        # on-policy pairs where the prompt leaves a choice open
 
 Every arm starts from the same tiny base pipeline with the same data order seed and the same number
 of iterations; only what the experiment varies differs. An arm whose scores exist under
@@ -626,7 +627,8 @@ def run_precision(args, work: Path, record: dict, record_file: Path, cfg_options
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", choices=["noise_schedule", "sigma_sampling", "buckets", "parity", "goal", "preference", "dreambooth", "fid", "precision"])
+    parser.add_argument("experiment", choices=["noise_schedule", "sigma_sampling", "buckets", "parity", "goal", "preference", "dreambooth", "fid",
+                                               "precision", "alignment"])
     parser.add_argument("--iters", type=int, help="training iterations per arm (default: the config's)")
     parser.add_argument("--per-prompt", type=int, default=2, help="evaluation images per prompt")
     parser.add_argument("--eval-steps", type=int, default=25, help="sampling steps of the evaluation")
@@ -638,11 +640,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start-iters", type=int, default=700, help="preference: steps of the under-trained start")
     parser.add_argument("--lr", type=float, help="preference, dreambooth: learning rate of every arm (default 1e-4, 5e-5)")
     parser.add_argument("--beta", type=float, default=500.0, help="preference: β of the ε-MSE DPO arm")
-    parser.add_argument("--start", help="dreambooth: an export of the trained tiny default to start from (default: train it)")
+    parser.add_argument("--start", help="dreambooth, alignment: an export to start from (default: train it)")
     parser.add_argument("--instance-images", type=int, default=8, help="dreambooth: images of the new concept")
     parser.add_argument("--class-images", type=int, default=48, help="dreambooth: class images of the prior arm")
     parser.add_argument("--feature-images", type=int, default=4000, help="fid: real images the feature network trains on")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="precision: the seeds of every arm")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="precision, alignment: the seeds of every arm")
+    parser.add_argument("--pair-samples", type=int, default=24, help="alignment: samples per open caption the pairs come from")
+    parser.add_argument("--open-samples", type=int, default=16, help="alignment: samples per open caption measured")
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = 5e-5 if args.experiment == "dreambooth" else 1e-4
@@ -655,6 +659,14 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work_dir) / args.experiment
     record_file = work / "record.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {"arms": {}}
+    if args.experiment == "alignment":
+        from alignment import run_alignment, summary
+
+        run_alignment(args, work, record, record_file, cfg_options, build_cfg, train_arm)
+        record["command"] = "python tools/experiments.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        record_file.write_text(json.dumps(record, indent=2))
+        print(f"written {summary(record, Path(args.docs))}")
+        return
     if args.experiment == "preference":
         spec = run_preference(args, work, record, record_file, cfg_options, root)
     elif args.experiment == "dreambooth":

@@ -261,7 +261,8 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SHAPES", "evaluate_images", "evaluate_model", "evaluate_pipeline", "format_table", "read_image", "score", "write_report"]
+__all__ = ["SHAPES", "evaluate_images", "evaluate_model", "evaluate_pipeline", "format_table", "preference", "read_image", "score",
+           "write_report"]
 
 
 def preference(images: list[Image.Image], prompts: list[str], background: str | None = None,

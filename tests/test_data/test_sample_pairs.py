@@ -27,7 +27,7 @@ def test_the_open_dataset_draws_each_background_equally_often_under_one_caption(
     per_caption = Counter((row["text"], row["background"]) for row in rows)
     assert set(per_caption.values()) == {2} and {bg for _, bg in per_caption} == set(OPEN_BACKGROUNDS)
     for row in rows[:12]:
-        colour, shape = parse_open_caption(row["text"])
+        colour, _ = parse_open_caption(row["text"])
         reading = read_image(Image.open(tmp_path / row["file_name"]))
         assert (reading.background, reading.shape_colour) == (row["background"], colour)
         assert row["background"] not in row["text"] and colour not in OPEN_BACKGROUNDS
