@@ -1,6 +1,6 @@
 """Insight #3, second half (docs/experiments §5): preference alignment where the prompt leaves a choice open.
 
-    PGV25_CACHE=/tmp/pgv25 python tools/experiments.py alignment [--start BASE_EXPORT] [--iters 300] [--seeds 0 1 2]
+    PGV25_CACHE=/tmp/pgv25 python tools/experiments.py alignment --lr 1e-5 --beta 5000 [--start BASE_EXPORT] [--iters 300]
 
 1. The start: `playgroundv2_5_tiny_shapes_open` (the tiny default trained also on "a red circle"-style captions drawn
    equally often on black, white and blue), trained for its 2,800 steps, or `--start`.
@@ -45,11 +45,11 @@ def explicit_prompts() -> list[tuple[tuple[str, str, str], str]]:
     return [(c, caption(*c)) for c in combinations(held_out=False) if c[0] not in OPEN_BACKGROUNDS]
 
 
-def make_pairs(start: str, work: Path, samples: int) -> dict:
+def make_pairs(start: str, work: Path, samples: int, folder: str = "pairs") -> dict:
     prompts = work / "pair_prompts.jsonl"
     trained, _ = open_prompts()
     prompts.write_text("".join(json.dumps({"id": f"open{i}", "prompt": p}) + "\n" for i, p in enumerate(trained)))
-    out = work / "pairs"
+    out = work / folder
     subprocess.run([sys.executable, "-m", "pgv25.cli", "data", "pairs", "--model", start, "--prompts", str(prompts),
                     "--out", str(out), "--samples", str(samples), "--steps", "25", "--scorer", "pgv25.eval.shapes:preference",
                     "--scorer-option", f"background={PREFERRED}", "--pairs", "all", "--margin", "0.5",
@@ -57,18 +57,22 @@ def make_pairs(start: str, work: Path, samples: int) -> dict:
     return {"folder": str(out), **json.loads((out / "summary.json").read_text())}
 
 
-def arms(start: str, pairs: Path, lr: float, beta: float) -> dict[str, tuple[dict, str, str]]:
-    """name → (options, config, note). Every arm: the same steps of 16 images, the same lr, a constant schedule."""
+def arms(start: str, pairs: Path, lr: float, beta: float, curated_images: int) -> dict[str, tuple[dict, str, str]]:
+    """name → (options, config, note). Every arm: the same steps of 16 images (fewer for a curated set smaller than
+    that), the same lr, a constant schedule."""
+    # lr: DPO's (1e-5 with β 5000, the DPO config's); the plain fine-tune and the LoRA take ten times that, as their
+    # configs do against a full fine-tune's
     common = {"model.pretrained_model_name_or_path": start, "optim_wrapper.optimizer.lr": lr,
               "optim_wrapper.optimizer.weight_decay": 0.0, "param_scheduler": dict(type="constant", warmup_iters=0)}
     dpo = {**common, "train_dataloader.batch_size": 8, "train_dataloader.dataset.type": "manifest",
            "train_dataloader.dataset.path": str(pairs / "pairs.jsonl"), "objective.beta": beta,
            "objective.loss_weighting": "epsilon"}
-    curated = {**common, "train_dataloader.batch_size": 16, "train_dataloader.dataset.type": "manifest",
+    batch = max(1, min(16, curated_images))
+    curated = {**common, "train_dataloader.batch_size": batch, "train_dataloader.dataset.type": "manifest",
                "train_dataloader.dataset.path": str(pairs / "top.jsonl"), "train_dataloader.dataset.image_column": "image",
-               "train_dataloader.dataset.caption_dropout": 0.1}
+               "train_dataloader.dataset.caption_dropout": 0.1, "optim_wrapper.optimizer.lr": lr * 10}
     return {
-        "curated": (curated, "playgroundv2_5_tiny_shapes", f"fine-tuning (denoising loss) on the black samples alone, 16 per step, lr {lr:g}"),
+        "curated": (curated, "playgroundv2_5_tiny_shapes", f"fine-tuning (denoising loss) on the black samples alone, {batch} per step, lr {lr * 10:g}"),
         "dpo_full": (dpo, DPO_CONFIG, f"DPO of the whole UNet, ε-MSE weighting, β {beta:g}, 8 pairs per step, lr {lr:g}"),
         "dpo_lora": ({**dpo, "model.lora.enabled": True, "model.lora.rank": 16, "model.lora.alpha": 16,
                       "optim_wrapper.optimizer.lr": lr * 10},
@@ -85,7 +89,7 @@ def read(pipe, prompts: list[str], per_prompt: int, seed: int, steps: int) -> li
     return [read_image(image) for image in images]
 
 
-def measure(step_dir: str, lora: str | None, open_samples: int, steps: int) -> dict:
+def measure(step_dir: str, lora: str | None, open_samples: int, steps: int, explicit_limit: int | None = None) -> dict:
     """Open captions: black share, background spread, colour and shape accuracy; explicit captions: accuracies."""
     from pgv25.generate import load_pipeline
     from pgv25.tiny.shapes import OPEN_BACKGROUNDS, parse_open_caption
@@ -104,7 +108,7 @@ def measure(step_dir: str, lora: str | None, open_samples: int, steps: int) -> d
             "shape_colour_accuracy": sum(r.shape_colour == s[0] for r, s in zip(readings, stated)) / n,
             "shape_accuracy": sum(r.shape == s[1] for r, s in zip(readings, stated)) / n,
         }
-    explicit = explicit_prompts()
+    explicit = explicit_prompts()[:explicit_limit]
     readings = read(pipe, [p for _, p in explicit], 2, 2000, steps)
     expected = [c for c, _ in explicit for _ in range(2)]
     n = len(readings)
@@ -135,9 +139,9 @@ def run_alignment(args, work: Path, record: dict, record_file: Path, cfg_options
     pairs = Path(record["pairs"]["folder"])
     if "nothing" not in record["arms"]:
         record["arms"]["nothing"] = {"note": "the start, not trained further",
-                                     "seeds": {"-": measure(start, None, args.open_samples, args.eval_steps)}}
+                                     "seeds": {"-": measure(start, None, args.open_samples, args.eval_steps, args.eval_limit)}}
         save()
-    for name, (options, config, note) in arms(start, pairs, args.lr, args.beta).items():
+    for name, (options, config, note) in arms(start, pairs, args.lr, args.beta, record["pairs"]["top"]).items():
         if args.arms and name not in args.arms:
             continue
         if record["pairs"]["top" if name == "curated" else "pairs"] == 0:
@@ -150,9 +154,24 @@ def run_alignment(args, work: Path, record: dict, record_file: Path, cfg_options
             trained = train_arm(build_cfg({**options, "randomness.seed": seed}, work / f"{name}_seed{seed}", args.iters or 300,
                                           cfg_options, config))
             lora = trained["step_dir"] if options.get("model.lora.enabled") else None
-            entry["seeds"][str(seed)] = {**measure(start if lora else trained["step_dir"], lora, args.open_samples, args.eval_steps),
+            entry["seeds"][str(seed)] = {**measure(start if lora else trained["step_dir"], lora, args.open_samples, args.eval_steps,
+                                                   args.eval_limit),
                                          "train_seconds": trained["train_seconds"]}
             save()
+    for seed in args.round2_seeds:  # iterated DPO: pairs from the aligned model, then DPO again from it
+        entry = record["arms"].setdefault("dpo_full_round2", {
+            "note": "DPO of the whole UNet, second round: pairs made again from the first round's model (same seed), "
+                    "then the same DPO from it", "seeds": {}})
+        first = work / f"dpo_full_seed{seed}" / f"step{args.iters or 300}"
+        if str(seed) in entry["seeds"] or not first.is_dir():
+            continue
+        summary_ = make_pairs(str(first), work, args.pair_samples, f"pairs_round2_seed{seed}")
+        options, config, _ = arms(str(first), Path(summary_["folder"]), args.lr, args.beta, summary_["top"])["dpo_full"]
+        trained = train_arm(build_cfg({**options, "randomness.seed": seed}, work / f"dpo_full_round2_seed{seed}",
+                                      args.iters or 300, cfg_options, config))
+        entry["seeds"][str(seed)] = {**measure(trained["step_dir"], None, args.open_samples, args.eval_steps, args.eval_limit),
+                                     "train_seconds": trained["train_seconds"], "pairs": summary_["pairs"]}
+        save()
     return record
 
 
@@ -179,6 +198,7 @@ def summary(record: dict, docs: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    docs.mkdir(parents=True, exist_ok=True)
     pairs = record["pairs"]
     lines = ["# Preference alignment where the prompt leaves a choice open", "",
              f"Reproduce: `{record.get('command', '')}`", "",

@@ -647,6 +647,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="precision, alignment: the seeds of every arm")
     parser.add_argument("--pair-samples", type=int, default=24, help="alignment: samples per open caption the pairs come from")
     parser.add_argument("--open-samples", type=int, default=16, help="alignment: samples per open caption measured")
+    parser.add_argument("--round2-seeds", type=int, nargs="*", default=[], help="alignment: seeds of a second DPO round "
+                        "(pairs from the first round's model)")
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = 5e-5 if args.experiment == "dreambooth" else 1e-4

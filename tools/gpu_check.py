@@ -238,11 +238,32 @@ def run_train(config: str, options: list[str], work_dir: Path, log: Path, timeou
     # peak: the whole process, loading included (a safetensors file being read is mapped into it); training: the
     # peak once the first iteration was logged
     result = {"returncode": process.returncode, "seconds": round(time.time() - start, 1), "killed": killed,
-              "peak_rss_gib": round(peak / GIB, 1), "training_rss_gib": round(steady / GIB, 1) if steady else None}
+              "peak_rss_gib": round(peak / GIB, 1), "training_rss_gib": round(steady / GIB, 1) if steady else None,
+              "planned_gib": planned_gib(config, options, resuming=resume is not None)}
     if process.returncode != 0 and not killed:
         result["error"] = f"exit {process.returncode}: {tail(log, 1)}"
         result["log_tail"] = tail(log)
     return result
+
+
+def planned_gib(config: str, options: list[str], resuming: bool = False) -> float | None:
+    """The memory planner's peak for this run (`pgv25 plan`: GPU allocated, or CPU resident), beside the measured one."""
+    from dataclasses import replace
+
+    import torch
+
+    from pgv25.config import load_config, parse_cfg_options
+    from pgv25.engine.options import read_options
+    from pgv25.engine.plan import model_shapes, predict, setup_of, unet_file_bytes
+
+    try:
+        run = read_options(load_config(config, parse_cfg_options(options)))
+        shapes, folder = model_shapes(run.model.pretrained)
+        setup = setup_of(run, "cuda" if torch.cuda.is_available() else "cpu", 1)
+        return round(predict(shapes, replace(setup, unet_file_bytes=unet_file_bytes(folder), resuming=resuming)).peak, 2)
+    except Exception as error:  # noqa: BLE001 — a missing prediction must not fail the check
+        print(f"no plan for {config}: {error}", flush=True)
+        return None
 
 
 def child_env() -> dict:

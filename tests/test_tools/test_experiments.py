@@ -139,3 +139,34 @@ def test_precision_experiment_compares_fp32_and_bf16_weights_over_seeds(tiny_ass
     assert all(arm["final_loss"] > 0 for arm in record["arms"].values())
     text = (tmp_path / "docs" / "precision.md").read_text()
     assert "| bf16_nearest | 0.001 | 1 |" in text and (tmp_path / "docs" / "precision_loss.png").stat().st_size > 0
+
+
+def test_alignment_experiment_trains_every_arm_from_on_policy_pairs(tiny_assets, tmp_path, monkeypatch):
+    """The arms train from the pairs and the curated set and are measured; the pairs themselves (pgv25 data pairs) are
+    tested end to end in tests/test_data/test_sample_pairs.py, so here they are four fixed ones of the dataset's
+    images: an untrained start's samples may hold no black background to prefer."""
+    import alignment
+    import experiments
+
+    def fixed_pairs(start, work, samples, folder="pairs"):
+        out = work / folder
+        out.mkdir(parents=True, exist_ok=True)
+        images = sorted(tiny_assets["shapes"].glob("red_*.png"))
+        black = [p for p in images if "_on_black_" in p.name][:4]
+        other = [p for p in images if "_on_black_" not in p.name][:4]
+        (out / "pairs.jsonl").write_text("".join(json.dumps({"chosen": str(b), "rejected": str(o), "text": "a red circle"}) + "\n"
+                                                 for b, o in zip(black, other)))
+        (out / "top.jsonl").write_text("".join(json.dumps({"image": str(b), "text": "a red circle"}) + "\n" for b in black))
+        return {"folder": str(out), "prompts": 1, "samples": 8, "scored": 8, "pairs": 4, "top": 4}
+
+    monkeypatch.setattr(alignment, "make_pairs", fixed_pairs)
+    experiments.main(["alignment", "--work-dir", str(tmp_path), "--docs", str(tmp_path / "docs"), "--start",
+                      str(tiny_assets["model"]), "--seeds", "0", "--open-samples", "1", "--round2-seeds", *SMALL])
+    record = json.loads((tmp_path / "alignment" / "record.json").read_text())
+    assert set(record["arms"]) == {"nothing", "curated", "dpo_full", "dpo_lora"}
+    for arm in record["arms"].values():
+        seed = next(iter(arm["seeds"].values()))
+        assert seed["open_held_out"]["images"] == 3 and 0 <= seed["open_pairs"]["preferred_share"] <= 1
+        assert seed["explicit"]["images"] == 2  # --eval-limit 1: one explicit prompt, two seeds
+    text = (tmp_path / "docs" / "alignment.md").read_text()
+    assert "| dpo_lora | 1 |" in text and (tmp_path / "docs" / "alignment.png").stat().st_size > 0
