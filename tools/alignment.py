@@ -74,6 +74,8 @@ def arms(start: str, pairs: Path, lr: float, beta: float, curated_images: int) -
     return {
         "curated": (curated, "playgroundv2_5_tiny_shapes", f"fine-tuning (denoising loss) on the black samples alone, {batch} per step, lr {lr * 10:g}"),
         "dpo_full": (dpo, DPO_CONFIG, f"DPO of the whole UNet, ε-MSE weighting, β {beta:g}, 8 pairs per step, lr {lr:g}"),
+        "dpo_full_lr10": ({**dpo, "optim_wrapper.optimizer.lr": lr * 10}, DPO_CONFIG,
+                          f"DPO of the whole UNet as dpo_full, at the curated arm's lr {lr * 10:g}"),
         "dpo_lora": ({**dpo, "model.lora.enabled": True, "model.lora.rank": 16, "model.lora.alpha": 16,
                       "optim_wrapper.optimizer.lr": lr * 10},
                      DPO_CONFIG, f"DPO of a rank-16 attention LoRA (the UNet with its LoRA off as reference), β {beta:g}, "
