@@ -161,7 +161,8 @@ def test_alignment_experiment_trains_every_arm_from_on_policy_pairs(tiny_assets,
 
     monkeypatch.setattr(alignment, "make_pairs", fixed_pairs)
     experiments.main(["alignment", "--work-dir", str(tmp_path), "--docs", str(tmp_path / "docs"), "--start",
-                      str(tiny_assets["model"]), "--seeds", "0", "--open-samples", "1", "--round2-seeds", *SMALL])
+                      str(tiny_assets["model"]), "--seeds", "0", "--open-samples", "1", "--round2-seeds",
+                      "--arms", "curated", "dpo_full", "dpo_lora", *SMALL])  # dpo_full_lr10: dpo_full at another lr
     record = json.loads((tmp_path / "alignment" / "record.json").read_text())
     assert set(record["arms"]) == {"nothing", "curated", "dpo_full", "dpo_lora"}
     for arm in record["arms"].values():
