@@ -253,8 +253,9 @@ def candidates(base: Setup, effective_batch: int) -> list[Setup]:
                 found.append(replace(base, checkpointing=checkpointing, frozen_dtype=frozen, **common,
                                      compiled=base.compiled and not checkpointing))
             continue
-        for trained in ("fp32", "bf16"):
-            for optimizer in ("AdamW", "AdamW8bit", "Adafactor"):
+        # what pgv25 refuses is never proposed: under FSDP no bf16 weights, 8-bit AdamW or update inside backward
+        for trained in ("fp32",) if base.sharded else ("fp32", "bf16"):
+            for optimizer in ("AdamW", "Adafactor") if base.sharded else ("AdamW", "AdamW8bit", "Adafactor"):
                 for fused in (False, True):
                     if fused and base.processes > 1:  # refused: DDP would average after the updates
                         continue
@@ -421,6 +422,8 @@ def lora_variant(base: Setup, options) -> Setup:
     """The same run as a LoRA of the config's rank and targets (or as a full fine-tune, from a LoRA config)."""
     if base.lora:
         return replace(base, lora_rank=None)
+    if base.sharded:  # a LoRA trains under DDP (FSDP refuses it)
+        base = replace(base, strategy="ddp")
     rank = int(options.lora.get("rank", 16)) if options.lora.enabled else int((options.model.section.get("lora") or {}).get("rank", 16))
     return replace(base, lora_rank=rank)
 

@@ -109,6 +109,10 @@ def test_what_fits_a_16_gib_card_is_the_bf16_fused_full_fine_tune(playground):
     assert max(s.batch for s, _ in roomy) > 1
     assert all(s.batch * s.accumulation >= 16 and (s.accumulation == 1 or not s.fused_backward) for s, _ in roomy)
     assert not any(s.fused_backward for s, _ in plan.ranked(playground, replace(base, processes=2), 80, 16))
+    # under FSDP only what it takes: fp32 weights, AdamW or Adafactor, no update inside backward
+    sharded = plan.ranked(playground, replace(base, processes=8, strategy="fsdp"), 24, 16)
+    assert sharded and all(s.trained_dtype == "fp32" and s.optimizer in ("AdamW", "Adafactor") and not s.fused_backward
+                           for s, _ in sharded)
 
 
 def test_pgv25_plan_prints_the_parts_and_what_fits(tiny_assets, capsys):
