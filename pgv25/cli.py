@@ -666,7 +666,7 @@ def quiet_libraries() -> None:
     import warnings
 
     for noisy in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub", "httpx", "mmengine",
-                  "bitsandbytes.backends", "kernels"):
+                  "bitsandbytes.backends", "kernels", "torchao"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     from mmengine.logging import MMLogger

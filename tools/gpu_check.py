@@ -86,6 +86,8 @@ RUNNER_VARIANTS = {
     "bf16_adamw8bit_fused": ["model.trained_dtype=bf16", "optim_wrapper.optimizer.type=AdamW8bit",
                              "optim_wrapper.fused_backward=True", "optim_wrapper.clip_grad=None"],
     "lora_fp32": ["model.lora.enabled=True", "model.frozen_dtype=fp32"],
+    # FP8 (torchao) in the transformer blocks, against the same runner's bf16 (issue: speed and loss on Hopper)
+    "float8": ["model.float8=True"],
     "lora_bf16": ["model.lora.enabled=True", "model.frozen_dtype=bf16"],
 }
 

@@ -20,6 +20,7 @@ from ..data.multi import SHARED
 from ..data.streaming import StreamingBucketDataset, check_streaming
 from ..errors import UserError
 from ..models.edm_denoiser import Conditioning
+from ..models.float8 import enable_float8
 from ..models.latent_codec import LatentCodec
 from ..models.loading import load_components, resolve_pretrained
 from ..models.lora import add_lora, add_text_lora, check_lora_fits, load_lora_weights
@@ -261,6 +262,8 @@ def build_model(options, runtime: Runtime, cached: bool, buckets: int) -> ModelP
         unet.enable_gradient_checkpointing()
     if on_device(model_options.channels_last, device, "model.channels_last"):  # NHWC convolutions for tensor cores
         unet.to(memory_format=torch.channels_last)
+    if model_options.float8:  # before compiling: the compiled blocks trace the float8 layers
+        enable_float8(unet, model_options.float8, device)
     compile_unet(unet, model_options.compile, buckets, device, runtime.sharded)
     return ModelParts(unet, trained, conditioner, codec, parts.source, parts.scheduler_config, lora, text_lora,
                       runtime.weight_dtype)

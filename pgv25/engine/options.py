@@ -24,6 +24,7 @@ from ..data.multi import dataset_config
 from ..errors import UserError
 from ..files import DTYPES
 from ..generate import PromptSpec, prompt_specs
+from ..models.float8 import float8_setting
 from ..models.lora import lora_init
 from ..models.speed import ATTENTION_BACKENDS
 from ..objectives import objective_options
@@ -109,6 +110,7 @@ class ModelOptions:
     section: dict = field(repr=False)  # the whole section, for the noise schedule (objectives/schedule.py)
     trained_dtype: str = "fp32"  # of the trained UNet weights in a full fine-tune ('bf16': see engine/param_update.py)
     frozen_dtype: str = "auto"  # of the frozen UNet under a LoRA ('auto': the mixed-precision dtype on a GPU, else fp32)
+    float8: str | None = None  # the transformer blocks' linear layers in float8: 'native', 'emulate' (models/float8.py)
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,12 @@ def optim_options(cfg, trained_dtype: str = "fp32") -> OptimOptions:
 def check_low_precision(model: ModelOptions, lora: LoraOptions, runtime: RuntimeOptions, optim: OptimOptions) -> None:
     """What bf16 trained weights and the update inside backward cannot do, refused in one line before anything
     loads, each naming the alternative. (One process only for fused_backward: checked when the world size is known.)"""
+    if model.float8 and lora.enabled:
+        raise UserError("model.float8 applies to a full fine-tune: peft's LoRA layers wrap the linear layers float8 "
+                        "would replace; set model.float8=False with a LoRA")
+    if model.float8 and runtime.strategy == "fsdp":
+        raise UserError("model.float8 with strategy='fsdp' is not supported yet (float8 weight all-gathers are not "
+                        "wired); use strategy='ddp'")
     if model.trained_dtype != "fp32" and lora.enabled:
         raise UserError("model.trained_dtype applies to a full fine-tune; under a LoRA the adapters are small and stay "
                         "fp32: set model.frozen_dtype='bf16' for the frozen UNet instead")
@@ -309,7 +317,8 @@ def model_options(cfg) -> ModelOptions:
         raise UserError(f"model.frozen_dtype must be 'auto' or one of {', '.join(DTYPES)}, got {frozen_dtype!r}")
     return ModelOptions(model.pretrained_model_name_or_path, model.get("weight_dtype", "fp32"), model.get("vae_dtype", "fp32"),
                         backend, bool(model.get("gradient_checkpointing")), model.get("channels_last"),
-                        dict(model.get("compile") or {}), dict(model), trained_dtype, frozen_dtype)
+                        dict(model.get("compile") or {}), dict(model), trained_dtype, frozen_dtype,
+                        float8_setting(model.get("float8", False)))
 
 
 def lora_options(cfg) -> LoraOptions:

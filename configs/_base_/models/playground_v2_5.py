@@ -40,6 +40,10 @@ model = dict(
     # whole UNet (minutes). One graph per bucket shape and block width (dynamic=False); mode='max-autotune' tunes
     # longer; backend='eager' only traces (for debugging). 'cuda' leaves strategy='fsdp' eager (True forces it).
     compile=dict(enabled='cuda', regions=['transformer'], backend='inductor', mode=None, dynamic=False),
+    # FP8 (torchao, pip install "pgv25[float8]"): the transformer blocks' attention and feed-forward projections in
+    # float8. True on GPUs with float8 tensor cores (H100/H200, compute capability ≥ 8.9); 'emulate' anywhere, slowly,
+    # to check the path. Off until measured on a GPU (docs/performance.md); not with LoRA or FSDP.
+    float8=False,
     # LoRA (peft) on the UNet instead of a full fine-tune: base weights frozen, checkpoints hold only the
     # adapter, exports are work_dirs/<cfg>/step<N>/pytorch_lora_weights.safetensors (pipe.load_lora_weights).
     lora=dict(
