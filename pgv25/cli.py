@@ -661,12 +661,14 @@ def quiet_libraries() -> None:
     by `quiet_progress_bars` only in the processes that go on to use them. `bitsandbytes.backends` and
     `kernels`: diffusers imports bitsandbytes whenever it is installed (its quantizer registry), and on a CPU
     with AVX512-BF16 bitsandbytes then tries to fetch a 4-bit inference kernel from the Hub through `kernels`,
-    warning twice when it cannot; pgv25 never uses that kernel (8-bit AdamW does not need it).
+    warning twice when it cannot; pgv25 never uses that kernel (8-bit AdamW does not need it). `torch.utils._pytree`:
+    diffusers imports torchao whenever it is installed (the float8 extra), and torchao's registrations draw two
+    deprecation warnings from torch 2.13 there, on every command.
     """
     import warnings
 
     for noisy in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub", "httpx", "mmengine",
-                  "bitsandbytes.backends", "kernels", "torchao"):
+                  "bitsandbytes.backends", "kernels", "torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     from mmengine.logging import MMLogger
