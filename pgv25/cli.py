@@ -125,14 +125,7 @@ def cmd_copy_cfg(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import (
-        DEFAULT_GUIDANCE,
-        apply_speed_levers,
-        generate,
-        load_pipeline,
-        speed_levers,
-        write_outputs,
-    )
+    from .generate import DEFAULT_GUIDANCE, apply_speed_levers, generate, load_pipeline, speed_levers, write_outputs
 
     out = Path(args.out)
     try:
@@ -167,42 +160,51 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_eval_generate(args) -> int:
-    """Images for a prompt file (MJHQ-30K's meta_data.json, JSONL or CSV) from an export, sharded and resumable."""
+def generate_image_set(args, prompts, folder: Path) -> dict:
+    """`eval generate`'s and `data pairs`' images: the settings recorded (a rerun with others is refused), then this
+    process's share of the missing images; the pipeline loads only when one is missing. Returns the counts."""
     import torch
 
-    from .eval.generation import SETTINGS, generate_images, record_settings, world
-    from .eval.prompts import read_prompts
-    from .generate import (
-        DEFAULT_GUIDANCE,
-        apply_speed_levers,
-        load_pipeline,
-        speed_levers,
-    )
+    from .eval.generation import generate_images, image_path, record_settings, world
+    from .generate import DEFAULT_GUIDANCE, apply_speed_levers, load_pipeline, speed_levers
 
-    for name in ("steps", "width", "height", "per_category"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    prompts = read_prompts(args.prompts, args.per_category)
     rank, world_size, local_rank = world()
-    out = Path(args.out)
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[args.scheduler]
     settings = {"model": str(Path(args.model).resolve()), "lora": str(Path(args.lora).resolve()) if args.lora else None,
                 "scheduler": args.scheduler, "steps": args.steps, "guidance_scale": guidance, "width": args.width,
                 "height": args.height, "negative_prompt": args.negative_prompt, "seed": args.seed}
     try:
-        record_settings(out, settings, prompts, args.seed, write=rank == 0)
+        record_settings(folder, settings, prompts, args.seed, write=rank == 0)
     except OSError as error:
-        raise UserError(f"cannot write to {out}: {error.strerror or error}") from None
+        raise UserError(f"cannot write to {folder}: {error.strerror or error}") from None
+    mine = prompts[rank::world_size]
+    if all(image_path(folder, p).is_file() for p in mine):
+        return {"asked": len(prompts), "mine": len(mine), "made": 0, "present": len(mine)}
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(args.model, args.scheduler, device=device, lora=args.lora)
     levers = speed_levers(device, args.eager, False, lora=args.lora is not None)
     if levers:
         apply_speed_levers(pipe, levers)
-    counts = generate_images(pipe, prompts, out, args.seed, args.steps, guidance, args.negative_prompt, args.width,
-                             args.height, rank, world_size)
-    if rank == 0:
+    return generate_images(pipe, prompts, folder, args.seed, args.steps, guidance, args.negative_prompt, args.width,
+                           args.height, rank, world_size)
+
+
+def check_positive(args, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def cmd_eval_generate(args) -> int:
+    """Images for a prompt file (MJHQ-30K's meta_data.json, JSONL or CSV) from an export, sharded and resumable."""
+    from .eval.generation import SETTINGS, world
+    from .eval.prompts import read_prompts
+
+    check_positive(args, ("steps", "width", "height", "per_category"))
+    out = Path(args.out)
+    counts = generate_image_set(args, read_prompts(args.prompts, args.per_category), out)
+    if world()[0] == 0:
         print(f"{counts['asked']} prompts; this process made {counts['made']} image(s), {counts['present']} were there "
               f"already; images in {out}, settings in {out / SETTINGS}")
     return 0
@@ -309,12 +311,7 @@ def cmd_data_cache(args) -> int:
 
 def pairs_scorer(args):
     """The scorer of `pgv25 data pairs` (None with --labels), loaded before any image is made."""
-    from .data.sample_pairs import (
-        check_options,
-        load_scorer,
-        parse_scorer_options,
-        python_path_for_scorers,
-    )
+    from .data.sample_pairs import check_options, load_scorer, parse_scorer_options, python_path_for_scorers
 
     check_options(args.samples, args.pairs, args.margin, args.top)
     if bool(args.scorer) == bool(args.labels):
@@ -331,39 +328,17 @@ def cmd_data_pairs(args) -> int:
     """Preference pairs from a model's own samples: generate (sharded, resumable), score, pair."""
     from collections import Counter
 
-    import torch
-
     from .data import sample_pairs as sp
-    from .eval.generation import generate_images, image_path, record_settings, world
+    from .eval.generation import world
     from .eval.prompts import read_prompts
-    from .generate import (
-        DEFAULT_GUIDANCE,
-        apply_speed_levers,
-        load_pipeline,
-        speed_levers,
-    )
 
+    check_positive(args, ("steps", "width", "height"))
     score, options = pairs_scorer(args)
     samples = sp.sample_prompts(read_prompts(args.prompts), args.samples)
-    rank, world_size, local_rank = world()
+    rank, world_size, _ = world()
     out = Path(args.out)
     images = out / sp.IMAGES
-    guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[args.scheduler]
-    settings = {"model": str(Path(args.model).resolve()), "lora": str(Path(args.lora).resolve()) if args.lora else None,
-                "scheduler": args.scheduler, "steps": args.steps, "guidance_scale": guidance, "width": args.width,
-                "height": args.height, "negative_prompt": args.negative_prompt, "seed": args.seed}
-    try:
-        record_settings(images, settings, samples, args.seed, write=rank == 0)
-    except OSError as error:
-        raise UserError(f"cannot write to {out}: {error.strerror or error}") from None
-    if any(not image_path(images, s).is_file() for s in samples[rank::world_size]):
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        pipe = load_pipeline(args.model, args.scheduler, device=device, lora=args.lora)
-        levers = speed_levers(device, args.eager, False, lora=args.lora is not None)
-        if levers:
-            apply_speed_levers(pipe, levers)
-        generate_images(pipe, samples, images, args.seed, args.steps, guidance, args.negative_prompt, args.width,
-                        args.height, rank, world_size)
+    generate_image_set(args, samples, images)
     if args.labels:
         if rank != 0:
             return 0

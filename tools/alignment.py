@@ -105,8 +105,8 @@ def measure(step_dir: str, lora: str | None, open_samples: int, steps: int, expl
         n = len(readings)
         out[group] = {
             "images": n, "preferred_share": sum(r.background == PREFERRED for r in readings) / n,
-            "backgrounds": {b: sum(r.background == b for r in readings) / n for b in (*OPEN_BACKGROUNDS, "other")
-                            if b != "other"} | {"other": sum(r.background not in OPEN_BACKGROUNDS for r in readings) / n},
+            "backgrounds": {b: sum(r.background == b for r in readings) / n for b in OPEN_BACKGROUNDS}
+                           | {"other": sum(r.background not in OPEN_BACKGROUNDS for r in readings) / n},
             "shape_colour_accuracy": sum(r.shape_colour == s[0] for r, s in zip(readings, stated)) / n,
             "shape_accuracy": sum(r.shape == s[1] for r, s in zip(readings, stated)) / n,
         }

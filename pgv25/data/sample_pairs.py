@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import atomic_file
+from .tables import first_line
 
 logger = logging.getLogger("pgv25")
 IMAGES = "images"
@@ -78,8 +79,7 @@ def load_scorer(spec: str, options: dict):
     except UserError:
         raise
     except Exception as error:  # noqa: BLE001 — any import failure of the user's code is one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--scorer {spec!r} cannot be imported: {type(error).__name__}: {first}") from None
+        raise UserError(f"--scorer {spec!r} cannot be imported: {type(error).__name__}: {first_line(error)}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise UserError(f"--scorer {spec!r}: {target} has no function {name!r}")

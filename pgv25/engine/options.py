@@ -261,7 +261,7 @@ def optim_options(cfg, trained_dtype: str = "fp32") -> OptimOptions:
 
 
 def check_low_precision(model: ModelOptions, lora: LoraOptions, runtime: RuntimeOptions, optim: OptimOptions) -> None:
-    """What bf16 trained weights and the update inside backward cannot do, refused in one line before anything
+    """What bf16 trained weights, the update inside backward and float8 cannot do, refused in one line before anything
     loads, each naming the alternative. (One process only for fused_backward: checked when the world size is known.)"""
     if model.float8 and lora.enabled:
         raise UserError("model.float8 applies to a full fine-tune: peft's LoRA layers wrap the linear layers float8 "

@@ -413,11 +413,6 @@ def breakdown(setup: Setup, plan: Plan, shapes: Shapes, unit: str) -> list[str]:
     return lines
 
 
-def best_for(shapes: Shapes, base: Setup, memory_gib: float, effective_batch: int) -> tuple[Setup, Plan] | None:
-    fitting = ranked(shapes, base, memory_gib, effective_batch)
-    return fitting[0] if fitting else None
-
-
 def lora_variant(base: Setup, options) -> Setup:
     """The same run as a LoRA of the config's rank and targets (or as a full fine-tune, from a LoRA config)."""
     if base.lora:

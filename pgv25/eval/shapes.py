@@ -261,10 +261,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SHAPES", "evaluate_images", "evaluate_model", "evaluate_pipeline", "format_table", "preference", "read_image", "score",
-           "write_report"]
-
-
 def preference(images: list[Image.Image], prompts: list[str], background: str | None = None,
                colour: str | None = None, shape: str | None = None, right_weight: float = 0.1) -> list[float]:
     """A reward for the shapes toy, in `pgv25 data pairs`' scorer form (`--scorer pgv25.eval.shapes:preference
@@ -287,3 +283,7 @@ def preference(images: list[Image.Image], prompts: list[str], background: str | 
             value += right_weight * sum(s is not None and s == f for s, f in zip(stated, found))
         scores.append(value)
     return scores
+
+
+__all__ = ["SHAPES", "evaluate_images", "evaluate_model", "evaluate_pipeline", "format_table", "preference", "read_image", "score",
+           "write_report"]

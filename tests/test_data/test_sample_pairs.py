@@ -177,7 +177,8 @@ def test_pgv25_data_pairs_refuses_bad_options_in_one_line(tmp_path, capsys):
                            (["--scorer", "x:y", "--labels", "l.csv"], "give one of --scorer"),
                            (["--scorer", "no_such_reward:score"], "cannot be imported"),
                            (["--scorer", "pgv25.eval.shapes:preference", "--samples", "1"], "--samples must be at least 2"),
-                           (["--scorer", "pgv25.eval.shapes:preference", "--margin", "-1"], "--margin must be")]:
+                           (["--scorer", "pgv25.eval.shapes:preference", "--margin", "-1"], "--margin must be"),
+                           (["--scorer", "pgv25.eval.shapes:preference", "--steps", "0"], "--steps must be positive")]:
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
