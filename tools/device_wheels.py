@@ -3,6 +3,7 @@ benchmarks import, at the versions of constraints.txt, for its Python, into a fo
 
     python tools/device_wheels.py                       # .whl/, Python 3.12, CUDA 13.0 (the lent H100/H200 machines)
     python tools/device_wheels.py --no-8bit             # without bitsandbytes
+    python tools/device_wheels.py --no-float8           # without torchao (model.float8; 3.4 MB)
     # on the GPU machine:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 
@@ -72,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python")
     parser.add_argument("--cuda", default="130", help="the GPU machine's CUDA, as bitsandbytes names it (130: 13.0)")
     parser.add_argument("--no-8bit", action="store_true", help="leave bitsandbytes out")
+    parser.add_argument("--no-float8", action="store_true", help="leave torchao out")
     args = parser.parse_args(argv)
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
-    download(PACKAGES + ([] if args.no_8bit else ["bitsandbytes"]), dest, args.python)
+    download(PACKAGES + ([] if args.no_8bit else ["bitsandbytes"]) + ([] if args.no_float8 else ["torchao"]), dest, args.python)
     for wheel in dest.glob("bitsandbytes-*.whl"):
         before, after = slim(wheel, {"cpu", f"cuda{args.cuda}"})
         print(f"{wheel.name}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB (CPU and CUDA {args.cuda} libraries kept)")

@@ -26,6 +26,15 @@ Stages, each recorded in OUT/gpu_check.json as soon as it ends (a timeout keeps 
    `bf16_adafactor_fused` and `bf16_adamw8bit_fused` (bf16 weights, stochastic rounding, the update inside
    backward), `lora_fp32` and `lora_bf16` (a LoRA over an fp32 or a bf16 frozen UNet).
 
+9. generate_pgv25: `tools/bench_generate.py` on the export (the base with --skip train): 1024², 50 steps with CFG,
+   through pgv25's generate path with `pgv25 generate`'s GPU levers, then with its transformer blocks compiled.
+10. eval_generate: `pgv25 eval generate` on a small prompt file in MJHQ-30K's layout; images/s from the images'
+   write times once the first is out, and the hours MJHQ-30K's 30,000 images take on 8 such GPUs.
+
+Runner variants take a batch after '@' (`24gb@1`: the 24 GB config's levers at batch 1). `--skip train` leaves out
+stages 4-6 (the real path end to end, proven before) and runs the rest on the base: the lead in one call, with the
+summary table's row written to OUT/summary_row.md (docs/performance.md, "Next on a GPU").
+
 `--cfg-options` go to every run (e.g. `model.gradient_checkpointing=True export.dtype=bf16`); `--main-variant`
 gives the main run and its resume one variant's levers. The full fine-tune of the 2.6B UNet in ≤ 12 GiB, trained,
 checkpointed, killed, resumed and exported on a 24 GiB CPU machine (docs/performance.md):
@@ -62,6 +71,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(TOOLS))
 
 GIB = 2**30
+STAGES = ["train", "generate", "resume", "bench", "generate_pgv25", "eval_generate"]  # what --skip can leave out
 RATIOS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216)]
 # Cheap levers first: a budget cut-off then loses the compiled variants (a minute or more of compiling each).
 LEVER_VARIANTS = ["full", "full+cl", "full+bf16norm", "full+cudnn", "full+cl+bf16norm", "full+regional",
@@ -86,10 +96,28 @@ RUNNER_VARIANTS = {
     "bf16_adamw8bit_fused": ["model.trained_dtype=bf16", "optim_wrapper.optimizer.type=AdamW8bit",
                              "optim_wrapper.fused_backward=True", "optim_wrapper.clip_grad=None"],
     "lora_fp32": ["model.lora.enabled=True", "model.frozen_dtype=fp32"],
-    # FP8 (torchao) in the transformer blocks, against the same runner's bf16 (issue: speed and loss on Hopper)
-    "float8": ["model.float8=True"],
+    # FP8 (torchao) in the transformer blocks, against `cache`: the same runner, batches, σ and noise in bf16
+    "float8": ["train_dataloader.dataset.cache.enabled=True", "train_dataloader.num_workers=0", "model.float8=True"],
     "lora_bf16": ["model.lora.enabled=True", "model.frozen_dtype=bf16"],
+    # playgroundv2_5_pokemon_blip_24gb's levers (tested to match it): bf16 weights with stochastic rounding, 8-bit AdamW
+    # moments, the update inside backward; with '@1' or '@2' its batch
+    "24gb": ["model.trained_dtype=bf16", "optim_wrapper.optimizer.type=AdamW8bit", "optim_wrapper.rounding=stochastic",
+             "optim_wrapper.fused_backward=True", "optim_wrapper.clip_grad=None"],
 }
+
+
+def variant_options(name: str, cuda: bool) -> list[str]:
+    """A runner variant's options; on a CPU, FP8 runs torchao's emulation (the path, not its speed)."""
+    options = RUNNER_VARIANTS[name]
+    return options if cuda else [o.replace("model.float8=True", "model.float8=emulate") for o in options]
+
+
+def runner_variant(text: str) -> tuple[str, int | None]:
+    """'24gb@2' -> ('24gb', 2): a runner variant and the batch it runs at (None: --batch)."""
+    name, at, batch = text.partition("@")
+    if name not in RUNNER_VARIANTS or (at and not (batch.isdigit() and int(batch) > 0)):
+        raise argparse.ArgumentTypeError(f"{text!r}: one of {', '.join(sorted(RUNNER_VARIANTS))}, optionally with @BATCH")
+    return name, int(batch) if batch else None
 
 
 class Report:
@@ -153,7 +181,7 @@ def photo(args) -> None:
     photo_like((width, height), np.random.default_rng(seed)).save(path, quality=90)
 
 
-def stage_images(folder: Path, count: int, resolution: int) -> dict:
+def stage_images(folder: Path, count: int, resolution: int, ratios: list[tuple[int, int]] = RATIOS) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     import numpy as np
@@ -163,7 +191,7 @@ def stage_images(folder: Path, count: int, resolution: int) -> dict:
     colours, things = ["red", "blue", "green", "golden", "grey"], ["fox", "lighthouse", "teapot", "mountain", "bicycle"]
     jobs, rows = [], []
     for i in range(count):
-        w, h = RATIOS[i % len(RATIOS)]
+        w, h = ratios[i % len(ratios)]
         scale = resolution / 1024 * rng.uniform(1.0, 1.5)  # larger than the bucket: the loader resizes and crops
         name = f"{i:04d}.jpg"
         jobs.append((folder / name, int(w * scale), int(h * scale), i))
@@ -174,13 +202,14 @@ def stage_images(folder: Path, count: int, resolution: int) -> dict:
     return {"images": count, "gib": round(folder_gib(folder), 2)}
 
 
-def train_options(args, base: Path, images: Path, work: Path, max_iters: int, optimizer: str) -> list[str]:
+def train_options(args, base: Path, images: Path, work: Path, max_iters: int, optimizer: str,
+                  batch: int | None = None) -> list[str]:
     return [
         f"model.pretrained_model_name_or_path={base}",
         "train_dataloader.dataset.type=folder", f"train_dataloader.dataset.path={images}",
         "train_dataloader.dataset.image_column=file_name", "train_dataloader.dataset.caption_column=text",
         f"train_dataloader.dataset.resolution={args.resolution}", f"train_dataloader.dataset.cache_dir={work / 'cache'}",
-        f"train_dataloader.batch_size={args.batch}", f"train_dataloader.num_workers={args.workers}",
+        f"train_dataloader.batch_size={batch or args.batch}", f"train_dataloader.num_workers={args.workers}",
         f"train_cfg.max_iters={max_iters}", f"default_hooks.checkpoint.interval={args.checkpoint_at}",
         "default_hooks.logger.interval=1", "validation.interval=0", "sample_grid.prompts=[]",
         f"optim_wrapper.optimizer.type={optimizer}",
@@ -377,7 +406,8 @@ def stage_generate(export: Path, out_png: Path, steps: int, size: int, timeout: 
 
 def stage_bench(args, log: Path, timeout: float) -> dict:
     command = [sys.executable, str(TOOLS / "bench_train.py"), "--variants", *args.bench_variants, "--batch", str(args.batch),
-               "--size", f"{args.resolution}x{args.resolution}", "--steps", "5", "--warmup", "2", "--rounds", "1"]
+               "--size", f"{args.resolution}x{args.resolution}", "--steps", str(args.bench_steps), "--warmup",
+               str(args.bench_warmup), "--rounds", str(args.bench_rounds)]
     if args.small:
         command += ["--arch", "tiny", "--latent-factor", "4"]
     rows, start = [], time.time()
@@ -387,9 +417,11 @@ def stage_bench(args, log: Path, timeout: float) -> dict:
             for line in process.stdout:
                 out.write(line)
                 out.flush()
-                if line.startswith("{"):
+                if line.startswith("{"):  # a row (with rounds: each round's, then the medians)
                     rows.append(json.loads(line))
                     print("  bench:", line.strip(), flush=True)
+                elif line.startswith("round "):
+                    print("  bench", line.strip(), flush=True)
                 if time.time() - start > timeout:
                     raise TimeoutError
             process.wait()
@@ -403,54 +435,73 @@ def stage_bench(args, log: Path, timeout: float) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="where gpu_check.json, the logs and the image go")
-    p.add_argument("--work", help="where the base, images, work dirs go (default: the roomiest of /tmp, /root, .)")
-    p.add_argument("--budget", type=float, default=540, help="seconds for all stages; a stage that cannot fit is skipped")
-    p.add_argument("--small", action="store_true", help="a reduced model of the same layout (for trying this on a CPU)")
-    p.add_argument("--config", default="playgroundv2_5_pokemon_blip",
-                   help="a full fine-tune or a LoRA config (playgroundv2_5_lora_pokemon_blip: what fits a CPU at full size)")
-    p.add_argument("--runner-variants", nargs="*", default=[], choices=sorted(RUNNER_VARIANTS),
-                   help="more short runs of the whole runner (killed at their last iteration, nothing saved)")
-    p.add_argument("--resolution", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--images", type=int, default=160)
-    p.add_argument("--checkpoint-at", type=int, default=20)
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--steps", type=int, default=50, help="generation steps")
-    p.add_argument("--bpe", help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: from an installed open_clip)")
-    p.add_argument("--bench-variants", nargs="+", default=LEVER_VARIANTS)
-    p.add_argument("--skip", nargs="*", default=[], choices=["generate", "resume", "bench"])
-    p.add_argument("--cfg-options", nargs="+", default=[], help="KEY=VALUE for the main run and its resume (e.g. the levers "
-                   "of the ≤ 12 GiB full fine-tune: model.trained_dtype=bf16 optim_wrapper.fused_backward=True ...)")
-    p.add_argument("--main-variant", choices=sorted(RUNNER_VARIANTS), help="the levers of one runner variant for the main "
-                   "run and its resume (e.g. bf16_adafactor_fused: the full fine-tune that fits 16 GB)")
-    p.add_argument("--runner-iters", type=int, help="iterations of each runner variant (default: max(8, checkpoint-at / 2))")
-    args = p.parse_args(argv)
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def stage_generate_pgv25(model: Path, size: int, steps: int, images: int, timeout: float, log: Path) -> dict:
+    """Seconds per image through pgv25's generate path (tools/bench_generate.py): with `pgv25 generate`'s levers
+    (fused QKV, channels-last, cuDNN attention: its GPU default), then with its transformer blocks compiled
+    (`--compile`; the first image pays the compile)."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out).resolve()  # the generation subprocess runs in another folder
-    out.mkdir(parents=True, exist_ok=True)
-    candidates = [Path(c) for c in ("/tmp", "/root", ".") if Path(c).is_dir()]
-    work = Path(args.work).resolve() if args.work else max(candidates, key=free_gib).resolve() / "pgv25_gpu_check"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    report = Report(out, args.budget)
-    report.record("env", stage_env(work))
-    base, images = work / "base", work / "images"
-    start = time.time()
-    report.record("base", {**stage_base(base, device, args.small, args.bpe), "total_s": round(time.time() - start, 1)})
-    start = time.time()
-    report.record("images", {**stage_images(images, args.images, args.resolution), "seconds": round(time.time() - start, 1)})
+    cuda = torch.cuda.is_available()
+    command = [sys.executable, str(TOOLS / "bench_generate.py"), "--model", str(model), "--size", str(size), "--steps",
+               str(steps), "--images", str(images), "--variants", "levers", "levers+compile"]
+    if not cuda:  # inductor on a CPU takes minutes: the compiled path's code, not its speed
+        command += ["--compile-backend", "eager"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env())
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    log.write_text(done.stdout + done.stderr)
+    rows = {r["variant"]: r for r in json_lines(done.stdout)}
+    result = {f"{name}_s": round(r["seconds_per_image"], 3) for name, r in rows.items()}
+    result.update({f"{name}_first_s": round(r["first_image_s"], 2) for name, r in rows.items()}, size=size, steps=steps)
+    if done.returncode != 0 or len(rows) < 2:
+        result["error"] = f"exit {done.returncode}: {tail(log, 1)}"
+    return result
 
-    # Optimizer: AdamW, unless the disk cannot take one full checkpoint + export beside the base.
-    unet_params = report.data["stages"]["base"]["parameters"]["unet"]
-    adamw_gib = unet_params * (4 + 8 + 2) / GIB
-    optimizer = "AdamW" if free_gib(work) > 1.1 * adamw_gib else "Adafactor"
-    main_options = args.cfg_options + (RUNNER_VARIANTS[args.main_variant] if args.main_variant else [])
+
+MJHQ_IMAGES = 30_000
+
+
+def stage_eval_generate(model: Path, work: Path, size: int, steps: int, count: int, timeout: float, log: Path) -> dict:
+    """`pgv25 eval generate` on `count` prompts in MJHQ-30K's layout. Its images/s is read from the images' write
+    times once the first is out (loading and the first image's warm-up left out), and MJHQ-30K's 30,000 images on
+    8 such GPUs (one process each, `torchrun --nproc-per-node 8`: each GPU makes its own share) follow from it."""
+    categories = ["people", "animals", "food"]
+    prompts = {f"{i:03d}": {"category": categories[i % 3], "prompt": f"a photo of a {c} {t}, detailed"}
+               for i, (c, t) in enumerate((c, t) for c in ["red", "blue", "golden"] for t in ["fox", "teapot", "lighthouse"])}
+    prompts = dict(list(prompts.items())[:count])
+    meta, out = work / "eval_prompts.json", work / "eval_images"
+    meta.write_text(json.dumps(prompts))
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-c", PGV25, "eval", "generate", "--model", str(model), "--prompts", str(meta), "--out", str(out),
+               "--steps", str(steps), "--width", str(size), "--height", str(size)]
+    start = time.time()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env())
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    log.write_text(done.stdout + done.stderr)
+    stamps = sorted(f.stat().st_mtime for f in out.glob("*/*.png"))
+    result = {"images": len(stamps), "size": size, "steps": steps, "seconds": round(time.time() - start, 1)}
+    if done.returncode != 0 or len(stamps) != len(prompts):
+        result["error"] = f"exit {done.returncode}, {len(stamps)} of {len(prompts)} images: {tail(log, 1)}"
+    if len(stamps) >= 2 and stamps[-1] > stamps[0]:
+        rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        result.update(images_per_s=round(rate, 3), seconds_per_image=round(1 / rate, 2),
+                      mjhq30k_hours_on_8_gpus=round(MJHQ_IMAGES / (8 * rate) / 3600, 2))
+    return result
+
+
+def real_path(args, report: Report, base: Path, images: Path, work: Path, out: Path, optimizer: str) -> Path | None:
+    """Stages 4-6: train, kill, verify, generate with plain diffusers, resume. Returns the export (None: no checkpoint)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    main_options = args.cfg_options + (variant_options(args.main_variant, cuda) if args.main_variant else [])
     lora = "lora" in args.config or "model.lora.enabled=True" in main_options
     first = work / "run"
     result = run_train(args.config, train_options(args, base, images, work, args.iters, optimizer) + main_options, first,
@@ -458,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
                        timeout=max(60.0, report.left() - 60), kill_at=args.iters)
     rows = scalars(first)
     checkpoint = first / "checkpoints" / f"iter_{args.checkpoint_at:07d}"
-    result.update(optimizer=optimizer, logged_iterations=len(rows), **rates(rows, 2, args.checkpoint_at, args.batch),
+    result.update(optimizer=optimizer, variant=args.main_variant, batch=args.batch, logged_iterations=len(rows),
+                  **rates(rows, 2, args.checkpoint_at, args.batch),
                   checkpoint_gib=round(folder_gib(checkpoint), 2), export_gib=round(folder_gib(first / f"step{args.checkpoint_at}"), 2),
                   save_s=save_seconds(out / "train.log"), losses=[rows[i]["loss"] for i in sorted(rows)])
     if args.iters not in rows and not result.get("error"):
@@ -466,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     report.record("train", result)
     if not checkpoint.is_dir():
         report.record("verify", {"error": f"no checkpoint at {checkpoint}"})
-        return finish(report)
+        return None
     for leftover in (first / "checkpoints").glob(".iter_*.tmp*"):  # the save cut off by SIGKILL
         shutil.rmtree(leftover, ignore_errors=True)
     verify = subprocess.run([sys.executable, "-c", PGV25, "ckpt", "verify", str(checkpoint)], capture_output=True, text=True,
@@ -504,40 +556,185 @@ def main(argv: list[str] | None = None) -> int:
             result["error"] = f"{len(compared)} iterations compared; export written: {result['export_written']}"
         report.record("resume", result)
 
+    return export
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="where gpu_check.json, the logs and the image go")
+    p.add_argument("--work", help="where the base, images, work dirs go (default: the roomiest of /tmp, /root, .)")
+    p.add_argument("--budget", type=float, default=540, help="seconds for all stages; a stage that cannot fit is skipped")
+    p.add_argument("--small", action="store_true", help="a reduced model of the same layout (for trying this on a CPU)")
+    p.add_argument("--config", default="playgroundv2_5_pokemon_blip",
+                   help="a full fine-tune or a LoRA config (playgroundv2_5_lora_pokemon_blip: what fits a CPU at full size)")
+    p.add_argument("--runner-variants", nargs="*", default=[], type=runner_variant, metavar="VARIANT[@BATCH]",
+                   help=f"more short runs of the whole runner (killed at their last iteration, nothing saved): "
+                        f"{', '.join(sorted(RUNNER_VARIANTS))}")
+    p.add_argument("--runner-timeout", type=float, default=240, help="seconds for each runner variant at most")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--images", type=int, default=160)
+    p.add_argument("--square", action="store_true", help="square images only (one bucket: like for like with the bare "
+                   "step, no recompile per new bucket shape)")
+    p.add_argument("--checkpoint-at", type=int, default=20)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--steps", type=int, default=50, help="generation steps")
+    p.add_argument("--bpe", help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: from an installed open_clip)")
+    p.add_argument("--bench-variants", nargs="+", default=LEVER_VARIANTS)
+    p.add_argument("--bench-rounds", type=int, default=1, help="interleaved rounds (each row the median, with its spread)")
+    p.add_argument("--bench-steps", type=int, default=5)
+    p.add_argument("--bench-warmup", type=int, default=2)
+    p.add_argument("--bench-timeout", type=float, help="seconds for the bench at most (default: what the runners leave)")
+    p.add_argument("--eval-images", type=int, default=6, help="images for eval_generate (at most 9)")
+    p.add_argument("--skip", nargs="*", default=[], choices=STAGES)
+    p.add_argument("--cfg-options", nargs="+", default=[], help="KEY=VALUE for the main run and its resume (e.g. the levers "
+                   "of the ≤ 12 GiB full fine-tune: model.trained_dtype=bf16 optim_wrapper.fused_backward=True ...)")
+    p.add_argument("--main-variant", choices=sorted(RUNNER_VARIANTS), help="the levers of one runner variant for the main "
+                   "run and its resume (e.g. bf16_adafactor_fused: the full fine-tune that fits 16 GB)")
+    p.add_argument("--runner-iters", type=int, help="iterations of each runner variant (default: max(8, checkpoint-at / 2))")
+    args = p.parse_args(argv)
+    import torch
+
+    from pgv25.cli import quiet_libraries
+
+    quiet_libraries()  # the libraries' chatter (torchao's deprecation warnings, bitsandbytes' kernel lookup) off the log
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out).resolve()  # the generation subprocess runs in another folder
+    out.mkdir(parents=True, exist_ok=True)
+    candidates = [Path(c) for c in ("/tmp", "/root", ".") if Path(c).is_dir()]
+    work = Path(args.work).resolve() if args.work else max(candidates, key=free_gib).resolve() / "pgv25_gpu_check"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    report = Report(out, args.budget)
+    report.record("env", stage_env(work))
+    base, images = work / "base", work / "images"
+    start = time.time()
+    report.record("base", {**stage_base(base, device, args.small, args.bpe), "total_s": round(time.time() - start, 1)})
+    start = time.time()
+    ratios = [(1024, 1024)] if args.square else RATIOS
+    report.record("images", {**stage_images(images, args.images, args.resolution, ratios), "seconds": round(time.time() - start, 1)})
+
+    # Optimizer: AdamW, unless the disk cannot take one full checkpoint + export beside the base.
+    unet_params = report.data["stages"]["base"]["parameters"]["unet"]
+    adamw_gib = unet_params * (4 + 8 + 2) / GIB
+    optimizer = "AdamW" if free_gib(work) > 1.1 * adamw_gib else "Adafactor"
+    model = base  # what the generation stages load: the export of the main run when there is one
+    if "train" not in args.skip:
+        model = real_path(args, report, base, images, work, out, optimizer) or base
+
     # The bare steps before the runner variants: every runner figure is read against them.
+    runner_reserve = 90 * len(args.runner_variants) + 60 * sum(stage not in args.skip for stage in ("generate_pgv25", "eval_generate"))
     if "bench" not in args.skip and report.left() > 60:
-        report.record("bench", stage_bench(args, out / "bench.log", report.left() - 10 - 90 * len(args.runner_variants)))
-    for name in args.runner_variants:
+        timeout = args.bench_timeout or report.left() - 10 - runner_reserve
+        report.record("bench", stage_bench(args, out / "bench.log", min(timeout, report.left() - 10)))
+    for name, batch in args.runner_variants:
+        stage = f"runner_{name}" + (f"@{batch}" if batch else "")
         if report.left() < 90:
-            report.record(f"runner_{name}", {"error": "skipped: no time left"})
+            report.record(stage, {"error": "skipped: no time left"})
             continue
         iters = args.runner_iters or max(8, args.checkpoint_at // 2)
-        folder = work / f"runner_{name}"
-        result = run_train(args.config, train_options(args, base, images, work, iters, optimizer) + args.cfg_options + RUNNER_VARIANTS[name], folder,
-                           work / f"runner_{name}.log", timeout=report.left() - 30, kill_at=iters)  # $OUT takes 8 files
-        result.update(rates(scalars(folder), 3, iters, args.batch))
+        folder = work / stage.replace("@", "_b")
+        options = train_options(args, base, images, work, iters, optimizer, batch) + args.cfg_options + variant_options(name, device == "cuda")
+        result = run_train(args.config, options, folder, work / f"{folder.name}.log",  # $OUT takes 8 files
+                           timeout=min(args.runner_timeout, report.left() - 30), kill_at=iters)
+        rows = scalars(folder)
+        result.update(batch=batch or args.batch, **rates(rows, 3, iters, batch or args.batch),
+                      losses=[rows[i]["loss"] for i in sorted(rows)])
         shutil.rmtree(folder, ignore_errors=True)
-        report.record(f"runner_{name}", result)
+        report.record(stage, result)
 
+    # Generation through pgv25, on the export (or the base: random weights cost what trained ones do)
+    if "generate_pgv25" not in args.skip:
+        if report.left() > 60:
+            report.record("generate_pgv25", stage_generate_pgv25(model, args.resolution, args.steps, 2, report.left() - 20,
+                                                                 work / "generate_pgv25.log"))
+        else:
+            report.record("generate_pgv25", {"error": "skipped: no time left"})
+    if "eval_generate" not in args.skip:
+        if report.left() > 45:
+            report.record("eval_generate", stage_eval_generate(model, work, args.resolution, args.steps, args.eval_images,
+                                                               report.left() - 10, work / "eval_generate.log"))
+        else:
+            report.record("eval_generate", {"error": "skipped: no time left"})
     return finish(report)
+
+
+def bare_variant(stage: str) -> str:
+    """The bench row a runner stage is read against: the bare step with the same levers (the GPU defaults; none for
+    `eager`) and the same optimizer (the bench's `adamw8bit` row for the 8-bit runner)."""
+    name = stage.removeprefix("runner_").partition("@")[0]
+    return {"eager": "full", "adamw8bit": DEFAULTS_VARIANT.replace("full", "adamw8bit", 1)}.get(name, DEFAULTS_VARIANT)
+
+
+def runner_ratios(stages: dict) -> dict:
+    """Each runner's images/s over its bare step's, at the bench's batch (other batches have no bare step here)."""
+    rows = {r["variant"]: r for r in stages.get("bench", {}).get("rows", []) if "images_per_s" in r}
+    ratios = {}
+    for stage, result in stages.items():
+        if stage != "train" and not stage.startswith("runner_"):
+            continue
+        row, rate = rows.get(bare_variant(stage)), result.get("images_per_s_median")
+        if rate and row and result.get("batch", row["batch"]) == row["batch"]:
+            ratios[f"{stage} / {row['variant']}"] = round(rate / row["images_per_s"], 3)
+    return ratios
+
+
+def float8_against_bf16(stages: dict) -> dict | None:
+    """FP8's runner against the bf16 one over the same steps (same seed: the same batches, σ and noise): speed, and
+    each logged loss's relative difference."""
+    fp8, bf16 = stages.get("runner_float8", {}), stages.get("runner_cache", {})
+    if not (fp8.get("images_per_s_median") and bf16.get("images_per_s_median")):
+        return None
+    pairs = list(zip(fp8.get("losses", []), bf16.get("losses", [])))
+    diffs = [abs(a - b) / max(abs(b), 1e-12) for a, b in pairs]
+    return {"speed_ratio": round(fp8["images_per_s_median"] / bf16["images_per_s_median"], 3), "compared_losses": len(pairs),
+            "max_relative_loss_difference": round(max(diffs), 4) if diffs else None,
+            "median_relative_loss_difference": round(statistics.median(diffs), 4) if diffs else None}
+
+
+def summary_row(data: dict, date: str) -> str:
+    """docs/performance.md's summary row for this call: | card | date | full FT images/s | batch | × reference |
+    runner ÷ bare step | 24 GB runner peak GiB | generation s |, blank where this call measured nothing."""
+    stages = data["stages"]
+    card = (stages.get("env", {}).get("gpu") or "CPU").removeprefix("NVIDIA ")
+    row = next((r for r in stages.get("bench", {}).get("rows", []) if r.get("variant") == DEFAULTS_VARIANT and "images_per_s" in r), None)
+    cells = [card, date, "", "", "", "", "", ""]
+    if row:
+        rounds = row.get("rounds", 1)
+        spread = f" ({rounds} rounds, spread {row['spread']:.0%})" if rounds > 1 else " (1 round)"
+        cells[2], cells[3] = f"{row['images_per_s']:.2f}{spread}", str(row["batch"])
+        if "speedup_vs_reference" in row:
+            cells[4] = f"{row['speedup_vs_reference']:.2f}"
+    ratios = data.get("runner_vs_bare_step") or {}
+    runner = next((f"{v:.2f} ({k.split(' /')[0].removeprefix('runner_')})" for k, v in ratios.items()
+                   if k.startswith(("runner_cache ", "train "))), "")
+    cells[5] = runner
+    small = [(stage, r) for stage, r in stages.items() if r.get("gpu_peak_gib") and not r.get("error")
+             and (stage.startswith("runner_24gb") or (stage == "train" and r.get("variant") == "24gb"))]
+    if small:
+        stage, r = min(small, key=lambda item: item[1]["batch"])
+        planned = f", planned {r['planned_gib']:.1f}" if r.get("planned_gib") else ""
+        cells[6] = f"{r['gpu_peak_gib']:.1f} (batch {r['batch']}{planned})"
+    generation = stages.get("generate_pgv25", {})
+    if generation.get("levers_s"):
+        compiled = f"; {generation['levers+compile_s']:.2f} compiled" if generation.get("levers+compile_s") else ""
+        cells[7] = f"{generation['levers_s']:.2f} (pgv25 generate{compiled})"
+    return "| " + " | ".join(cells) + " |"
 
 
 def finish(report: Report) -> int:
     data = report.data
-    bench = data["stages"].get("bench", {})
-    steps = {r["variant"]: r["images_per_s"] for r in bench.get("rows", []) if "images_per_s" in r}
-    ratios = {}
-    for stage in ["train", *(f"runner_{name}" for name in RUNNER_VARIANTS)]:
-        # like for like: each runner against the bare step with the same levers (the GPU defaults; none for `eager`)
-        # and the same optimizer (the bench's `adamw8bit` row for the 8-bit runner)
-        variant = {"runner_eager": "full", "runner_adamw8bit": DEFAULTS_VARIANT.replace("full", "adamw8bit", 1)}.get(
-            stage, DEFAULTS_VARIANT)
-        rate = data["stages"].get(stage, {}).get("images_per_s_median")
-        if rate and variant in steps:
-            ratios[f"{stage} / {variant}"] = round(rate / steps[variant], 3)
+    ratios = runner_ratios(data["stages"])
     if ratios:
         data["runner_vs_bare_step"] = ratios
-    report.record("summary", {"failures": data["failures"], "runner_vs_bare_step": data.get("runner_vs_bare_step")})
+    float8 = float8_against_bf16(data["stages"])
+    if float8:
+        data["float8_vs_bf16"] = float8
+    row = summary_row(data, time.strftime("%Y-%m-%d", time.gmtime()))
+    (report.out / "summary_row.md").write_text(row + "\n")
+    report.record("summary", {"failures": data["failures"], "runner_vs_bare_step": data.get("runner_vs_bare_step"),
+                              "float8_vs_bf16": float8, "summary_row": row})
     return 1 if data["failures"] else 0
 
 

@@ -1,7 +1,11 @@
 """FP8 training of the UNet's transformer blocks (`model.float8`), with torchao's float8 linear layers.
 
-The attention projections (to_q, to_k, to_v, to_out.0) and the feed-forward projections (ff.net.0.proj, ff.net.2) of
-every BasicTransformerBlock carry most of the step's FLOPs at 1024². torchao's `Float8Linear` casts each matmul's
+The attention projections of the image tokens (self-attention's to_q, to_k, to_v, to_out.0; cross-attention's to_q and
+to_out.0) and the feed-forward projections (ff.net.0.proj, ff.net.2) of every BasicTransformerBlock carry most of the
+step's FLOPs at 1024². Cross-attention's to_k and to_v stay in bf16: they project the 77 text tokens (about 1% of a
+block's FLOPs), and float8's matmul needs its inner dimension a multiple of 16, which the weight gradient's
+batch × 77 rows are not. Odd latent sizes in the lower blocks (a 1088-pixel side: 34 latent rows at 1/4) are padded
+with zeros to that multiple (`pad_inner_dim`): exact, a copy of the float8 data. torchao's `Float8Linear` casts each matmul's
 input and weight to float8 (e4m3, one scale per tensor) and the output gradient to e5m2, computes in float8 on
 Hopper (H100/H200; compute capability 8.9 or more), and keeps the weights and optimizer state as they were. The
 parameter names do not change, so checkpoints, resume and exports are those of the plain UNet.
@@ -22,8 +26,8 @@ import torch
 from ..errors import UserError
 
 logger = logging.getLogger("pgv25")
-TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
-           "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0", "ff.net.0.proj",
+           "ff.net.2")
 HOPPER = (8, 9)  # float8 tensor cores
 
 
@@ -57,7 +61,7 @@ def enable_float8(unet: torch.nn.Module, setting: str, device: torch.device) -> 
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
         raise UserError("model.float8 needs torchao: pip install \"pgv25[float8]\" (or pip install torchao)") from None
-    config = Float8LinearConfig(emulate=setting == "emulate")
+    config = Float8LinearConfig(emulate=setting == "emulate", pad_inner_dim=True)
     before = sum(1 for name, module in unet.named_modules() if targeted(module, name))
     convert_to_float8_training(unet, module_filter_fn=lambda module, name: targeted(module, name), config=config)
     logger.info("model.float8: %d linear layers of the transformer blocks in float8%s", before,

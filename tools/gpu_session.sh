@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# What a lent GPU measures next (docs/performance.md, "Next on a GPU"), as calls of the device tool that fit its
+# 15 minutes: each call ≤ 8 minutes, its results written under $OUT stage by stage, the most wanted first.
+#
+#   here, once:     python tools/device_wheels.py       # .whl/: diffusers, transformers, ..., bitsandbytes, torchao
+#   device call 1:  bash tools/gpu_session.sh 1          # carry .whl, timeout_s 540
+#   device call 2:  bash tools/gpu_session.sh 2          # if device time is left (timeout_s: what is left, less a minute)
+#   on a CPU:       OUT=/tmp/s bash tools/gpu_session.sh 1 --small --resolution 256 --batch 2 --runner-iters 4 ...
+#
+# Call 1: the bare step against the reference at batch 4, 1024² (three interleaved rounds, median and spread), the
+# default runner (latent cache) against it, FP8 against that runner over the same steps, the 24 GB config at batch 1
+# with the planner's prediction, `pgv25 generate` with its levers (and compiled), `pgv25 eval generate`'s images/s.
+# OUT/summary_row.md is docs/performance.md's summary row for the call.
+# Call 2: the 24 GB config trained, checkpointed, killed and resumed with the compiled GPU defaults at batch 1, then
+# at batches 2 and 3 (the largest within 22 GiB); 8-bit AdamW at batch 8 with the reference beside it.
+# Extra arguments go to gpu_check.py after the call's own (argparse keeps the last value given).
+set -uo pipefail
+: "${OUT:?OUT: the folder the results go to}"
+call=${1:-1}
+shift || true
+if [ -d .whl ]; then  # the GPU machine has torch and nothing else we import
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+python=$(command -v python3 || command -v python)
+case "$call" in
+1)
+    "$python" tools/gpu_check.py --out "$OUT" --budget 430 --skip train --square --images 64 \
+        --bench-variants full full+cl+cudnn+regional --bench-rounds 3 --bench-steps 8 --bench-warmup 2 --bench-timeout 170 \
+        --runner-variants cache float8 24gb@1 --runner-iters 12 --runner-timeout 110 "$@" 2>&1 | tee "$OUT/gpu_check.log"
+    ;;
+2)
+    "$python" tools/gpu_check.py --out "$OUT" --budget 330 --main-variant 24gb --batch 1 --square --images 32 \
+        --iters 6 --checkpoint-at 3 --skip generate bench generate_pgv25 eval_generate \
+        --runner-variants 24gb@2 24gb@3 --runner-iters 8 --runner-timeout 90 "$@" 2>&1 | tee "$OUT/gpu_check.log"
+    if "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then  # full size: a GPU's work
+        "$python" tools/bench_train.py --variants adamw8bit adamw8bit+cl+cudnn+regional --batch 8 --size 1024x1024 \
+            --steps 6 --warmup 2 --rounds 1 --json "$OUT/bench_batch8.json" 2>&1 | tail -n 20
+    fi
+    ;;
+*)
+    echo "gpu_session.sh: the call is 1 or 2, got '$call'" >&2
+    exit 2
+    ;;
+esac
