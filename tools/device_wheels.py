@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 # What pgv25 and the tools import beyond torch, numpy, PIL and safetensors (already on the GPU machine).
 PACKAGES = ["diffusers", "transformers", "peft", "mmengine", "yapf", "termcolor", "addict", "platformdirs", "datasets",
             "dill", "multiprocess", "open_clip_torch"]
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64"]
 NATIVE = re.compile(r"bitsandbytes/libbitsandbytes_(\w+)\.so$")
 
 
@@ -40,9 +42,11 @@ def pinned(name: str) -> str:
 
 
 def download(names: list[str], dest: Path, python: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--platform", "manylinux_2_28_x86_64", "--python-version", python, "--dest", str(dest),
-                    *map(pinned, names)], check=True)
+    # every manylinux tag the GPU machine's glibc (2.39) takes: an older pip matches --platform exactly
+    # (bitsandbytes 0.50.2 is tagged manylinux_2_24 only)
+    platforms = [arg for tag in PLATFORMS for arg in ("--platform", tag)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", *platforms,
+                    "--python-version", python, "--dest", str(dest), *map(pinned, names)], check=True)
 
 
 def record_hash(data: bytes) -> str:
