@@ -132,6 +132,7 @@ def build_cache(plan: DataPlan, data_cfg: dict, folder: Path, codec, conditioner
     latents = _ShardWriter(work, f"latents-r{rank}")
     positions = np.arange(rank, len(plan.index), world_size)
     file_of, problems = {}, []
+    encode = SliceEncoder(codec, device)  # one for the build: a slice halved for want of memory stays halved
     for bucket in range(len(plan.sizes)):  # one bucket at a time: a batch shares one shape
         mine = positions[plan.bucket_of[positions] == bucket]
         for chunk in np.array_split(mine, max(1, -(-len(mine) // options["batch_size"]))):
@@ -149,7 +150,7 @@ def build_cache(plan: DataPlan, data_cfg: dict, folder: Path, codec, conditioner
             if not kept:
                 continue
             per_sample = (len(flips), 2) if plan.rows.pairs else (len(flips),)
-            encoded = encode_in_slices(codec, torch.stack(pixels), device).to(dtype)
+            encoded = encode(torch.stack(pixels)).to(dtype)
             stacked_weights = None
             if weights:  # averaged over each latent pixel's patch: what the loss weighs the latent with
                 stacked_weights = F.interpolate(torch.stack(weights).float(), size=encoded.shape[-2:], mode="area")
@@ -305,11 +306,45 @@ class CachedLatentDataset(torch.utils.data.Dataset):
 ENCODE_PIXELS_PER_CALL = 4 * 1024 * 1024
 
 
+class SliceEncoder:
+    """Posterior means of stacks of same-size images, at most `pixels_per_call` pixels per VAE call (each image is
+    encoded on its own: the slices change nothing but peak memory).
+
+    A GPU that runs out of memory in a call (a 12 GB card: 4 Mpx take about 10 GiB in fp32) gets the slice halved and
+    the call made again, down to one image per call, and keeps the smaller slice for the rest of the build: the
+    build goes on, a little slower, instead of failing halfway. One image that does not fit is one line."""
+
+    def __init__(self, codec, device, pixels_per_call: int = ENCODE_PIXELS_PER_CALL):
+        self.codec, self.device, self.pixels_per_call = codec, device, pixels_per_call
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        height, width = pixels.shape[-2:]
+        per_call = max(1, self.pixels_per_call // (width * height))
+        encoded, start = [], 0
+        while start < len(pixels):
+            part = pixels[start : start + per_call]
+            try:
+                encoded.append(self.codec.encode_mean(part.to(self.device)).cpu())
+                start += len(part)
+                continue
+            except torch.OutOfMemoryError:
+                pass  # out of the handler first: its traceback holds the failed call's activations
+            if len(part) == 1:
+                raise UserError(f"the VAE cannot encode one {width}×{height} image in the memory free on {self.device}: "
+                                "build the latent cache on a larger GPU (pgv25 data cache CONFIG), or lower "
+                                "train_dataloader.dataset.resolution") from None
+            per_call = max(1, len(part) // 2)
+            self.pixels_per_call = per_call * width * height
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("the VAE ran out of memory on %s encoding %d images of %d×%d at once; going on with %d per call",
+                           self.device, len(part), width, height, per_call)
+        return torch.cat(encoded)
+
+
 def encode_in_slices(codec, pixels: torch.Tensor, device, pixels_per_call: int = ENCODE_PIXELS_PER_CALL) -> torch.Tensor:
-    """Posterior means of a stack of same-size images, at most `pixels_per_call` pixels per VAE call (each
-    image is encoded on its own: the slices change nothing but peak memory)."""
-    per_call = max(1, pixels_per_call // (pixels.shape[-1] * pixels.shape[-2]))
-    return torch.cat([codec.encode_mean(part.to(device)).cpu() for part in pixels.split(per_call)])
+    """One stack through a SliceEncoder of its own."""
+    return SliceEncoder(codec, device, pixels_per_call)(pixels)
 
 
 def ensure_cache(plan: DataPlan, data_cfg: dict, model_name: str, seed: int, device, encoder_dtype=torch.float32,

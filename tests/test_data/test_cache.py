@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pgv25.data import cache as cache_module
-from pgv25.data.cache import CachedLatentDataset, encode_in_slices, ensure_cache
+from pgv25.data.cache import CachedLatentDataset, SliceEncoder, encode_in_slices, ensure_cache
 from pgv25.data.dataset import collate, plan_data
 from pgv25.data.transforms import BucketTransform, decode
 from pgv25.errors import UserError
@@ -139,3 +139,41 @@ def test_large_stacks_are_encoded_in_slices(tiny_pipeline):
     assert calls[1:] == [3, 3, 1]  # three images per call, the rest in the last
     # each image is encoded on its own either way: only the batch size of the convolutions differs
     assert torch.allclose(sliced, whole, atol=1e-5, rtol=1e-5)
+
+
+class OutOfMemoryAbove:
+    """A codec whose device holds at most `most` images per call: more raise the CUDA allocator's error."""
+
+    def __init__(self, codec, most: int):
+        self.codec, self.most, self.calls = codec, most, []
+
+    def encode_mean(self, pixels):
+        self.calls.append(len(pixels))
+        if len(pixels) > self.most:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.50 GiB")
+        return self.codec.encode_mean(pixels)
+
+
+def test_a_vae_out_of_memory_halves_the_slice_for_the_rest_of_the_build(tiny_pipeline, caplog):
+    codec = LatentCodec(tiny_pipeline.vae)
+    pixels = torch.rand(7, 3, 64, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole = codec.encode_mean(pixels)
+    small = OutOfMemoryAbove(codec, most=2)
+    encode = SliceEncoder(small, "cpu")
+    with caplog.at_level("WARNING", logger="pgv25"):
+        first = encode(pixels)
+    # all 7 at once fail, then 3, then one image per call; the same means as one call
+    assert small.calls == [7, 3, 1, 1, 1, 1, 1, 1, 1]
+    assert torch.allclose(first, whole, atol=1e-5, rtol=1e-5)
+    warnings = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
+    assert len(warnings) == 2 and "going on with 3 per call" in warnings[0]
+    # the next stack of the build starts at the smaller slice: no failed call again
+    small.calls.clear()
+    assert torch.allclose(encode(pixels[:4]), whole[:4], atol=1e-5, rtol=1e-5)
+    assert small.calls == [1, 1, 1, 1]
+
+
+def test_one_image_the_vae_cannot_hold_is_one_line(tiny_pipeline):
+    pixels = torch.rand(2, 3, 64, 48) * 2 - 1
+    with pytest.raises(UserError, match=r"cannot encode one 48×64 image in the memory free on cpu: build the latent cache on a larger GPU"):
+        SliceEncoder(OutOfMemoryAbove(LatentCodec(tiny_pipeline.vae), most=0), "cpu")(pixels)
