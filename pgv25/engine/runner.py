@@ -224,10 +224,25 @@ class Trainer:
         return result
 
     def _validate(self) -> None:
-        """Validation samples on rank 0 (the others wait for it at the next step's all-reduce)."""
-        if self.validation.enabled and self.accelerator.is_main_process:  # with the weights an export would hold
-            with eval_weights(self.optim.optimizer.optimizer, self.optim.trained_params):
+        """Validation samples on rank 0 (the others wait for it at the next step's all-reduce).
+
+        Samples are a view of training, not training: on a card that holds the training step but not the pipeline
+        beside it (the VAE decoding 1024² in fp32 takes gigabytes), running out of memory turns them off for the
+        rest of the run with a line instead of ending the run."""
+        if not (self.validation.enabled and self.accelerator.is_main_process):
+            return
+        try:
+            with eval_weights(self.optim.optimizer.optimizer, self.optim.trained_params):  # the weights an export holds
                 self.validation.run(self.iteration, self.accelerator.trackers, exported=self.export_ema)
+            return
+        except torch.OutOfMemoryError:
+            pass  # out of the handler first: its traceback holds the sampler's activations
+        self.validation.interval = 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.warning("validation samples at iteration %d ran out of memory on %s; training goes on without them "
+                       "(fewer validation.prompts, a smaller validation.width/height, or validation.interval=0 avoid it)",
+                       self.iteration, self.device)
 
     def _measure(self) -> None:
         """The held-out loss (a collective), with the weights an export would hold."""
@@ -367,5 +382,16 @@ def train(cfg, resume: str | bool | None = None, allow_config_change: bool = Fal
     trainer = Trainer(cfg, resume, allow_config_change)
     result = trainer.run()
     if result.step_dir is not None and not result.stopped_by:
-        result.grid = trainer.sample_grid(result.step_dir)
+        trainer.optim.optimizer.zero_grad(set_to_none=True)  # what the grid's pipeline may need on a small card
+        try:
+            result.grid = trainer.sample_grid(result.step_dir)
+            return result
+        except torch.OutOfMemoryError:
+            pass  # out of the handler first: its traceback holds the pipeline's activations
+        if trainer.device.type == "cuda":
+            torch.cuda.empty_cache()
+        # the run is done and exported: the grid is a look at it, made later from the export
+        lora = f"--model {trainer.base_folder} --lora {result.step_dir}" if trainer.lora is not None else f"--model {result.step_dir}"
+        logger.warning("the sample grid ran out of memory on %s beside the trainer's state; the export is complete: "
+                       "pgv25 generate %s --prompt ... --out samples.png makes it", trainer.device, lora)
     return result

@@ -68,6 +68,51 @@ def test_validation_grid_is_in_tensorboard(tiny_assets, tmp_path):
     assert [e.step for e in events.Images("validation")] == [0, 4]
 
 
+def test_validation_that_runs_out_of_memory_is_turned_off_not_fatal(tiny_assets, tmp_path, monkeypatch, caplog):
+    """A card that holds the training step but not the sampling pipeline beside it: the run goes on, with a line."""
+    from pgv25.engine.validation import ValidationSampler
+
+    made = ValidationSampler._images
+    calls = []
+
+    def short_of_memory(self):
+        calls.append(self.unet.training)
+        if len(calls) == 2:  # the grid at iteration 2 (with EMA: its first half)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+        return made(self)
+
+    monkeypatch.setattr(ValidationSampler, "_images", short_of_memory)
+    with caplog.at_level("WARNING", logger="pgv25"):
+        result = train(tiny_cfg(tmp_path, *OPTIONS, "validation.interval=2", "ema.enabled=False"))
+    assert result.iteration == 4 and (result.step_dir / "unet").is_dir()
+    assert [p.name for p in (tmp_path / "validation").glob("*.png")] == ["iter_0000000.png"]  # none after the failure
+    assert calls == [False, False]  # sampled in eval mode, twice, then never again
+    warnings = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
+    assert len(warnings) == 1 and "validation samples at iteration 2 ran out of memory on cpu; training goes on" in warnings[0]
+    assert losses(tmp_path) == losses_without_validation(tiny_assets, tmp_path / "plain")  # training untouched
+
+
+def test_a_final_sample_grid_short_of_memory_leaves_the_finished_export_and_a_command(tiny_assets, tmp_path, monkeypatch, caplog):
+    from pgv25.engine import saving
+
+    def short_of_memory(trainer, step_dir):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(saving, "sample_grid", short_of_memory)
+    options = [o for o in OPTIONS if not o.startswith(("sample_grid", "train_cfg"))]
+    with caplog.at_level("WARNING", logger="pgv25"):
+        result = train(tiny_cfg(tmp_path, *options, "train_cfg.max_iters=2", "sample_grid.prompts=[a red circle]",
+                                "ema.enabled=False"))
+    assert result.grid is None and (result.step_dir / "model_index.json").is_file()
+    warnings = [r.getMessage() for r in caplog.records if "sample grid ran out of memory" in r.getMessage()]
+    assert len(warnings) == 1 and f"pgv25 generate --model {result.step_dir} --prompt" in warnings[0]
+
+
+def losses_without_validation(tiny_assets, work):
+    train(tiny_cfg(work, *OPTIONS, "ema.enabled=False"))
+    return losses(work)
+
+
 def test_prompt_lists_are_checked_before_anything_loads(tmp_path):
     import pytest
 
