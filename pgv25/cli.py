@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -134,26 +135,18 @@ def cmd_generate(args) -> int:
         raise UserError(f"cannot write to {out.parent}: {error.strerror or error}") from None
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"cannot write to {out.parent}: permission denied")
-    if args.eager and args.compile:
-        raise UserError("--eager and --compile exclude each other: --eager is the plain pipeline")
+    check_speed_options(args)
     pipe = load_pipeline(args.model, args.scheduler, lora=args.lora)
     levers = speed_levers(str(pipe.device), args.eager, args.compile, lora=args.lora is not None)
     if levers:  # on a GPU: fused QKV, channels-last, cuDNN attention first (see --help); --compile anywhere
         apply_speed_levers(pipe, levers)
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[args.scheduler]
     prompts = args.prompt
-    from torch._dynamo.exc import TorchDynamoException
-    from torch._inductor.exc import InductorError
-
-    try:
+    with compile_errors_named("compile" in levers):
         images = generate(
             pipe, prompts, seed=args.seed, steps=args.steps, guidance_scale=guidance, negative_prompt=args.negative_prompt,
             width=args.width, height=args.height, num_images=args.num_images,
         )
-    except (TorchDynamoException, InductorError) as error:  # e.g. no C++ compiler for inductor on this machine
-        if "compile" not in levers:
-            raise
-        raise UserError(f"--compile failed ({str(error).strip().splitlines()[0][:200]}); run without --compile") from None
     labels = [p for p in prompts for _ in range(args.num_images)]
     for path in write_outputs(images, labels, out):
         print(path)
@@ -182,11 +175,45 @@ def generate_image_set(args, prompts, folder: Path) -> dict:
         return {"asked": len(prompts), "mine": len(mine), "made": 0, "present": len(mine)}
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(args.model, args.scheduler, device=device, lora=args.lora)
-    levers = speed_levers(device, args.eager, False, lora=args.lora is not None)
+    levers = speed_levers(device, args.eager, args.compile, lora=args.lora is not None)
     if levers:
         apply_speed_levers(pipe, levers)
-    return generate_images(pipe, prompts, folder, args.seed, args.steps, guidance, args.negative_prompt, args.width,
-                           args.height, rank, world_size)
+    with compile_errors_named("compile" in levers):
+        return generate_images(pipe, prompts, folder, args.seed, args.steps, guidance, args.negative_prompt, args.width,
+                               args.height, rank, world_size, batch_size=args.batch_size)
+
+
+@contextlib.contextmanager
+def compile_errors_named(compiling: bool):
+    """A failed torch.compile (no C++ compiler for inductor on this machine, say) is one line naming --compile."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    try:
+        yield
+    except (TorchDynamoException, InductorError) as error:
+        if not compiling:
+            raise
+        from .data.tables import first_line
+
+        raise UserError(f"--compile failed ({first_line(error)[:200]}); run without --compile") from None
+
+
+def add_speed_options(parser, batching: bool = True) -> None:
+    """--eager and --compile (and --batch-size for image sets), as `pgv25 generate` has them."""
+    parser.add_argument("--eager", action="store_true",
+                        help="the plain pipeline: no fused QKV, channels-last or cuDNN attention (on by default on a GPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet's transformer blocks: about 10 s once per image size (and batch), then "
+                             "faster (pays after about 6 images at 1024² on an H200)")
+    if batching:
+        parser.add_argument("--batch-size", type=int, default=1,
+                            help="prompts per pipeline call, each with its own seed (the same images up to rounding)")
+
+
+def check_speed_options(args) -> None:
+    if args.eager and args.compile:
+        raise UserError("--eager and --compile exclude each other: --eager is the plain pipeline")
 
 
 def check_positive(args, names: tuple[str, ...]) -> None:
@@ -201,7 +228,8 @@ def cmd_eval_generate(args) -> int:
     from .eval.generation import SETTINGS, world
     from .eval.prompts import read_prompts
 
-    check_positive(args, ("steps", "width", "height", "per_category"))
+    check_positive(args, ("steps", "width", "height", "per_category", "batch_size"))
+    check_speed_options(args)
     out = Path(args.out)
     counts = generate_image_set(args, read_prompts(args.prompts, args.per_category), out)
     if world()[0] == 0:
@@ -332,7 +360,8 @@ def cmd_data_pairs(args) -> int:
     from .eval.generation import world
     from .eval.prompts import read_prompts
 
-    check_positive(args, ("steps", "width", "height"))
+    check_positive(args, ("steps", "width", "height", "batch_size"))
+    check_speed_options(args)
     score, options = pairs_scorer(args)
     samples = sp.sample_prompts(read_prompts(args.prompts), args.samples)
     rank, world_size, _ = world()
@@ -477,11 +506,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--out", required=True, help="output PNG (a labelled grid when several images)")
-    g.add_argument("--eager", action="store_true",
-                   help="the plain pipeline: no fused QKV, channels-last or cuDNN attention (on by default on a GPU)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet's transformer blocks: about 10 s once per image size, then faster "
-                        "(pays after about 6 images at 1024² on an H200)")
+    add_speed_options(g, batching=False)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="measure a trained model automatically")
@@ -515,7 +540,7 @@ def parser() -> argparse.ArgumentParser:
     eg.add_argument("--negative-prompt")
     eg.add_argument("--scheduler", default="native", choices=["native", "dpmpp", "euler"],
                     help="native: the export's own sampler (EDM DPM++ for Playground v2.5)")
-    eg.add_argument("--eager", action="store_true", help="the plain pipeline (no fused QKV, channels-last, cuDNN attention)")
+    add_speed_options(eg)
     eg.set_defaults(func=cmd_eval_generate)
     ef = esub.add_parser("fid", help="FID, KID and CLIP score of image sets against a reference set (MJHQ-30K or any "
                                      "folder), overall and per category, side by side")
@@ -574,7 +599,7 @@ def parser() -> argparse.ArgumentParser:
     dp.add_argument("--height", type=int)
     dp.add_argument("--negative-prompt")
     dp.add_argument("--scheduler", default="native", choices=["native", "dpmpp", "euler"])
-    dp.add_argument("--eager", action="store_true", help="the plain pipeline (no fused QKV, channels-last, cuDNN attention)")
+    add_speed_options(dp)
     dp.set_defaults(func=cmd_data_pairs)
     di = dsub.add_parser("inspect", help="scan the dataset: usable images, excluded rows, bucket histogram (PNG)")
     di.add_argument("config")

@@ -466,19 +466,22 @@ def stage_generate_pgv25(model: Path, size: int, steps: int, images: int, timeou
 MJHQ_IMAGES = 30_000
 
 
-def stage_eval_generate(model: Path, work: Path, size: int, steps: int, count: int, timeout: float, log: Path) -> dict:
-    """`pgv25 eval generate` on `count` prompts in MJHQ-30K's layout. Its images/s is read from the images' write
-    times once the first is out (loading and the first image's warm-up left out), and MJHQ-30K's 30,000 images on
-    8 such GPUs (one process each, `torchrun --nproc-per-node 8`: each GPU makes its own share) follow from it."""
-    categories = ["people", "animals", "food"]
-    prompts = {f"{i:03d}": {"category": categories[i % 3], "prompt": f"a photo of a {c} {t}, detailed"}
-               for i, (c, t) in enumerate((c, t) for c in ["red", "blue", "golden"] for t in ["fox", "teapot", "lighthouse"])}
-    prompts = dict(list(prompts.items())[:count])
+def stage_eval_generate(model: Path, work: Path, size: int, steps: int, count: int, timeout: float, log: Path,
+                        batch: int = 1, compile_blocks: bool = False) -> dict:
+    """`pgv25 eval generate` on `count` prompts in MJHQ-30K's layout, `batch` prompts per pipeline call. Its images/s
+    is read from the images' write times once the first batch is out (loading, the warm-up and any compile left out),
+    and MJHQ-30K's 30,000 images on 8 such GPUs (one process each, `torchrun --nproc-per-node 8`: each GPU makes its
+    own share) follow from it."""
+    categories, colours = ["people", "animals", "food"], ["red", "blue", "golden", "green"]
+    things = ["fox", "teapot", "lighthouse", "bicycle"]
+    prompts = {f"{i:03d}": {"category": categories[i % 3], "prompt": f"a photo of a {colours[i % 4]} {things[i // 4 % 4]}, detailed"}
+               for i in range(count)}
     meta, out = work / "eval_prompts.json", work / "eval_images"
     meta.write_text(json.dumps(prompts))
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-c", PGV25, "eval", "generate", "--model", str(model), "--prompts", str(meta), "--out", str(out),
-               "--steps", str(steps), "--width", str(size), "--height", str(size)]
+               "--steps", str(steps), "--width", str(size), "--height", str(size), "--batch-size", str(batch)]
+    command += ["--compile"] if compile_blocks else []
     start = time.time()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env())
@@ -486,11 +489,12 @@ def stage_eval_generate(model: Path, work: Path, size: int, steps: int, count: i
         return {"error": f"timed out after {timeout:.0f} s"}
     log.write_text(done.stdout + done.stderr)
     stamps = sorted(f.stat().st_mtime for f in out.glob("*/*.png"))
-    result = {"images": len(stamps), "size": size, "steps": steps, "seconds": round(time.time() - start, 1)}
+    result = {"images": len(stamps), "size": size, "steps": steps, "batch": batch, "compiled": compile_blocks,
+              "seconds": round(time.time() - start, 1)}
     if done.returncode != 0 or len(stamps) != len(prompts):
         result["error"] = f"exit {done.returncode}, {len(stamps)} of {len(prompts)} images: {tail(log, 1)}"
-    if len(stamps) >= 2 and stamps[-1] > stamps[0]:
-        rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    if len(stamps) > batch and stamps[-1] > stamps[batch - 1]:
+        rate = (len(stamps) - batch) / (stamps[-1] - stamps[batch - 1])
         result.update(images_per_s=round(rate, 3), seconds_per_image=round(1 / rate, 2),
                       mjhq30k_hours_on_8_gpus=round(MJHQ_IMAGES / (8 * rate) / 3600, 2))
     return result
@@ -586,7 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-steps", type=int, default=5)
     p.add_argument("--bench-warmup", type=int, default=2)
     p.add_argument("--bench-timeout", type=float, help="seconds for the bench at most (default: what the runners leave)")
-    p.add_argument("--eval-images", type=int, default=6, help="images for eval_generate (at most 9)")
+    p.add_argument("--eval-images", type=int, default=6, help="images for eval_generate")
+    p.add_argument("--eval-batch", type=int, default=1, help="prompts per pipeline call in eval_generate (--batch-size)")
+    p.add_argument("--eval-compile", action="store_true", help="eval_generate with its transformer blocks compiled")
     p.add_argument("--skip", nargs="*", default=[], choices=STAGES)
     p.add_argument("--cfg-options", nargs="+", default=[], help="KEY=VALUE for the main run and its resume (e.g. the levers "
                    "of the ≤ 12 GiB full fine-tune: model.trained_dtype=bf16 optim_wrapper.fused_backward=True ...)")
@@ -654,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     if "eval_generate" not in args.skip:
         if report.left() > 45:
             report.record("eval_generate", stage_eval_generate(model, work, args.resolution, args.steps, args.eval_images,
-                                                               report.left() - 10, work / "eval_generate.log"))
+                                                               report.left() - 10, work / "eval_generate.log",
+                                                               args.eval_batch, args.eval_compile))
         else:
             report.record("eval_generate", {"error": "skipped: no time left"})
     return finish(report)

@@ -9,7 +9,8 @@
 #
 # Call 1: the bare step against the reference at batch 4, 1024² (three interleaved rounds, median and spread), the
 # default runner (latent cache) against it, FP8 against that runner over the same steps, the 24 GB config at batch 1
-# with the planner's prediction, `pgv25 generate` with its levers (and compiled), `pgv25 eval generate`'s images/s.
+# with the planner's prediction, `pgv25 generate` with its levers (and compiled), `pgv25 eval generate`'s images/s
+# (compiled, 4 prompts per call: what an MJHQ-30K run would use).
 # OUT/summary_row.md is docs/performance.md's summary row for the call.
 # Call 2: the 24 GB config trained, checkpointed, killed and resumed with the compiled GPU defaults at batch 1, then
 # at batches 2 and 3 (the largest within 22 GiB); 8-bit AdamW at batch 8 with the reference beside it.
@@ -34,7 +35,8 @@ case "$call" in
 1)
     "$python" tools/gpu_check.py --out "$OUT" --budget 430 --skip train --square --images 64 \
         --bench-variants full full+cl+cudnn+regional --bench-rounds 3 --bench-steps 8 --bench-warmup 2 --bench-timeout 170 \
-        --runner-variants cache $float8 24gb@1 --runner-iters 12 --runner-timeout 110 "$@" 2>&1 | tee "$OUT/gpu_check.log"
+        --runner-variants cache $float8 24gb@1 --runner-iters 12 --runner-timeout 110 \
+        --eval-images 8 --eval-batch 4 --eval-compile "$@" 2>&1 | tee "$OUT/gpu_check.log"
     ;;
 2)
     "$python" tools/gpu_check.py --out "$OUT" --budget 330 --main-variant 24gb --batch 1 --square --images 32 \

@@ -64,8 +64,12 @@ def record_settings(out: Path, settings: dict, prompts: list[EvalPrompt], seed: 
 
 def generate_images(pipe, prompts: list[EvalPrompt], out: Path, seed: int = 0, steps: int = 50, guidance_scale: float = 3.0,
                     negative_prompt: str | None = None, width: int | None = None, height: int | None = None,
-                    rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
-    """This process's share of the missing images; returns the counts (asked, this process's, made, already there)."""
+                    rank: int = 0, world_size: int = 1, progress: bool = True, batch_size: int = 1) -> dict:
+    """This process's share of the missing images; returns the counts (asked, this process's, made, already there).
+
+    `batch_size` prompts go through the pipeline at once, each with its own seeded generator: an image's noise is
+    its own at any batch size (the pixels agree up to the batched kernels' rounding), so a set can be resumed with
+    another batch size. Each image is written as soon as its batch is done."""
     from tqdm import tqdm
 
     from ..models.speed import attention_backend
@@ -75,17 +79,19 @@ def generate_images(pipe, prompts: list[EvalPrompt], out: Path, seed: int = 0, s
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", disable=not progress or rank != 0,
                desc=f"generating ({world_size} process{'es' if world_size > 1 else ''}; rank 0's share)")
     with bar, attention_backend(getattr(pipe, "_pgv25_attention", None)):
-        for prompt in todo:
-            path = image_path(out, prompt)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a process killed mid-write
-                stale.unlink(missing_ok=True)
-            image = pipe(prompt.prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, width=width, height=height,
-                         generator=torch.Generator("cpu").manual_seed(prompt_seed(seed, prompt.id))).images[0]
-            with atomic_file(path) as tmp:
-                image.save(tmp, format="PNG")
-            bar.update(1)
+        for first in range(0, len(todo), batch_size):
+            batch = todo[first : first + batch_size]
+            images = pipe([p.prompt for p in batch], negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+                          num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height,
+                          generator=[torch.Generator("cpu").manual_seed(prompt_seed(seed, p.id)) for p in batch]).images
+            for prompt, image in zip(batch, images):
+                path = image_path(out, prompt)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a process killed mid-write
+                    stale.unlink(missing_ok=True)
+                with atomic_file(path) as tmp:
+                    image.save(tmp, format="PNG")
+                bar.update(1)
     return {"asked": len(prompts), "mine": len(mine), "made": len(todo), "present": len(mine) - len(todo)}
 
 

@@ -82,9 +82,9 @@ def test_float8_is_compared_with_the_bf16_runner_over_the_same_steps():
 
 @pytest.mark.slow
 def test_eval_generate_stage_times_the_images_after_the_first(tiny_assets, tmp_path):
-    result = gpu_check.stage_eval_generate(tiny_assets["model"], tmp_path, 64, 2, 4, 300, tmp_path / "log")
+    result = gpu_check.stage_eval_generate(tiny_assets["model"], tmp_path, 64, 2, 5, 300, tmp_path / "log", batch=2)
     assert "error" not in result, result
-    assert result["images"] == 4 and result["images_per_s"] > 0
+    assert result["images"] == 5 and result["images_per_s"] > 0 and result["batch"] == 2
     # 30,000 images over 8 GPUs at this rate (hours to 2 decimals; images/s to 3)
     assert result["mjhq30k_hours_on_8_gpus"] == pytest.approx(30_000 / 8 / result["images_per_s"] / 3600, rel=0.01, abs=0.006)
-    assert sorted(p.parent.name for p in (tmp_path / "eval_images").glob("*/*.png")) == ["animals", "food", "people", "people"]
+    assert sorted(p.parent.name for p in (tmp_path / "eval_images").glob("*/*.png")) == ["animals", "animals", "food", "people", "people"]
