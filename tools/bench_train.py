@@ -239,21 +239,24 @@ def measure(variant: str, batch_size: int, size: tuple[int, int], args, count: b
     if args.channels_last or "cl" in levers:
         batch["latents"] = batch["latents"].contiguous(memory_format=torch.channels_last)
     sides = (("pgv25", Pgv25Step),) if levers else (("pgv25", Pgv25Step), ("reference", ReferenceStep))
+    timings, flops, reference_oom = {}, None, False
     try:
-        timings, flops = {}, None
         for name, cls in sides:  # one after the other; rounds over all rows are interleaved()'s
-            step = cls(unet, optimizer_type, args.device, autocast)
-            if backend:
-                step = WithAttention(step, backend)
-            if count and name == "pgv25" and not compiled:
-                flops = count_flops(step, batch)
-            timings[name] = timed(step, batch, args.warmup, args.steps, args.device)
-            del step
+            try:
+                step = cls(unet, optimizer_type, args.device, autocast)
+                if backend:
+                    step = WithAttention(step, backend)
+                if count and name == "pgv25" and not compiled:
+                    flops = count_flops(step, batch)
+                timings[name] = timed(step, batch, args.warmup, args.steps, args.device)
+            except torch.OutOfMemoryError:
+                if name == "pgv25":
+                    return {**row, "error": "OOM"}
+                reference_oom = True  # ours fits where the reference does not (its fp32 AdamW at batch 8 on 80 GB)
+            step = None
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    except torch.OutOfMemoryError:
-        return {**row, "error": "OOM"}
     finally:
         del unet
         gc.collect()
@@ -261,6 +264,8 @@ def measure(variant: str, batch_size: int, size: tuple[int, int], args, count: b
             torch.cuda.empty_cache()
     ours = timings["pgv25"]["step_s"]
     row.update({"images_per_s": batch_size / ours, "step_s": ours, "peak_gib": timings["pgv25"]["peak_gib"]})
+    if reference_oom:
+        row["reference_error"] = "OOM"
     if "reference" in timings:
         ref = timings["reference"]["step_s"]
         row.update({"reference_images_per_s": batch_size / ref, "speedup_vs_reference": ref / ours,
@@ -313,10 +318,11 @@ def median_row(got: list[dict], args) -> dict:
     ours = statistics.median(r["step_s"] for r in got)
     row.update(images_per_s=batch / ours, step_s=ours, peak_gib=max(r["peak_gib"] for r in got), rounds=len(got),
                spread=(max(r["step_s"] for r in got) - min(r["step_s"] for r in got)) / ours)
-    if "reference_images_per_s" in row:
-        ref = statistics.median(batch / r["reference_images_per_s"] for r in got)
+    measured = [r for r in got if "reference_images_per_s" in r]  # a round whose reference ran out of memory has none
+    if measured:
+        ref = statistics.median(batch / r["reference_images_per_s"] for r in measured)
         row.update(reference_images_per_s=batch / ref, speedup_vs_reference=ref / ours,
-                   reference_peak_gib=max(r["reference_peak_gib"] for r in got))
+                   reference_peak_gib=max(r["reference_peak_gib"] for r in measured))
     if "mfu" in row:
         row["mfu"] = row["tflop_per_step"] * 1e12 / ours / (args.peak_tflops * 1e12)
     return row
@@ -333,7 +339,7 @@ def markdown(rows: list[dict], args) -> str:
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "–"
         tflop = f"{r['tflop_per_step']:.4g}" if "tflop_per_step" in r else "–"
         ref = (f"{r['reference_images_per_s']:.2f} | {r['speedup_vs_reference']:.2f}" if "reference_images_per_s" in r
-               else "– | –")
+               else f"{r['reference_error']} | –" if "reference_error" in r else "– | –")
         spread = f"{r['spread']:.0%}" if "spread" in r else "–"
         lines.append(f"| {r['variant']} | {r['size']} | {r['batch']} | {r['images_per_s']:.2f} | {r['step_s']:.3f} | {spread} | {tflop} | {mfu} "
                      f"| {r['peak_gib']:.1f} | {ref} |")

@@ -405,7 +405,7 @@ def stage_generate(export: Path, out_png: Path, steps: int, size: int, timeout: 
 
 
 def stage_bench(args, log: Path, timeout: float) -> dict:
-    command = [sys.executable, str(TOOLS / "bench_train.py"), "--variants", *args.bench_variants, "--batch", str(args.batch),
+    command = [sys.executable, str(TOOLS / "bench_train.py"), "--variants", *args.bench_variants, "--batch", str(args.bench_batch or args.batch),
                "--size", f"{args.resolution}x{args.resolution}", "--steps", str(args.bench_steps), "--warmup",
                str(args.bench_warmup), "--rounds", str(args.bench_rounds)]
     if args.small:
@@ -586,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50, help="generation steps")
     p.add_argument("--bpe", help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: from an installed open_clip)")
     p.add_argument("--bench-variants", nargs="+", default=LEVER_VARIANTS)
+    p.add_argument("--bench-batch", type=int, help="the bench's batch (default: --batch)")
     p.add_argument("--bench-rounds", type=int, default=1, help="interleaved rounds (each row the median, with its spread)")
     p.add_argument("--bench-steps", type=int, default=5)
     p.add_argument("--bench-warmup", type=int, default=2)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # launches processes or builds venvs: the full suite only (pytest -m 'not slow' skips it)
 
@@ -45,6 +46,21 @@ def test_bench_train_rounds_interleave_the_rows(tiny_assets, capsys):
     # the lever row is set against the plain row's reference, timed in the same rounds
     assert levers["reference_images_per_s"] == full["reference_images_per_s"]
     assert levers["speedup_vs_reference"] == pytest.approx(levers["images_per_s"] / full["reference_images_per_s"])
+
+
+def test_a_reference_step_out_of_memory_keeps_pgv25s_row(tiny_assets, monkeypatch, tmp_path):
+    """On an 80 GB card the reference's fp32 AdamW does not fit at batch 8 where 8-bit AdamW does: the row keeps
+    pgv25's step and says why the reference is missing."""
+    import bench_train
+
+    def out_of_memory(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench_train.ReferenceStep, "__call__", out_of_memory)
+    rows = bench_train.main(["--arch", "tiny", "--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0", "--rounds", "2",
+                             "--size", "32x32", "--variants", "full", "--markdown", str(tmp_path / "t.md")])
+    assert rows[0]["images_per_s"] > 0 and rows[0]["reference_error"] == "OOM" and "reference_images_per_s" not in rows[0]
+    assert "| full | 32x32 | 2 |" in (tmp_path / "t.md").read_text() and "| OOM | – |" in (tmp_path / "t.md").read_text()
 
 
 def test_playground_unet_config_has_the_published_parameter_count():
