@@ -37,7 +37,7 @@ case "$call" in
 1)
     "$python" tools/gpu_check.py --out "$OUT" --budget 440 --skip train --square --images 48 \
         --bench-variants full full+cl+cudnn+regional --bench-rounds 3 --bench-steps 6 --bench-warmup 2 --bench-timeout 150 \
-        --runner-variants cache $float8 24gb@1 --runner-iters 10 --runner-timeout 100 \
+        --runner-variants cache $float8 24gb@1 --runner-iters 10 --runner-timeout 120 \
         --eval-images 8 --eval-batch 4 --eval-compile "$@" 2>&1 | tee "$OUT/gpu_check.log"
     ;;
 2)
