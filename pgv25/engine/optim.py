@@ -172,10 +172,15 @@ REAL_STEP_TO_INIT = ("prodigyopt", "schedulefree")
 
 @torch.no_grad()
 def prepare_for_loading(optimizer) -> None:
-    """Give an optimizer of REAL_STEP_TO_INIT its full state before a checkpoint is loaded into it: one step on unit
-    gradients at a positive lr, then the parameters put back bit for bit; loading replaces every value the step made."""
-    if any(optimizer.state.values()) or type(optimizer).__module__.split(".")[0] not in REAL_STEP_TO_INIT:
+    """Give an optimizer its full state before a checkpoint is loaded into it; loading replaces every value made here.
+
+    One of REAL_STEP_TO_INIT: one step on unit gradients at a positive lr, then the parameters put back bit for bit.
+    Any other: a step at lr 0 for one parameter at a time (`state_one_parameter_at_a_time`)."""
+    if any(optimizer.state.values()):
         return  # (schedulefree's train() leaves an empty dict per parameter: keys alone are no state)
+    if type(optimizer).__module__.split(".")[0] not in REAL_STEP_TO_INIT:
+        state_one_parameter_at_a_time(optimizer)
+        return
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     lrs = [group["lr"] for group in optimizer.param_groups]
     with weights_put_back(params):
@@ -188,3 +193,38 @@ def prepare_for_loading(optimizer) -> None:
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def state_one_parameter_at_a_time(optimizer) -> None:
+    """The optimizer's state made one parameter at a time: a zero gradient and a step at lr 0 for each, its group
+    narrowed to it (as the per-parameter update does). torch's state-dict loader would otherwise give every parameter
+    a zero gradient at once before its lr-0 step: a full set of gradients, which a run updating inside backward never
+    holds (4.8 GiB in bf16 at full size, more than the training step itself needs with gradient checkpointing).
+    Sharded (DTensor) parameters are left to torch's loader: their gradients are shards already."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if not params or any(isinstance(p, DTensor) or p.grad is not None for p in params):
+        return
+    lrs = [group.get("lr") for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        if "lr" in group:
+            group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
+    try:
+        for group in optimizer.param_groups:
+            everyone = group["params"]
+            try:
+                for p in everyone:
+                    if not p.requires_grad:
+                        continue
+                    group["params"] = [p]
+                    p.grad = torch.zeros_like(p)
+                    optimizer.step()
+                    p.grad = None
+            finally:
+                group["params"] = everyone
+    finally:
+        for group, lr in zip(optimizer.param_groups, lrs):
+            if lr is not None:
+                group["lr"] = lr

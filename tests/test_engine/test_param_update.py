@@ -251,3 +251,35 @@ def test_a_non_finite_loss_with_fused_backward_is_caught_before_any_weight_moves
     assert all(torch.equal(a, p) for a, p in zip(after_first, trainer.optim.trained_params))  # nothing moved
     assert all(p.grad is None for p in trainer.optim.trained_params)
     trainer.release()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["Adafactor", "AdamW"])
+def test_resuming_a_fused_backward_run_holds_one_gradient_at_a_time(kind, tiny_assets, tmp_path, monkeypatch):
+    """torch's state-dict loader would give every parameter a zero gradient at once to make the optimizer's state: a
+    full set of gradients, which a run updating inside backward never holds. The state is made one parameter at a
+    time instead, and the resume stays bit for bit."""
+    from pgv25.engine import resume
+
+    options = ("train_cfg.max_iters=4", *BF16, *FUSED, f"optim_wrapper.optimizer.type={kind}", *RESUMABLE)
+    prepare, gradients, complete = resume.prepare_for_loading, [], []
+
+    def watched(optimizer):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        step = optimizer.step
+
+        def counted(*args, **kwargs):  # the gradients that exist whenever the optimizer steps
+            gradients.append(sum(p.grad is not None for p in params))
+            return step(*args, **kwargs)
+
+        optimizer.step = counted
+        try:
+            prepare(optimizer)
+        finally:
+            del optimizer.step
+        complete.append(all(optimizer.state.get(p) for p in params))  # torch's loader then makes none of its own
+
+    monkeypatch.setattr(resume, "prepare_for_loading", watched)
+    before, a, b = straight_and_resumed(tmp_path, *options)
+    assert complete == [True] and gradients and max(gradients) == 1
+    assert all(torch.equal(a[k], b[k]) for k in a)
