@@ -106,10 +106,12 @@ RUNNER_VARIANTS = {
 }
 
 
-def variant_options(name: str, cuda: bool) -> list[str]:
+def variant_options(name: str) -> list[str]:
     """A runner variant's options; on a CPU, FP8 runs torchao's emulation (the path, not its speed)."""
+    import torch
+
     options = RUNNER_VARIANTS[name]
-    return options if cuda else [o.replace("model.float8=True", "model.float8=emulate") for o in options]
+    return options if torch.cuda.is_available() else [o.replace("model.float8=True", "model.float8=emulate") for o in options]
 
 
 def runner_variant(text: str) -> tuple[str, int | None]:
@@ -502,10 +504,7 @@ def stage_eval_generate(model: Path, work: Path, size: int, steps: int, count: i
 
 def real_path(args, report: Report, base: Path, images: Path, work: Path, out: Path, optimizer: str) -> Path | None:
     """Stages 4-6: train, kill, verify, generate with plain diffusers, resume. Returns the export (None: no checkpoint)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    main_options = args.cfg_options + (variant_options(args.main_variant, cuda) if args.main_variant else [])
+    main_options = args.cfg_options + (variant_options(args.main_variant) if args.main_variant else [])
     lora = "lora" in args.config or "model.lora.enabled=True" in main_options
     first = work / "run"
     result = run_train(args.config, train_options(args, base, images, work, args.iters, optimizer) + main_options, first,
@@ -642,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         iters = args.runner_iters or max(8, args.checkpoint_at // 2)
         folder = work / stage.replace("@", "_b")
-        options = train_options(args, base, images, work, iters, optimizer, batch) + args.cfg_options + variant_options(name, device == "cuda")
+        options = train_options(args, base, images, work, iters, optimizer, batch) + args.cfg_options + variant_options(name)
         result = run_train(args.config, options, folder, work / f"{folder.name}.log",  # $OUT takes 8 files
                            timeout=min(args.runner_timeout, report.left() - 30), kill_at=iters)
         rows = scalars(folder)

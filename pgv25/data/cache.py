@@ -342,11 +342,6 @@ class SliceEncoder:
         return torch.cat(encoded)
 
 
-def encode_in_slices(codec, pixels: torch.Tensor, device, pixels_per_call: int = ENCODE_PIXELS_PER_CALL) -> torch.Tensor:
-    """One stack through a SliceEncoder of its own."""
-    return SliceEncoder(codec, device, pixels_per_call)(pixels)
-
-
 def ensure_cache(plan: DataPlan, data_cfg: dict, model_name: str, seed: int, device, encoder_dtype=torch.float32,
                  vae_dtype=torch.float32, rank: int = 0, world_size: int = 1, barrier=lambda: None,
                  decide=lambda value: value, config_name: str = "CFG") -> Path:

@@ -382,7 +382,6 @@ def train(cfg, resume: str | bool | None = None, allow_config_change: bool = Fal
     trainer = Trainer(cfg, resume, allow_config_change)
     result = trainer.run()
     if result.step_dir is not None and not result.stopped_by:
-        trainer.optim.optimizer.zero_grad(set_to_none=True)  # what the grid's pipeline may need on a small card
         try:
             result.grid = trainer.sample_grid(result.step_dir)
             return result

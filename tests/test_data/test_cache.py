@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pgv25.data import cache as cache_module
-from pgv25.data.cache import CachedLatentDataset, SliceEncoder, encode_in_slices, ensure_cache
+from pgv25.data.cache import CachedLatentDataset, SliceEncoder, ensure_cache
 from pgv25.data.dataset import collate, plan_data
 from pgv25.data.transforms import BucketTransform, decode
 from pgv25.errors import UserError
@@ -133,9 +133,9 @@ def test_large_stacks_are_encoded_in_slices(tiny_pipeline):
     encode_mean = codec.encode_mean
     codec.encode_mean = lambda pixels: calls.append(len(pixels)) or encode_mean(pixels)
     pixels = torch.rand(7, 3, 64, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    whole = encode_in_slices(codec, pixels, "cpu")
+    whole = SliceEncoder(codec, "cpu")(pixels)
     assert calls == [7]
-    sliced = encode_in_slices(codec, pixels, "cpu", pixels_per_call=3 * 64 * 48 + 5)
+    sliced = SliceEncoder(codec, "cpu", pixels_per_call=3 * 64 * 48 + 5)(pixels)
     assert calls[1:] == [3, 3, 1]  # three images per call, the rest in the last
     # each image is encoded on its own either way: only the batch size of the convolutions differs
     assert torch.allclose(sliced, whole, atol=1e-5, rtol=1e-5)
